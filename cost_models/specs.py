@@ -1,0 +1,360 @@
+"""Model and hardware specifications: plain data, no torch.
+
+A ``ModelSpec`` is the shape of a Llama-family decoder; a ``GPUSpec`` is one accelerator
+as its datasheet describes it plus the fraction of peak that real kernels reach; a
+``ClusterSpec`` is N of those GPUs grouped into nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+class SpecError(ValueError):
+    """Bad user input about a model or GPU; the message names the field and the fix."""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a Llama-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU FFN)."""
+
+    name: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int | None = None
+    tie_embeddings: bool = False
+    norm: str = "rmsnorm"
+    activation: str = "swiglu"
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise SpecError(f"model field {name}={value!r} must be a positive integer")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise SpecError(
+                    f"model dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                    "give head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise SpecError(
+                f"model n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.norm != "rmsnorm" or self.activation != "swiglu":
+            raise SpecError(
+                f"model norm={self.norm!r}/activation={self.activation!r}: only rmsnorm + swiglu "
+                "(Llama family) are supported"
+            )
+
+    # Derived sizes ------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def params_per_layer(self) -> int:
+        """wq, wk, wv, wo + w1, w2, w3 + two RMSNorm weights."""
+        attention = self.dim * self.q_dim + 2 * self.dim * self.kv_dim + self.q_dim * self.dim
+        ffn = 3 * self.dim * self.ffn_dim
+        return attention + ffn + 2 * self.dim
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.dim
+
+    @property
+    def output_params(self) -> int:
+        """The output projection; zero extra when tied to the embedding."""
+        return 0 if self.tie_embeddings else self.vocab_size * self.dim
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the blocks: embedding, final norm, output projection."""
+        return self.embedding_params + self.output_params + self.dim
+
+    @property
+    def num_params(self) -> int:
+        return self.n_layers * self.params_per_layer + self.root_params
+
+    @property
+    def non_embedding_params(self) -> int:
+        """Parameters that do matmul work per token: blocks + output projection.
+
+        This is torchtitan's ``num_params - embedding`` convention for MFU: the input
+        embedding is a lookup, the output projection is a real matmul. With tied
+        weights the shared matrix still does the output matmul, so count it once.
+        """
+        return self.n_layers * self.params_per_layer + self.dim + self.vocab_size * self.dim
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["num_params"] = self.num_params
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Shapes from the models' published config.json files (meta-llama on the HF hub) and the
+# Llama 3 paper (arXiv:2407.21783, Table 3).
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    # Tiny model for tests: runs a training step on CPU in milliseconds.
+    "debug": ModelSpec("debug", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       ffn_dim=128, rope_theta=10000.0),
+    "llama3.2-1b": ModelSpec("llama3.2-1b", vocab_size=128256, dim=2048, n_layers=16,
+                             n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True),
+    "llama3.2-3b": ModelSpec("llama3.2-3b", vocab_size=128256, dim=3072, n_layers=28,
+                             n_heads=24, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True),
+    "llama3-8b": ModelSpec("llama3-8b", vocab_size=128256, dim=4096, n_layers=32,
+                           n_heads=32, n_kv_heads=8, ffn_dim=14336),
+    "llama3-70b": ModelSpec("llama3-70b", vocab_size=128256, dim=8192, n_layers=80,
+                            n_heads=64, n_kv_heads=8, ffn_dim=28672),
+    "llama3.1-405b": ModelSpec("llama3.1-405b", vocab_size=128256, dim=16384, n_layers=126,
+                               n_heads=128, n_kv_heads=8, ffn_dim=53248),
+}
+DEFAULT_MODEL = "llama3-8b"
+MODEL_ALIASES = {
+    "llama3.1-8b": "llama3-8b", "llama3.1-70b": "llama3-70b", "405b": "llama3.1-405b",
+    "8b": "llama3-8b", "70b": "llama3-70b", "1b": "llama3.2-1b", "3b": "llama3.2-3b",
+}
+
+_HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "vocab_size")
+_HF_SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
+
+
+def model_from_hf_config(path: str | Path) -> ModelSpec:
+    """Read a Hugging Face ``config.json`` of a Llama-family decoder."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"--model {path}: file not found") from None
+    except json.JSONDecodeError as error:
+        raise SpecError(f"--model {path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(config, dict):
+        raise SpecError(f"--model {path}: expected a JSON object")
+    model_type = config.get("model_type", "llama")
+    if model_type not in _HF_SUPPORTED_TYPES:
+        raise SpecError(
+            f"--model {path}: model_type={model_type!r} is not a Llama-family decoder "
+            f"(supported: {', '.join(sorted(_HF_SUPPORTED_TYPES))})"
+        )
+    for key in _HF_REQUIRED:
+        if key not in config:
+            raise SpecError(f"--model {path}: config.json lacks the field {key!r}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise SpecError(f"--model {path}: hidden_act={config['hidden_act']!r}; only silu (SwiGLU) is supported")
+    n_heads = config["num_attention_heads"]
+    return ModelSpec(
+        name=config.get("_name_or_path") or path.parent.name or path.stem,
+        vocab_size=config["vocab_size"],
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        ffn_dim=config["intermediate_size"],
+        head_dim=config.get("head_dim"),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+    )
+
+
+def resolve_model(name_or_path: str | None) -> ModelSpec:
+    """A preset name (or alias) or a path to a Hugging Face config.json."""
+    key = (name_or_path or DEFAULT_MODEL).strip()
+    lowered = key.lower()
+    lowered = MODEL_ALIASES.get(lowered, lowered)
+    if lowered in MODEL_PRESETS:
+        return MODEL_PRESETS[lowered]
+    if key.endswith(".json") or Path(key).is_file():
+        return model_from_hf_config(key)
+    raise SpecError(
+        f"--model {key!r}: unknown model; use one of {', '.join(MODEL_PRESETS)} "
+        "or a path to a Hugging Face config.json"
+    )
+
+
+# ----------------------------------------------------------------------------- GPUs
+
+MiB = 1024**2
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """One accelerator: datasheet peaks plus achievable fractions of them.
+
+    ``memory_bytes`` is what the driver reports as total (nvidia-smi), not the marketing
+    number. Bandwidths are per GPU, per direction. The efficiency fields are the fraction
+    of peak that large kernels reach in practice; calibration refits them from runs.
+    """
+
+    name: str
+    memory_bytes: int
+    bf16_flops_per_s: float  # dense (no sparsity)
+    hbm_bytes_per_s: float
+    intra_node_bytes_per_s: float  # NVLink / Infinity Fabric / PCIe, per direction
+    inter_node_bytes_per_s: float  # network per GPU, per direction
+    gpus_per_node: int = 8
+    matmul_efficiency: float = 0.70
+    attention_efficiency: float = 0.50
+    intra_node_bus_efficiency: float = 0.80
+    inter_node_bus_efficiency: float = 0.80
+    intra_node_latency_s: float = 10e-6
+    inter_node_latency_s: float = 25e-6
+    aliases: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "bf16_flops_per_s", "hbm_bytes_per_s",
+                     "intra_node_bytes_per_s", "inter_node_bytes_per_s", "gpus_per_node"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise SpecError(f"GPU field {name}={value!r} must be a positive number")
+        for name in ("matmul_efficiency", "attention_efficiency",
+                     "intra_node_bus_efficiency", "inter_node_bus_efficiency"):
+            value = getattr(self, name)
+            if not (0 < value <= 1):
+                raise SpecError(f"GPU field {name}={value!r} must be in (0, 1]")
+
+    def with_overrides(self, **overrides: Any) -> "GPUSpec":
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("aliases")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GPUSpec":
+        known = {f for f in cls.__dataclass_fields__ if f != "aliases"}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+GB = 1e9
+TFLOPS = 1e12
+
+# Efficiency defaults, per generation, from public measurements (not fitted to any
+# result this project is checked against):
+# - matmul: large bf16 GEMMs reach ~70-75% of dense peak on H100 SXM and ~80% on A100
+#   (NVIDIA's cuBLAS / Transformer Engine performance pages; the Llama 3 paper reports
+#   38-43% *MFU* end to end, which includes everything else this model accounts for).
+# - attention: FlashAttention-2 reaches 50-73% of peak on A100 forward+backward and
+#   FlashAttention-3 ~ 55-75% on H100 in bf16 (Dao 2023, arXiv:2307.08691; Shah et al.
+#   2024, arXiv:2407.08608); backward is slower than forward, so we take ~0.5 for fwd+bwd.
+# - bus efficiency: nccl-tests all-reduce bus bandwidth reaches ~80% of the per-direction
+#   NVLink / InfiniBand line rate at large message sizes.
+GPU_PRESETS: dict[str, GPUSpec] = {
+    # NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s dense BF16, 3.35 TB/s
+    # HBM3, NVLink 4 900 GB/s total (450 GB/s per direction); DGX H100: 8x ConnectX-7
+    # 400 Gb/s (50 GB/s per GPU). nvidia-smi reports 81559 MiB.
+    "h100-sxm-80gb": GPUSpec("h100-sxm-80gb", memory_bytes=81559 * MiB,
+                             bf16_flops_per_s=989 * TFLOPS, hbm_bytes_per_s=3.35e12,
+                             intra_node_bytes_per_s=450 * GB, inter_node_bytes_per_s=50 * GB,
+                             matmul_efficiency=0.72, attention_efficiency=0.50,
+                             aliases=("h100", "h100-sxm", "h100-80gb")),
+    # Same datasheet, PCIe form factor: 756 TFLOP/s dense BF16, 2.0 TB/s HBM2e, PCIe Gen5
+    # x16 64 GB/s per direction between GPUs (NVLink bridges join only pairs).
+    "h100-pcie-80gb": GPUSpec("h100-pcie-80gb", memory_bytes=81559 * MiB,
+                              bf16_flops_per_s=756 * TFLOPS, hbm_bytes_per_s=2.0e12,
+                              intra_node_bytes_per_s=64 * GB, inter_node_bytes_per_s=25 * GB,
+                              matmul_efficiency=0.72, attention_efficiency=0.50,
+                              aliases=("h100-pcie",)),
+    # NVIDIA H200 datasheet: 141 GB HBM3e at 4.8 TB/s, same compute and NVLink as H100 SXM.
+    # nvidia-smi reports 143771 MiB.
+    "h200": GPUSpec("h200", memory_bytes=143771 * MiB, bf16_flops_per_s=989 * TFLOPS,
+                    hbm_bytes_per_s=4.8e12, intra_node_bytes_per_s=450 * GB,
+                    inter_node_bytes_per_s=50 * GB, matmul_efficiency=0.74,
+                    attention_efficiency=0.52, aliases=("h200-sxm", "h200-141gb")),
+    # NVIDIA A100 datasheet: 312 TFLOP/s dense BF16, 80GB HBM2e 2.039 TB/s, NVLink 3
+    # 600 GB/s total (300 per direction); DGX A100: 8x 200 Gb/s HDR (25 GB/s per GPU).
+    "a100-sxm-80gb": GPUSpec("a100-sxm-80gb", memory_bytes=81920 * MiB,
+                             bf16_flops_per_s=312 * TFLOPS, hbm_bytes_per_s=2.039e12,
+                             intra_node_bytes_per_s=300 * GB, inter_node_bytes_per_s=25 * GB,
+                             matmul_efficiency=0.80, attention_efficiency=0.55,
+                             aliases=("a100", "a100-80gb", "a100-sxm")),
+    # A100 40GB SXM: 1.555 TB/s HBM2, otherwise as above.
+    "a100-40gb": GPUSpec("a100-40gb", memory_bytes=40960 * MiB, bf16_flops_per_s=312 * TFLOPS,
+                         hbm_bytes_per_s=1.555e12, intra_node_bytes_per_s=300 * GB,
+                         inter_node_bytes_per_s=25 * GB, matmul_efficiency=0.80,
+                         attention_efficiency=0.55, aliases=("a100-40g",)),
+    # NVIDIA DGX B200 datasheet: 1,440 GB HBM3e over 8 GPUs (180 GB each), 72 PFLOP/s
+    # FP8 training with sparsity -> 2.25 PFLOP/s dense BF16 per GPU; HBM3e 8 TB/s;
+    # NVLink 5 1.8 TB/s total (900 GB/s per direction); 8x ConnectX-7 400 Gb/s.
+    "b200": GPUSpec("b200", memory_bytes=180 * 10**9, bf16_flops_per_s=2250 * TFLOPS,
+                    hbm_bytes_per_s=8.0e12, intra_node_bytes_per_s=900 * GB,
+                    inter_node_bytes_per_s=50 * GB, matmul_efficiency=0.70,
+                    attention_efficiency=0.50),
+    # NVIDIA L40S datasheet: 362 TFLOP/s dense BF16 (733 with sparsity), 48 GB GDDR6 at
+    # 864 GB/s, no NVLink: PCIe Gen4 x16 (32 GB/s per direction).
+    "l40s": GPUSpec("l40s", memory_bytes=46068 * MiB, bf16_flops_per_s=362 * TFLOPS,
+                    hbm_bytes_per_s=864 * GB, intra_node_bytes_per_s=32 * GB,
+                    inter_node_bytes_per_s=25 * GB, matmul_efficiency=0.65,
+                    attention_efficiency=0.45),
+    # AMD Instinct MI300X datasheet: 1307.4 TFLOP/s dense BF16, 192 GB HBM3 at 5.3 TB/s,
+    # 7 Infinity Fabric links at 64 GB/s per direction each (448 GB/s per GPU).
+    "mi300x": GPUSpec("mi300x", memory_bytes=192 * GiB, bf16_flops_per_s=1307.4 * TFLOPS,
+                      hbm_bytes_per_s=5.3e12, intra_node_bytes_per_s=448 * GB,
+                      inter_node_bytes_per_s=50 * GB, matmul_efficiency=0.55,
+                      attention_efficiency=0.40, aliases=("mi300",)),
+}
+DEFAULT_GPU = "h100-sxm-80gb"
+
+
+def resolve_gpu(name: str | None) -> GPUSpec:
+    """A preset name or alias (case-insensitive; spaces and underscores like dashes)."""
+    key = (name or DEFAULT_GPU).strip().lower().replace("_", "-").replace(" ", "-")
+    if key in GPU_PRESETS:
+        return GPU_PRESETS[key]
+    for spec in GPU_PRESETS.values():
+        if key in spec.aliases:
+            return spec
+    raise SpecError(f"--gpu {name!r}: unknown GPU; use one of {', '.join(GPU_PRESETS)}")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """``num_gpus`` GPUs of one kind, ``gpus_per_node`` to a node (the NVLink domain)."""
+
+    gpu: GPUSpec
+    num_gpus: int
+    gpus_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_gpus, int) or self.num_gpus <= 0:
+            raise SpecError(f"--gpus {self.num_gpus!r}: must be a positive integer")
+        if self.gpus_per_node is None:
+            object.__setattr__(self, "gpus_per_node", min(self.gpu.gpus_per_node, self.num_gpus))
+        if not isinstance(self.gpus_per_node, int) or self.gpus_per_node <= 0:
+            raise SpecError(f"--gpus-per-node {self.gpus_per_node!r}: must be a positive integer")
+        if self.num_gpus > self.gpus_per_node and self.num_gpus % self.gpus_per_node:
+            raise SpecError(
+                f"--gpus {self.num_gpus}: not a whole number of nodes of "
+                f"{self.gpus_per_node} GPUs (set --gpus-per-node)"
+            )
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.num_gpus // self.gpus_per_node)
