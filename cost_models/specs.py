@@ -261,9 +261,12 @@ TFLOPS = 1e12
 # - matmul: large bf16 GEMMs reach ~70-75% of dense peak on H100 SXM and ~80% on A100
 #   (NVIDIA's cuBLAS / Transformer Engine performance pages; the Llama 3 paper reports
 #   38-43% *MFU* end to end, which includes everything else this model accounts for).
-# - attention: FlashAttention-2 reaches 50-73% of peak on A100 forward+backward and
-#   FlashAttention-3 ~ 55-75% on H100 in bf16 (Dao 2023, arXiv:2307.08691; Shah et al.
-#   2024, arXiv:2407.08608); backward is slower than forward, so we take ~0.5 for fwd+bwd.
+# - attention: both executors call PyTorch SDPA, whose flash backend is FlashAttention-2.
+#   FA2 reaches 50-73% of peak forward and ~45-60% backward on A100 (Dao 2023,
+#   arXiv:2307.08691, Fig. 4-5) but only ~35% of H100's peak (Shah et al. 2024,
+#   arXiv:2407.08608, Fig. 5-6: FA2 ~330-370 TFLOP/s forward, less backward, hdim 128);
+#   FA3's Hopper-specific kernels are not what SDPA runs. Non-NVIDIA / non-Hopper
+#   parts get their generation's FA2-class number.
 # - bus efficiency: nccl-tests all-reduce bus bandwidth reaches ~80% of the per-direction
 #   NVLink / InfiniBand line rate at large message sizes.
 GPU_PRESETS: dict[str, GPUSpec] = {
@@ -273,21 +276,21 @@ GPU_PRESETS: dict[str, GPUSpec] = {
     "h100-sxm-80gb": GPUSpec("h100-sxm-80gb", memory_bytes=81559 * MiB,
                              bf16_flops_per_s=989 * TFLOPS, hbm_bytes_per_s=3.35e12,
                              intra_node_bytes_per_s=450 * GB, inter_node_bytes_per_s=50 * GB,
-                             matmul_efficiency=0.72, attention_efficiency=0.50,
+                             matmul_efficiency=0.72, attention_efficiency=0.35,
                              aliases=("h100", "h100-sxm", "h100-80gb")),
     # Same datasheet, PCIe form factor: 756 TFLOP/s dense BF16, 2.0 TB/s HBM2e, PCIe Gen5
     # x16 64 GB/s per direction between GPUs (NVLink bridges join only pairs).
     "h100-pcie-80gb": GPUSpec("h100-pcie-80gb", memory_bytes=81559 * MiB,
                               bf16_flops_per_s=756 * TFLOPS, hbm_bytes_per_s=2.0e12,
                               intra_node_bytes_per_s=64 * GB, inter_node_bytes_per_s=25 * GB,
-                              matmul_efficiency=0.72, attention_efficiency=0.50,
+                              matmul_efficiency=0.72, attention_efficiency=0.35,
                               aliases=("h100-pcie",)),
     # NVIDIA H200 datasheet: 141 GB HBM3e at 4.8 TB/s, same compute and NVLink as H100 SXM.
     # nvidia-smi reports 143771 MiB.
     "h200": GPUSpec("h200", memory_bytes=143771 * MiB, bf16_flops_per_s=989 * TFLOPS,
                     hbm_bytes_per_s=4.8e12, intra_node_bytes_per_s=450 * GB,
                     inter_node_bytes_per_s=50 * GB, matmul_efficiency=0.74,
-                    attention_efficiency=0.52, aliases=("h200-sxm", "h200-141gb")),
+                    attention_efficiency=0.37, aliases=("h200-sxm", "h200-141gb")),
     # NVIDIA A100 datasheet: 312 TFLOP/s dense BF16, 80GB HBM2e 2.039 TB/s, NVLink 3
     # 600 GB/s total (300 per direction); DGX A100: 8x 200 Gb/s HDR (25 GB/s per GPU).
     "a100-sxm-80gb": GPUSpec("a100-sxm-80gb", memory_bytes=81920 * MiB,
@@ -306,7 +309,7 @@ GPU_PRESETS: dict[str, GPUSpec] = {
     "b200": GPUSpec("b200", memory_bytes=180 * 10**9, bf16_flops_per_s=2250 * TFLOPS,
                     hbm_bytes_per_s=8.0e12, intra_node_bytes_per_s=900 * GB,
                     inter_node_bytes_per_s=50 * GB, matmul_efficiency=0.70,
-                    attention_efficiency=0.50),
+                    attention_efficiency=0.35),
     # NVIDIA L40S datasheet: 362 TFLOP/s dense BF16 (733 with sparsity), 48 GB GDDR6 at
     # 864 GB/s, no NVLink: PCIe Gen4 x16 (32 GB/s per direction).
     "l40s": GPUSpec("l40s", memory_bytes=46068 * MiB, bf16_flops_per_s=362 * TFLOPS,
@@ -318,7 +321,7 @@ GPU_PRESETS: dict[str, GPUSpec] = {
     "mi300x": GPUSpec("mi300x", memory_bytes=192 * GiB, bf16_flops_per_s=1307.4 * TFLOPS,
                       hbm_bytes_per_s=5.3e12, intra_node_bytes_per_s=448 * GB,
                       inter_node_bytes_per_s=50 * GB, matmul_efficiency=0.55,
-                      attention_efficiency=0.40, aliases=("mi300",)),
+                      attention_efficiency=0.35, aliases=("mi300",)),
 }
 DEFAULT_GPU = "h100-sxm-80gb"
 

@@ -1,0 +1,79 @@
+"""Executor profiles: how a training program lays out memory, as data.
+
+The memory formulas in ``memory.py`` are the same for every executor; what differs
+between this project's runtime and torchtitan (how the loss is computed, whether the
+last block stays gathered, what is counted as reserve) is captured here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .specs import GiB, MiB, SpecError
+
+
+@dataclass(frozen=True)
+class ExecutorProfile:
+    name: str
+    # Loss: tokens per chunk of the (checkpointed) output projection + cross-entropy.
+    # None = the whole local sequence at once (logits for every token alive together).
+    loss_chunk_tokens: int | None
+    # Bytes per element of the logits the output projection writes (bf16 under FSDP MP).
+    logits_bytes: int = 2
+    # The loss upcasts logits to fp32 before log_softmax.
+    loss_upcast_fp32: bool = True
+    # FSDP2: blocks gathered at once in backward (current + prefetched next).
+    fsdp_blocks_in_flight: int = 2
+    # FSDP2 reshards every block after forward unless told otherwise; torchtitan keeps
+    # the last block gathered (it is needed first in backward).
+    fsdp_last_block_resharded: bool = True
+    # Under sequence parallel, DTensor saves the all-gathered (full-sequence) input of the
+    # column-parallel matmuls; Megatron-style SP would save the shard (factor 1/tp).
+    sp_saves_gathered_matmul_input: bool = True
+    # Memory not in tensors: CUDA context + cuBLAS/cuDNN workspaces + NCCL buffers.
+    # The CUDA context on a Hopper GPU takes ~500-600 MiB (nvidia-smi of an idle
+    # torch process); NCCL allocates NCCL_BUFFSIZE (4 MiB) per channel and peer.
+    cuda_context_bytes: int = 600 * MiB
+    nccl_buffer_bytes_per_group: int = 64 * MiB
+    # HBM bytes moved per activation element by the memory-bound forward ops, as eager
+    # PyTorch runs them with bf16 activations (backward moves about twice as much):
+    # RMSNorm upcasts to fp32 (read 2 + write 4), squares/means (read 4), scales (read 4
+    # + write 4), casts back (read 4 + write 2), multiplies by the weight (read 2 +
+    # write 2): 28. RoPE via complex multiply in fp32: about the same, 28. SiLU (read 2,
+    # write 2) + gate product (read 4, write 2): 10 per ffn element. Residual add
+    # (read 4, write 2): 6. Attention output transpose copy (read 2, write 2): 4.
+    elementwise_bytes_per_element: tuple[tuple[str, float], ...] = (
+        ("rmsnorm", 28.0), ("rope", 28.0), ("swiglu", 10.0), ("residual", 6.0), ("relayout", 4.0))
+    # Caching-allocator fragmentation: reserved / allocated - 1 at the peak.
+    allocator_fragmentation: float = 0.05
+
+    def with_overrides(self, **overrides) -> "ExecutorProfile":
+        return replace(self, **overrides)
+
+
+EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
+    # This project's runtime (runtime/loss.py): the output projection and the fp32
+    # cross-entropy run per chunk of tokens under activation checkpointing, so only
+    # one chunk's logits are alive, in forward and in backward.
+    "autoplan": ExecutorProfile(name="autoplan", loss_chunk_tokens=4096),
+    # torchtitan as of its first context-parallel release (late 2024): bf16 logits for
+    # the whole local sequence, loss = cross_entropy(logits.flatten(0, 1).float(), labels)
+    # over the full vocabulary, full AC per TransformerBlock, FSDP2 bf16 params / fp32
+    # reduce, blocks resharded after forward except the last, embedding + final norm +
+    # output projection in the root FSDP unit.
+    "torchtitan": ExecutorProfile(name="torchtitan", loss_chunk_tokens=None,
+                                  fsdp_last_block_resharded=False),
+}
+DEFAULT_EXECUTOR = "autoplan"
+
+
+def resolve_executor(name: str | ExecutorProfile | None) -> ExecutorProfile:
+    if isinstance(name, ExecutorProfile):
+        return name
+    key = (name or DEFAULT_EXECUTOR).strip().lower()
+    if key not in EXECUTOR_PROFILES:
+        raise SpecError(f"--executor {name!r}: use one of {', '.join(EXECUTOR_PROFILES)}")
+    return EXECUTOR_PROFILES[key]
+
+
+__all__ = ["ExecutorProfile", "EXECUTOR_PROFILES", "DEFAULT_EXECUTOR", "resolve_executor", "GiB"]

@@ -1,0 +1,261 @@
+"""Peak memory of one training step on one GPU, as a breakdown of what is alive then.
+
+The step goes through phases; each holds a different set of tensors, and the peak is
+the largest phase, not the sum of everything:
+
+- forward of the loss: all saved activations + the logits / loss working set;
+- backward of layer ``l`` (layers run backward from the last): saved activations of
+  layers ``<= l`` + that layer's working set (its recomputed forward under AC and the
+  gradient temporaries) + FSDP's gathered params and grads for the blocks in flight +
+  the sharded grads already reduced for layers ``> l``;
+- the optimizer step: sharded params, grads and both AdamW states.
+
+Per-layer saved activations follow the runtime's model (runtime/model.py): with ``T``
+tokens on this GPU (``local_batch x seq_len / cp``), ``a`` bytes per activation element,
+``d`` model dim, ``d_q``/``d_kv`` query/key-value widths, ``f`` FFN width, ``H`` heads:
+
+- ``none``: norm inputs ``2 d`` (sequence-sharded under TP) + fp32 rstd, the norm
+  outputs that feed the column-parallel matmuls ``2 d`` (gathered under SP), q, k, v
+  after RoPE, the attention output + its fp32 log-sum-exp, the re-laid-out attention
+  output that feeds ``wo`` (``d_q``), and the SwiGLU tensors w1 out, silu out, w3 out,
+  their product (``4 f``);
+- ``selective``: the block input + every matmul output (q, k, v, wo, w1, w3, w2) + the
+  attention output and lse; the element-wise ops are recomputed;
+- ``full``: the block input only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import AC_MODES, TrainConfig
+from .executors import ExecutorProfile, resolve_executor
+from .specs import ModelSpec
+
+FP32 = 4
+INDEX_BYTES = 8  # int64 token ids and labels
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """Bytes one block holds for backward (``saved``) and needs on top while it runs
+    backward (``working``), per AC mode."""
+
+    saved: dict[str, float]
+    working: dict[str, float]
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """Everything the peak depends on, split so the planner's ILP can use it linearly.
+
+    peak = max over phases; each phase is ``base + sum_m n_m * saved_m + extra``.
+    """
+
+    static_bytes: float  # sharded params + optimizer states (always alive)
+    sharded_grad_bytes_per_layer: float
+    sharded_grad_bytes_root: float
+    root_unsharded_bytes: float  # root FSDP unit's gathered params (never resharded)
+    root_activation_bytes: float  # final-norm input/output + loss chunk inputs + ids
+    input_bytes: float  # token ids and labels (alive all step)
+    loss_working_bytes: float
+    forward_block_bytes: float  # gathered block params alive during the loss
+    backward_block_bytes: float  # gathered params + unsharded grads of blocks in flight
+    root_grad_bytes: float  # unsharded output-projection grad, alive through backward
+    layer: LayerMemory
+    comm_buffer_bytes: float
+    fixed_overhead_bytes: float
+    fragmentation: float
+    n_layers: int
+
+    def phases(self, layer_modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        """Breakdown of each phase for a per-layer AC assignment."""
+        saved = [self.layer.saved[m] for m in layer_modes]
+        total_saved = sum(saved)
+        common = {"params_and_optimizer": self.static_bytes, "comm_buffers": self.comm_buffer_bytes}
+        phases: dict[str, dict[str, float]] = {}
+        phases["loss"] = dict(common, fsdp_unsharded=self.root_unsharded_bytes + self.forward_block_bytes,
+                              activations=total_saved + self.root_activation_bytes,
+                              logits_loss=self.loss_working_bytes)
+        # Backward walks layers from the last; at layer l only layers <= l are saved.
+        alive = total_saved
+        worst_layer_phase: dict[str, float] | None = None
+        for index in range(self.n_layers - 1, -1, -1):
+            mode = layer_modes[index]
+            later_layers = self.n_layers - 1 - index
+            phase = dict(common,
+                         fsdp_unsharded=self.root_unsharded_bytes + self.backward_block_bytes
+                         + self.root_grad_bytes,
+                         grads=later_layers * self.sharded_grad_bytes_per_layer,
+                         activations=alive + self.input_bytes,
+                         recompute_working=self.layer.working[mode])
+            if worst_layer_phase is None or sum(phase.values()) > sum(worst_layer_phase.values()):
+                worst_layer_phase = phase
+            alive -= saved[index]
+        if worst_layer_phase is not None:
+            phases["backward"] = worst_layer_phase
+        phases["optimizer"] = dict(common, grads=self.n_layers * self.sharded_grad_bytes_per_layer
+                                   + self.sharded_grad_bytes_root)
+        return phases
+
+    def tensor_peak(self, layer_modes: tuple[str, ...]) -> tuple[str, dict[str, float]]:
+        phases = self.phases(layer_modes)
+        name = max(phases, key=lambda key: sum(phases[key].values()))
+        return name, phases[name]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    peak_bytes: float
+    breakdown_bytes: dict[str, float]
+    peak_phase: str
+    tensor_peak_bytes: float  # what a traced / torch.cuda.max_memory_allocated peak sees
+    phase_tensor_bytes: dict[str, float] = field(default_factory=dict)
+
+
+def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> LayerMemory:
+    """Saved and working bytes of one block for each AC mode (see the module docstring)."""
+    par = cfg.parallelism
+    tp, cp = par.tp, par.cp
+    a = cfg.precision.activation_bytes
+    tokens = cfg.tokens_per_gpu
+    d, dq, dkv, f, heads = model.dim, model.q_dim, model.kv_dim, model.ffn_dim, model.n_heads
+    sp_gathered = d if (tp == 1 or executor.sp_saves_gathered_matmul_input) else d / tp
+    # K and V attention reads: the local shard, or the whole sequence under all-gather CP.
+    kv_tokens = tokens * cp if cfg.cp_impl == "allgather-kv" else tokens
+    kv_saved = a * kv_tokens * 2 * dkv / tp
+    norm_in = a * tokens * d / tp + FP32 * tokens / tp  # input + rstd
+    attention_out = a * tokens * dq / tp + FP32 * tokens * heads / tp  # out + lse
+
+    none = (2 * norm_in + 2 * a * tokens * sp_gathered
+            + a * tokens * dq / tp + kv_saved  # q, k, v after RoPE
+            + attention_out + a * tokens * dq / tp  # wo input (re-laid-out copy)
+            + 4 * a * tokens * f / tp)
+    block_input = a * tokens * d / tp
+    # Rowwise (wo, w2) outputs are partial sums over the full sequence before the
+    # reduce-scatter under TP.
+    selective = (block_input + a * tokens * (dq + 2 * dkv) / tp + attention_out
+                 + 2 * a * tokens * d + 2 * a * tokens * f / tp)
+    full = block_input
+
+    # Gradient temporaries while one block runs backward: the SwiGLU backward holds
+    # three f-wide gradients; attention backward holds dq, dk, dv (all-gathered width
+    # under CP before the reduce-scatter) and the residual-stream gradients.
+    ffn_grads = 3 * a * tokens * f / tp
+    attention_grads = a * tokens * dq / tp + kv_saved
+    transient = max(ffn_grads, attention_grads) + 2 * a * tokens * d
+    working = {
+        "none": transient,
+        "selective": max(none - selective, 0.0) + transient,
+        "full": none - full + transient,
+    }
+    return LayerMemory(saved={"none": none, "selective": selective, "full": full}, working=working)
+
+
+def loss_working_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:
+    """Logits and cross-entropy tensors alive at once.
+
+    Forward: logits (``logits_bytes``), their fp32 copy and the fp32 log-softmax output.
+    Backward: the saved log-softmax output, the dense fp32 gradient nll_loss returns and
+    log-softmax's input gradient. The larger of the two, for one chunk of tokens.
+    Under TP the vocabulary is sharded (loss_parallel); the runtime then does not chunk.
+    """
+    tokens = cfg.tokens_per_gpu
+    chunk = tokens
+    if executor.loss_chunk_tokens and cfg.parallelism.tp == 1:
+        chunk = min(tokens, executor.loss_chunk_tokens)
+    vocab = model.vocab_size / cfg.parallelism.tp
+    upcast = FP32 if executor.loss_upcast_fp32 else executor.logits_bytes
+    forward = (executor.logits_bytes + 2 * upcast) * chunk * vocab
+    backward = 3 * upcast * chunk * vocab
+    return max(forward, backward)
+
+
+def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile | str | None = None
+                 ) -> MemoryTerms:
+    executor = resolve_executor(executor)
+    par = cfg.parallelism
+    prec = cfg.precision
+    tp, shards = par.tp, par.fsdp_degree
+    tokens = cfg.tokens_per_gpu
+    a = prec.activation_bytes
+
+    block_params = model.params_per_layer / tp
+    root_params = model.root_params / tp
+    sharded = (model.num_params / tp) / shards
+    static = sharded * (prec.master_bytes + prec.optimizer_state_bytes)
+    grad_per_layer = block_params / shards * prec.master_bytes
+    grad_root = root_params / shards * prec.master_bytes
+
+    gathered_block = block_params * prec.param_bytes
+    forward_blocks = 0.0 if executor.fsdp_last_block_resharded else gathered_block
+    # Backward: blocks in flight + the unsharded grads of the one being computed (plus
+    # its fp32 copy for the reduce-scatter when grads are reduced in a wider dtype).
+    reduce_copy = block_params * prec.grad_reduce_bytes if prec.grad_reduce_bytes != prec.param_bytes else 0.0
+    backward_blocks = executor.fsdp_blocks_in_flight * gathered_block + block_params * prec.param_bytes + reduce_copy
+    output_grad = model.vocab_size * model.dim / tp * prec.param_bytes
+
+    norm_in = a * tokens * model.dim / tp + FP32 * tokens / tp
+    normed = a * tokens * model.dim  # gathered for the column-parallel output projection
+    ids = 2 * INDEX_BYTES * tokens
+    root_activations = norm_in + normed + ids
+
+    groups = sum(1 for degree in (par.dp_replicate, shards, par.cp, tp) if degree > 1)
+    return MemoryTerms(
+        static_bytes=static,
+        sharded_grad_bytes_per_layer=grad_per_layer,
+        sharded_grad_bytes_root=grad_root,
+        root_unsharded_bytes=root_params * prec.param_bytes,
+        root_activation_bytes=root_activations,
+        input_bytes=ids,
+        loss_working_bytes=loss_working_bytes(model, cfg, executor),
+        forward_block_bytes=forward_blocks,
+        backward_block_bytes=backward_blocks,
+        root_grad_bytes=output_grad,
+        layer=layer_memory(model, cfg, executor),
+        comm_buffer_bytes=groups * executor.nccl_buffer_bytes_per_group,
+        fixed_overhead_bytes=executor.cuda_context_bytes,
+        fragmentation=executor.allocator_fragmentation,
+        n_layers=model.n_layers,
+    )
+
+
+def estimate_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile | str | None = None
+                    ) -> MemoryEstimate:
+    """Peak bytes one GPU needs (tensors + fragmentation + CUDA context), with breakdown."""
+    terms = memory_terms(model, cfg, executor)
+    modes = cfg.ac_policy(model.n_layers).layer_modes
+    if len(modes) != model.n_layers:
+        raise ValueError(f"activation checkpoint policy has {len(modes)} layers, model has {model.n_layers}")
+    phases = terms.phases(modes)
+    phase_name = max(phases, key=lambda key: sum(phases[key].values()))
+    breakdown = dict(phases[phase_name])
+    tensor_peak = sum(breakdown.values()) - breakdown.get("comm_buffers", 0.0)
+    overhead = terms.fixed_overhead_bytes + terms.fragmentation * tensor_peak
+    # The names scripts read (design.md): params, grads, optimizer, activations, ...
+    sharded = breakdown.pop("params_and_optimizer")
+    prec = cfg.precision
+    per_byte = sharded / (prec.master_bytes + prec.optimizer_state_bytes)
+    ordered = {
+        "params": per_byte * prec.master_bytes,
+        "grads": breakdown.pop("grads", 0.0),
+        "optimizer": per_byte * prec.optimizer_state_bytes,
+        "fsdp_unsharded": breakdown.pop("fsdp_unsharded", 0.0),
+        "activations": breakdown.pop("activations", 0.0),
+        "recompute_working": breakdown.pop("recompute_working", 0.0),
+        "logits_loss": breakdown.pop("logits_loss", 0.0),
+        "comm_buffers": breakdown.pop("comm_buffers", 0.0),
+        "overhead": overhead,
+    }
+    assert not breakdown, breakdown
+    return MemoryEstimate(
+        peak_bytes=sum(ordered.values()),
+        breakdown_bytes=ordered,
+        peak_phase=phase_name,
+        tensor_peak_bytes=tensor_peak,
+        phase_tensor_bytes={k: sum(v.values()) - v.get("comm_buffers", 0.0) for k, v in phases.items()},
+    )
+
+
+__all__ = ["AC_MODES", "LayerMemory", "MemoryTerms", "MemoryEstimate", "layer_memory",
+           "loss_working_bytes", "memory_terms", "estimate_memory"]
