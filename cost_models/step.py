@@ -167,18 +167,45 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
                      fsdp_comm_s=2 * gather + scatter + replicate)
 
 
-def estimate_step(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
-                  executor: ExecutorProfile | str | None = None) -> StepEstimate:
-    """Predicted peak memory, step time, tokens/s per GPU and MFU for one layout."""
+@dataclass(frozen=True)
+class TimeTerms:
+    """Step time as a function of how many layers use each AC mode (linear but for one
+    max, so the planner's ILP can price checkpointing jointly with the layout):
+
+    micro = base + sum_m n_m (recompute_m + recompute_comm_m)
+            + max(0, fsdp_comm - hiding_compute - sum_m n_m recompute_m)
+    step  = grad_accum x micro + optimizer
+    """
+
+    base_s: float  # compute + exposed TP/CP comm + first FSDP gather, per micro-batch
+    hiding_compute_s: float  # compute FSDP traffic can hide behind (no AC)
+    fsdp_comm_s: float  # all FSDP traffic of one micro-batch
+    fsdp_tail_s: float  # the part that can never hide (first gather, last scatter)
+    recompute_s: dict[str, float]  # per layer, by AC mode (compute)
+    recompute_comm_s: dict[str, float]  # per layer, by AC mode (exposed comm redone)
+    optimizer_s: float
+    grad_accum_steps: int
+    compute_s: float
+    root_recompute_s: float
+    tp_comm_s: float
+    cp_comm_s: float
+
+    def micro_s(self, counts: dict[str, int]) -> float:
+        recompute = sum(n * self.recompute_s[m] for m, n in counts.items())
+        comm = sum(n * self.recompute_comm_s[m] for m, n in counts.items())
+        exposed = max(0.0, self.fsdp_comm_s - self.hiding_compute_s - recompute)
+        return self.base_s + recompute + comm + exposed
+
+    def step_s(self, counts: dict[str, int]) -> float:
+        return self.grad_accum_steps * self.micro_s(counts) + self.optimizer_s
+
+
+def time_terms(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
+               executor: ExecutorProfile | str | None = None) -> TimeTerms:
     executor = resolve_executor(executor)
-    violations = layout_violations(model, cfg, cluster)
-    if violations:
-        raise SpecError("layout cannot run: " + "; ".join(violations))
-    memory = estimate_memory(model, cfg, executor)
     gpu = cluster.gpu
     par = cfg.parallelism
     tokens = cfg.tokens_per_gpu
-    modes = cfg.ac_policy(model.n_layers).layer_modes
     layer = layer_time(model, cluster, cfg, executor)
     matmul_rate = gpu.bf16_flops_per_s * gpu.matmul_efficiency
 
@@ -191,18 +218,54 @@ def estimate_step(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
 
     n_layers = model.n_layers
     compute = n_layers * (layer.forward_s + layer.backward_s) + root_compute
-    recompute = sum(layer.recompute_s[m] for m in modes) + root_recompute
-    n_full = sum(1 for m in modes if m == "full")
-    exposed_tp = n_layers * layer.tp_comm_s + n_full * layer.tp_recompute_comm_s
-    exposed_cp = n_layers * layer.cp_comm_s + n_full * layer.cp_recompute_comm_s
-    # FSDP: each block's traffic hides behind one block of compute (its neighbour's).
-    block_compute = (compute + recompute) / max(n_layers, 1)
-    exposed_fsdp = n_layers * max(0.0, layer.fsdp_comm_s - block_compute) + layer.fsdp_comm_s / 3
-    micro = compute + recompute + exposed_tp + exposed_cp + exposed_fsdp
-
+    tp_comm = n_layers * layer.tp_comm_s
+    cp_comm = n_layers * layer.cp_comm_s
+    # FSDP: traffic runs on its own stream one block ahead and hides behind compute;
+    # the first gather (forward) and the last reduce-scatter cannot hide.
+    fsdp_tail = layer.fsdp_comm_s / 3
     sharded_params = model.num_params / par.tp / par.fsdp_degree
-    optimizer = sharded_params * OPTIMIZER_BYTES_PER_PARAM / gpu.hbm_bytes_per_s
-    step = cfg.grad_accum_steps * micro + optimizer
+    return TimeTerms(
+        base_s=compute + root_recompute + tp_comm + cp_comm + fsdp_tail,
+        hiding_compute_s=compute + root_recompute,
+        fsdp_comm_s=n_layers * layer.fsdp_comm_s,
+        fsdp_tail_s=fsdp_tail,
+        recompute_s=dict(layer.recompute_s),
+        recompute_comm_s={"none": 0.0, "selective": 0.0,
+                          "full": layer.tp_recompute_comm_s + layer.cp_recompute_comm_s},
+        optimizer_s=sharded_params * OPTIMIZER_BYTES_PER_PARAM / gpu.hbm_bytes_per_s,
+        grad_accum_steps=cfg.grad_accum_steps,
+        compute_s=compute,
+        root_recompute_s=root_recompute,
+        tp_comm_s=tp_comm,
+        cp_comm_s=cp_comm,
+    )
+
+
+def estimate_step(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
+                  executor: ExecutorProfile | str | None = None) -> StepEstimate:
+    """Predicted peak memory, step time, tokens/s per GPU and MFU for one layout."""
+    executor = resolve_executor(executor)
+    violations = layout_violations(model, cfg, cluster)
+    if violations:
+        raise SpecError("layout cannot run: " + "; ".join(violations))
+    memory = estimate_memory(model, cfg, executor)
+    gpu = cluster.gpu
+    par = cfg.parallelism
+    tokens = cfg.tokens_per_gpu
+    modes = cfg.ac_policy(model.n_layers).layer_modes
+    counts = {m: sum(1 for x in modes if x == m) for m in ("none", "selective", "full")}
+    terms = time_terms(model, cluster, cfg, executor)
+    step = terms.step_s(counts)
+    ga = cfg.grad_accum_steps
+    recompute = terms.root_recompute_s + sum(n * terms.recompute_s[m] for m, n in counts.items())
+    exposed_fsdp = terms.fsdp_tail_s + max(0.0, terms.fsdp_comm_s - terms.hiding_compute_s
+                                           - (recompute - terms.root_recompute_s))
+    n_full = counts["full"]
+    layer = layer_time(model, cluster, cfg, executor)
+    exposed_tp = terms.tp_comm_s + n_full * layer.tp_recompute_comm_s
+    exposed_cp = terms.cp_comm_s + n_full * layer.cp_recompute_comm_s
+    compute = terms.compute_s
+    optimizer = terms.optimizer_s
 
     tokens_per_gpu_per_step = cfg.seq_len * cfg.local_batch_size * cfg.grad_accum_steps / (par.cp * par.tp)
     throughput = tokens_per_gpu_per_step / step
@@ -210,7 +273,6 @@ def estimate_step(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     mfu = flops_per_token * throughput / gpu.bf16_flops_per_s
     executed = F.step_forward_backward_flops(model, tokens, cfg.seq_len, par.cp, par.tp)
     executed_total = cfg.grad_accum_steps * sum(executed.values())
-    ga = cfg.grad_accum_steps
     time_breakdown = {
         "compute": ga * compute,
         "recompute": ga * recompute,
