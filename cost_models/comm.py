@@ -13,9 +13,7 @@ and each GPU's NIC bounds it.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from functools import lru_cache
 
 from .config import Parallelism
 from .specs import ClusterSpec
@@ -50,30 +48,23 @@ def collective_link_bytes(kind: str, buffer_bytes: float, group_size: int) -> fl
     return RING_FACTOR[kind] * (group_size - 1) / group_size * buffer_bytes
 
 
-@lru_cache(maxsize=4096)
-def _group_nodes(mesh_order: tuple[str, ...], degrees: tuple[int, ...], dims: frozenset[str],
-                 gpus_per_node: int) -> int:
-    """Nodes spanned by rank 0's group along ``dims`` (rank = row-major in mesh_order)."""
-    strides = {}
-    stride = 1
-    for name, degree in zip(reversed(mesh_order), reversed(degrees)):
-        strides[name] = stride
-        stride *= degree
-    sizes = dict(zip(mesh_order, degrees))
-    ranges = [range(sizes[name]) for name in mesh_order if name in dims]
-    names = [name for name in mesh_order if name in dims]
-    nodes = set()
-    for coords in itertools.product(*ranges):
-        rank = sum(strides[name] * c for name, c in zip(names, coords))
-        nodes.add(rank // gpus_per_node)
-    return len(nodes)
-
-
 def group_tier(cluster: ClusterSpec, parallelism: Parallelism, mesh_order: tuple[str, ...],
                dims: tuple[str, ...]) -> str:
-    degrees = tuple(parallelism.degree(name) for name in mesh_order)
-    nodes = _group_nodes(tuple(mesh_order), degrees, frozenset(dims), cluster.gpus_per_node)
-    return "intra-node" if nodes == 1 else "inter-node"
+    """'intra-node' when the group of rank 0 along ``dims`` fits in node 0.
+
+    Ranks are row-major in ``mesh_order``: a dim's stride is the product of the degrees
+    inside it, and the group's largest rank is sum(stride x (degree - 1)). Nodes hold
+    consecutive ranks, so the group stays in node 0 exactly when that rank does; the
+    same holds for every other group when degrees divide the node size.
+    """
+    stride = 1
+    last_rank = 0
+    for name in reversed(tuple(mesh_order)):
+        degree = parallelism.degree(name)
+        if name in dims:
+            last_rank += stride * (degree - 1)
+        stride *= degree
+    return "intra-node" if last_rank < cluster.gpus_per_node else "inter-node"
 
 
 def collective_time_s(cluster: ClusterSpec, kind: str, buffer_bytes: float, group_size: int,

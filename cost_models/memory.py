@@ -98,6 +98,32 @@ class MemoryTerms:
                                    + self.sharded_grad_bytes_root)
         return phases
 
+    def peak_tensor_bytes_for_counts(self, n_full: int, n_selective: int, n_none: int) -> float:
+        """Closed form of max(phases) for layers ordered full, selective, none.
+
+        Within a run of same-mode layers the backward phase is linear in the layer
+        index, so its maximum is at one end of the run: six values instead of a loop.
+        """
+        A, W, g = self.layer.saved, self.layer.working, self.sharded_grad_bytes_per_layer
+        saved_full, saved_sel, saved_none = A["full"] * n_full, A["selective"] * n_selective, A["none"] * n_none
+        peaks = [
+            self.static_bytes + self.root_unsharded_bytes + self.forward_block_bytes + self.root_activation_bytes
+            + self.loss_working_bytes + saved_full + saved_sel + saved_none,
+            self.static_bytes + self.n_layers * g + self.sharded_grad_bytes_root,
+        ]
+        base = (self.static_bytes + self.root_unsharded_bytes + self.backward_block_bytes + self.root_grad_bytes
+                + self.input_bytes)
+        if n_none:
+            peaks.append(base + saved_full + saved_sel + saved_none + W["none"])
+            peaks.append(base + saved_full + saved_sel + A["none"] + g * (n_none - 1) + W["none"])
+        if n_selective:
+            peaks.append(base + saved_full + saved_sel + g * n_none + W["selective"])
+            peaks.append(base + saved_full + A["selective"] + g * (n_none + n_selective - 1) + W["selective"])
+        if n_full:
+            peaks.append(base + saved_full + g * (n_none + n_selective) + W["full"])
+            peaks.append(base + A["full"] + g * (self.n_layers - 1) + W["full"])
+        return max(peaks)
+
     def tensor_peak(self, layer_modes: tuple[str, ...]) -> tuple[str, dict[str, float]]:
         phases = self.phases(layer_modes)
         name = max(phases, key=lambda key: sum(phases[key].values()))

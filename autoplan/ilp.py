@@ -1,0 +1,326 @@
+"""The integer program: choose one candidate layout and, jointly, how many of its layers
+run with no, selective or full activation checkpointing, under the memory cap.
+
+Variables, per candidate ``c``: ``x_c`` (chosen), ``n_cm`` (layers in AC mode ``m``),
+``u_cm`` (mode ``m`` used), ``e_c`` (FSDP traffic not hidden by compute). Layers are
+identical, so a per-layer knapsack is a choice of counts; the runtime assigns full AC
+to the first layers, then selective, then none (``ACPolicy.mix``), and the memory
+constraints are the exact phase peaks of that order (see cost_models/memory.py):
+within a block of same-mode layers the backward peak is linear in the layer index, so
+it is enough to bound both ends of each block.
+
+Objective: seconds per token per GPU (step time / tokens per GPU per step) - linear,
+because tokens per step are a constant of each candidate - so minimizing it maximizes
+tokens/s. max-seqlen and min-gpus solve a first program for the sequence length / GPU
+count, then this one among the candidates that reach it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import pulp
+
+from cost_models.config import AC_MODES
+from cost_models.executors import ExecutorProfile
+from cost_models.memory import MemoryTerms, memory_terms
+from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec
+from cost_models.step import TimeTerms, time_terms
+
+from .search import Candidate
+
+
+class SolverError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PricedCandidate:
+    candidate: Candidate
+    memory: MemoryTerms
+    time: TimeTerms
+    tokens_per_gpu_step: float
+    tensor_budget_bytes: float  # tensor bytes allowed at the peak (capacity less overheads)
+
+    @property
+    def n_layers(self) -> int:
+        return self.memory.n_layers
+
+    def counts_fit(self, counts: dict[str, int]) -> bool:
+        peak = self.memory.peak_tensor_bytes_for_counts(counts["full"], counts["selective"], counts["none"])
+        return peak <= self.tensor_budget_bytes
+
+    def seconds_per_token(self, counts: dict[str, int]) -> float:
+        return self.time.step_s(counts) / self.tokens_per_gpu_step
+
+    def full_ac_peak_tensor_bytes(self) -> float:
+        return self.memory.peak_tensor_bytes_for_counts(self.n_layers, 0, 0)
+
+
+def price(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executor: ExecutorProfile,
+          gpus_per_node: int | None, capacity_bytes: float | None = None) -> PricedCandidate:
+    cfg = candidate.train_config()
+    cluster = ClusterSpec(gpu, candidate.num_gpus, gpus_per_node)
+    mem = memory_terms(model, cfg, executor)
+    tim = time_terms(model, cluster, cfg, executor)
+    capacity = float(gpu.memory_bytes if capacity_bytes is None else capacity_bytes)
+    budget = (capacity - mem.fixed_overhead_bytes - mem.comm_buffer_bytes) / (1 + mem.fragmentation)
+    par = candidate.parallelism
+    tokens = candidate.seq_len * candidate.local_batch_size * candidate.grad_accum_steps / (par.cp * par.tp)
+    return PricedCandidate(candidate, mem, tim, tokens, budget)
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    counts: dict[str, int]
+    seconds_per_token: float
+    proven_optimal: bool
+
+
+@contextlib.contextmanager
+def _quiet_native_stdout():
+    """HiGHS prints its banner from C++ straight to fd 1; keep it out of our output."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _solver(time_limit_s: float, gap: float):
+    try:
+        solver = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, log_to_console=False,
+                            output_flag=False)
+        if solver.available():
+            return solver
+    except (AttributeError, pulp.PulpSolverError):
+        pass
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap)
+
+
+def choose(priced: list[PricedCandidate], allowed_modes: tuple[str, ...] = AC_MODES,
+           primary: str | None = None, time_limit_s: float = 20.0, gap: float = 1e-4,
+           excluded: list[set[int]] | None = None) -> Choice | None:
+    """Solve; ``primary`` = 'max-seqlen' | 'min-gpus' runs a first lexicographic stage.
+
+    Returns None when no candidate fits. ``excluded`` lists index sets of which none
+    may be chosen (used to find the next-best alternatives).
+    """
+    if not priced:
+        return None
+    indices = list(range(len(priced)))
+    if primary is not None:
+        stage = _solve(priced, indices, allowed_modes, primary, time_limit_s, gap, excluded)
+        if stage is None:
+            return None
+        chosen = priced[stage.index].candidate
+        if primary == "max-seqlen":
+            indices = [i for i in indices if priced[i].candidate.seq_len == chosen.seq_len]
+        else:
+            indices = [i for i in indices if priced[i].candidate.num_gpus == chosen.num_gpus]
+    return _solve(priced, indices, allowed_modes, "throughput", time_limit_s, gap, excluded)
+
+
+def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tuple[str, ...], objective: str,
+           time_limit_s: float, gap: float, excluded: list[set[int]] | None) -> Choice | None:
+    excluded_all = set().union(*excluded) if excluded else set()
+    indices = [i for i in indices if i not in excluded_all]
+    # Cheap pre-solve filter: a candidate that does not fit even with every allowed layer
+    # at its lightest mode can never be chosen.
+    lightest = "full" if "full" in allowed_modes else ("selective" if "selective" in allowed_modes else "none")
+    indices = [i for i in indices if priced[i].counts_fit(_uniform(lightest, priced[i].n_layers))]
+    if not indices:
+        return None
+    if objective == "throughput":
+        indices = _prune_by_bounds(priced, indices, allowed_modes)
+        indices = _drop_identical(priced, indices)
+    sense = pulp.LpMaximize if objective == "max-seqlen" else pulp.LpMinimize
+    prob = pulp.LpProblem("autoplan", sense)
+    x, n, u, e = {}, {}, {}, {}
+    for i in indices:
+        p = priced[i]
+        L = p.n_layers
+        x[i] = pulp.LpVariable(f"x_{i}", cat="Binary")
+        e[i] = pulp.LpVariable(f"e_{i}", lowBound=0)
+        for m in allowed_modes:
+            n[i, m] = pulp.LpVariable(f"n_{i}_{m}", lowBound=0, upBound=L, cat="Integer")
+            u[i, m] = pulp.LpVariable(f"u_{i}_{m}", cat="Binary")
+            prob += n[i, m] <= L * u[i, m]
+            prob += u[i, m] <= x[i]
+        prob += pulp.lpSum(n[i, m] for m in allowed_modes) == L * x[i]
+        _memory_constraints(prob, p, x[i], {m: n[i, m] for m in allowed_modes}, {m: u[i, m] for m in allowed_modes}, i)
+        t = p.time
+        recompute = pulp.lpSum(t.recompute_s[m] * n[i, m] for m in allowed_modes)
+        prob += e[i] >= (t.fsdp_comm_s - t.hiding_compute_s) * x[i] - recompute
+    prob += pulp.lpSum(x.values()) == 1
+    if objective == "max-seqlen":
+        prob += pulp.lpSum(priced[i].candidate.seq_len * x[i] for i in indices)
+    elif objective == "min-gpus":
+        prob.sense = pulp.LpMinimize
+        prob += pulp.lpSum(priced[i].candidate.num_gpus * x[i] for i in indices)
+    else:
+        terms = []
+        for i in indices:
+            t = priced[i].time
+            scale = 1e6 / priced[i].tokens_per_gpu_step  # microseconds per token
+            micro = (t.base_s * x[i] + e[i]
+                     + pulp.lpSum((t.recompute_s[m] + t.recompute_comm_s[m]) * n[i, m] for m in allowed_modes))
+            terms.append(scale * (t.grad_accum_steps * micro + t.optimizer_s * x[i]))
+        prob += pulp.lpSum(terms)
+    with _quiet_native_stdout():
+        prob.solve(_solver(time_limit_s, gap))
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        if prob.status == pulp.LpStatusInfeasible or prob.sol_status in (pulp.LpSolutionInfeasible, pulp.LpSolutionNoSolutionFound):
+            return None
+        raise SolverError(f"solver finished with status {pulp.LpStatus[prob.status]} (sol_status {prob.sol_status})")
+    chosen = max(indices, key=lambda i: x[i].value() or 0.0)
+    counts = {m: int(round(n[chosen, m].value() or 0)) for m in allowed_modes}
+    for m in AC_MODES:
+        counts.setdefault(m, 0)
+    return Choice(chosen, counts, priced[chosen].seconds_per_token(counts),
+                  proven_optimal=prob.sol_status == pulp.LpSolutionOptimal)
+
+
+def _prune_by_bounds(priced: list[PricedCandidate], indices: list[int], allowed_modes: tuple[str, ...]) -> list[int]:
+    """Drop candidates that provably cannot win, before the solver (exact, not heuristic).
+
+    Lower bound of a candidate: the LP relaxation of its AC choice under the loss-phase
+    memory constraint alone (``sum n_m = L``, ``sum n_m A_m <= budget``): its optimum
+    sits on a vertex with at most two modes, so trying every pair is exact. Recompute
+    hides FSDP traffic ``E`` at most one for one, so ``micro >= base + max(E, R_lp)``.
+    Upper bound of the optimum: the best feasible integer mix found by rounding those
+    vertices up toward the lighter-memory mode. A candidate whose lower bound exceeds
+    the upper bound is never optimal.
+    """
+    order = [m for m in AC_MODES if m in allowed_modes]  # increasing recompute
+    lower = {}
+    upper = float("inf")
+    for i in indices:
+        p = priced[i]
+        t, mt = p.time, p.memory
+        L = p.n_layers
+        room = p.tensor_budget_bytes - (mt.static_bytes + mt.root_unsharded_bytes + mt.forward_block_bytes
+                                        + mt.root_activation_bytes + mt.loss_working_bytes)
+        recompute_lp, mixes = _lp_vertices(L, room, mt.layer.saved, t.recompute_s, order)
+        if recompute_lp is None:
+            lower[i] = float("inf")
+            continue
+        micro = t.base_s + max(t.fsdp_comm_s - t.hiding_compute_s, recompute_lp, 0.0)
+        lower[i] = (t.grad_accum_steps * micro + t.optimizer_s) / p.tokens_per_gpu_step
+        if lower[i] >= upper:
+            continue
+        for counts in mixes:
+            for bump in range(0, 4):
+                trial = _shift_heavier(counts, order, bump)
+                if trial is not None and p.counts_fit(trial):
+                    upper = min(upper, p.seconds_per_token(trial))
+                    break
+        heavy = _uniform(order[-1], L)
+        if p.counts_fit(heavy):
+            upper = min(upper, p.seconds_per_token(heavy))
+    return [i for i in indices if lower[i] <= upper * (1 + 1e-9)]
+
+
+def _lp_vertices(n_layers: int, room: float, saved: dict[str, float], recompute: dict[str, float],
+                 order: list[str]) -> tuple[float | None, list[dict[str, int]]]:
+    """Min recompute seconds of the LP relaxation, and integer mixes rounded from its vertices."""
+    best = None
+    mixes = []
+    for a_index, a in enumerate(order):
+        if n_layers * saved[a] <= room:
+            value = n_layers * recompute[a]
+            best = value if best is None else min(best, value)
+            mixes.append({m: (n_layers if m == a else 0) for m in AC_MODES})
+        for b in order[a_index + 1:]:
+            # n_a + n_b = L, n_a A_a + n_b A_b = room, with n_b the heavier-saving mode
+            if saved[a] <= saved[b]:
+                continue
+            n_b = (n_layers * saved[a] - room) / (saved[a] - saved[b])
+            if 0 <= n_b <= n_layers:
+                value = (n_layers - n_b) * recompute[a] + n_b * recompute[b]
+                best = value if best is None else min(best, value)
+                k = min(n_layers, math.ceil(n_b - 1e-9))
+                mixes.append({m: (n_layers - k if m == a else k if m == b else 0) for m in AC_MODES})
+    return best, mixes
+
+
+def _shift_heavier(counts: dict[str, int], order: list[str], steps: int) -> dict[str, int] | None:
+    """Move ``steps`` layers from the lightest-recompute mode in use to the next heavier one."""
+    counts = dict(counts)
+    for _ in range(steps):
+        for k, mode in enumerate(order[:-1]):
+            if counts.get(mode, 0) > 0:
+                counts[mode] -= 1
+                counts[order[k + 1]] = counts.get(order[k + 1], 0) + 1
+                break
+        else:
+            return None
+    return counts
+
+
+def _drop_identical(priced: list[PricedCandidate], indices: list[int]) -> list[int]:
+    """Keep one of each set of candidates the cost model cannot tell apart (same memory
+    and time terms, same tokens per step): the solver would only break ties among them."""
+    seen: dict[tuple, int] = {}
+    for i in indices:
+        p = priced[i]
+        key = (repr(p.memory), repr(p.time), p.tokens_per_gpu_step, p.tensor_budget_bytes)
+        seen.setdefault(key, i)
+    return sorted(seen.values())
+
+
+def _uniform(mode: str, n_layers: int) -> dict[str, int]:
+    counts = {m: 0 for m in AC_MODES}
+    counts[mode] = n_layers
+    return counts
+
+
+def _memory_constraints(prob: pulp.LpProblem, p: PricedCandidate, x, n: dict, u: dict, tag: int) -> None:
+    """Peak tensor bytes of every phase <= budget, for layers ordered full, selective, none."""
+    mt = p.memory
+    gib = 1.0 / 2**30  # solve in GiB: byte-sized coefficients upset the solver's tolerances
+    A = {m: v * gib for m, v in mt.layer.saved.items()}
+    W = {m: v * gib for m, v in mt.layer.working.items()}
+    g = mt.sharded_grad_bytes_per_layer * gib
+    L = p.n_layers
+    budget = p.tensor_budget_bytes * gib
+    zero = 0
+    nf, ns, nn = n.get("full", zero), n.get("selective", zero), n.get("none", zero)
+    uf, us, un = u.get("full", zero), u.get("selective", zero), u.get("none", zero)
+    saved_all = A["full"] * nf + A["selective"] * ns + A["none"] * nn
+    loss_base = (mt.static_bytes + mt.root_unsharded_bytes + mt.forward_block_bytes + mt.root_activation_bytes
+                 + mt.loss_working_bytes) * gib
+    prob += loss_base * x + saved_all <= budget * x, f"mem_loss_{tag}"
+    base = (mt.static_bytes + mt.root_unsharded_bytes + mt.backward_block_bytes + mt.root_grad_bytes
+            + mt.input_bytes) * gib
+    big = max(0.0, base + L * (max(A.values()) + g) + max(W.values()) - budget)
+    # (phase bytes) <= budget whenever the mode's block is non-empty (big-M otherwise).
+    if "none" in n:
+        prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * nn + W["none"] * un \
+            <= budget * x + big * (1 - un), f"mem_none_top_{tag}"
+        prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * un + g * (nn - un) + W["none"] * un \
+            <= budget * x + big * (1 - un), f"mem_none_bottom_{tag}"
+    if "selective" in n:
+        prob += base * x + A["full"] * nf + A["selective"] * ns + g * nn + W["selective"] * us \
+            <= budget * x + big * (1 - us), f"mem_sel_top_{tag}"
+        prob += base * x + A["full"] * nf + A["selective"] * us + g * (nn + ns - us) + W["selective"] * us \
+            <= budget * x + big * (1 - us), f"mem_sel_bottom_{tag}"
+    if "full" in n:
+        prob += base * x + A["full"] * nf + g * (nn + ns) + W["full"] * uf \
+            <= budget * x + big * (1 - uf), f"mem_full_top_{tag}"
+        prob += base * x + A["full"] * uf + g * (L * x - uf) + W["full"] * uf \
+            <= budget * x + big * (1 - uf), f"mem_full_bottom_{tag}"
