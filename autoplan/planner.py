@@ -22,7 +22,7 @@ from cost_models.step import StepEstimate, estimate_step
 
 from .ilp import Choice, PricedCandidate, choose, price
 from .plan import ActivationCheckpointDoc, Plan, PredictedDoc
-from .search import Candidate, Rejection, build_search_space, power_of_two_grid
+from .search import Candidate, Rejection, build_search_space, check_pins, power_of_two_grid
 
 OBJECTIVES = ("throughput", "max-seqlen", "min-gpus")
 MAX_SEQ_LEN = 16 * 1024 * 1024
@@ -115,6 +115,8 @@ def _uniform(mode: str, n_layers: int) -> dict[str, int]:
 def make_plan(request: PlanRequest) -> PlanResult:
     objective = request.resolved_objective()
     allowed = request.allowed_modes()
+    check_pins(request.model, request.num_gpus, request.fixed,
+               request.gpus_per_node or min(request.gpu.gpus_per_node, request.num_gpus))
     target = request.fixed.get("seq_len", request.target_seq_len)
     if objective == "max-seqlen":
         seq_len = _longest_fitting_seq(request, allowed)

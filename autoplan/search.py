@@ -56,6 +56,23 @@ class SearchSpace:
     rejections: list[Rejection] = field(default_factory=list)
 
 
+def check_pins(model: ModelSpec, num_gpus: int, fixed: dict[str, Any], gpus_per_node: int | None = None) -> None:
+    """Pinned degrees that can never work are a usage error, not an empty search."""
+    product = 1
+    for knob in DEGREE_KNOBS:
+        product *= int(fixed.get(knob, 1))
+    if num_gpus % product:
+        pins = ",".join(f"{k}={fixed[k]}" for k in DEGREE_KNOBS if k in fixed)
+        raise SpecError(f"--fix {pins}: the pinned degrees multiply to {product}, which does not divide "
+                        f"--gpus {num_gpus}")
+    tp = int(fixed.get("tp", 1))
+    for name, value in (("n_heads", model.n_heads), ("n_kv_heads", model.n_kv_heads), ("ffn_dim", model.ffn_dim)):
+        if value % tp:
+            raise SpecError(f"--fix tp={tp}: tp must divide the model's {name}={value}")
+    if gpus_per_node and tp > gpus_per_node:
+        raise SpecError(f"--fix tp={tp}: tensor parallel must stay inside a node of {gpus_per_node} GPUs")
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

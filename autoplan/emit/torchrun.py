@@ -36,7 +36,7 @@ def torchrun_script(plan: Plan, plan_path: str) -> str:
     if nodes > 1:
         lines += [
             "# Run this on every node with the same MASTER_ADDR (the first node's address).",
-            ': "${MASTER_ADDR:?set MASTER_ADDR to the first node\'s address}"',
+            ': "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"',
             'MASTER_PORT="${MASTER_PORT:-29500}"',
             'RDZV_ID="${RDZV_ID:-autoplan}"',
         ]
