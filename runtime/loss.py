@@ -1,0 +1,42 @@
+"""Cross-entropy over the vocabulary without holding every token's logits at once.
+
+tp == 1: the output projection and an fp32 cross-entropy run per chunk of tokens under
+activation checkpointing, so one chunk's logits (bf16 + fp32 copy + log-softmax) are
+alive at a time, in forward and in backward (cost_models.executors: profile 'autoplan').
+tp > 1: the output projection is column-parallel (vocab-sharded logits) and
+``loss_parallel`` computes the cross-entropy on the shards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, output: torch.nn.Linear, labels: torch.Tensor,
+                              chunk_tokens: int | None) -> torch.Tensor:
+    """Sum of token losses; ``hidden``: B x T x d, ``labels``: B x T."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    chunk = chunk_tokens or flat_hidden.shape[0]
+    total = None
+    for start in range(0, flat_hidden.shape[0], chunk):
+        part = checkpoint(_chunk_loss_sum, flat_hidden[start:start + chunk], output.weight,
+                          flat_labels[start:start + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
+def parallel_cross_entropy_sum(hidden, output: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Vocab-sharded logits (DTensor, Shard(-1)) under loss_parallel."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    logits = output(hidden)
+    with loss_parallel():
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum")

@@ -1,0 +1,192 @@
+"""A Llama-3-style decoder in one file: RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Module names follow torchtitan (tok_embeddings, layers.N.attention.wq, ...), so the
+tensor-parallel plan and checkpoints read naturally.
+
+What autograd saves per block (no activation checkpointing), with T tokens on this rank,
+d model dim, d_q = heads x head_dim, d_kv = kv_heads x head_dim, f FFN dim - the
+memory model in cost_models/memory.py is written against this list:
+- attention_norm / ffn_norm (``RMSNormFunction``): the input (T x d) and rstd (T, fp32);
+- wq, wk, wv: their shared input, the normed x (T x d);
+- attention: q and k after RoPE (T x d_q, T x d_kv), v (T x d_kv) - or, under
+  all-gather context parallel, the gathered K and V of the whole sequence - plus the
+  output (T x d_q) and its log-sum-exp (heads x T, fp32);
+- wo: the re-laid-out attention output (T x d_q);
+- w1, w3: the normed h (T x d); SiLU: w1's output (T x f); the product: SiLU's output
+  and w3's output (T x f each); w2: the product (T x f).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cost_models.specs import ModelSpec
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm that saves only its input and the per-token rstd, like a fused kernel.
+
+    y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), computed in fp32.
+    dx = rstd * (g*w - xhat * mean(g*w*xhat)), dw = sum(g * xhat), xhat = x * rstd.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        gw = grad.float() * weight.float()
+        dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        dw = (grad.float() * xhat).reshape(-1, x.shape[-1]).sum(0)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T x head_dim) for the given GLOBAL token positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (x: B x T x H x hd); cos/sin: T x hd. Saves only cos/sin for backward."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal SDPA; q: B x H x T x hd, k/v: B x Hkv x T x hd (GQA by expansion)."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.n_heads = spec.n_heads
+        self.n_kv_heads = spec.n_kv_heads
+        self.head_dim = spec.head_dim
+        self.wq = nn.Linear(spec.dim, spec.q_dim, bias=False)
+        self.wk = nn.Linear(spec.dim, spec.kv_dim, bias=False)
+        self.wv = nn.Linear(spec.dim, spec.kv_dim, bias=False)
+        self.wo = nn.Linear(spec.q_dim, spec.dim, bias=False)
+        # Replaced by context parallel (runtime/context_parallel.py).
+        self.attention_fn: AttentionFn = causal_attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        # Under TP the projections are sharded by heads: infer local head counts.
+        q = self.wq(x).view(batch, tokens, -1, self.head_dim)
+        k = self.wk(x).view(batch, tokens, -1, self.head_dim)
+        v = self.wv(x).view(batch, tokens, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.w1 = nn.Linear(spec.dim, spec.ffn_dim, bias=False)
+        self.w2 = nn.Linear(spec.ffn_dim, spec.dim, bias=False)
+        self.w3 = nn.Linear(spec.dim, spec.ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.attention = Attention(spec)
+        self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.feed_forward = FeedForward(spec)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Returns final normed hidden states; the loss (runtime/loss.py) owns ``output``."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(spec) for i in range(spec.n_layers)})
+        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.output = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(positions, self.spec.head_dim, self.spec.rope_theta, h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int) -> None:
+    """Deterministic init of the FULL tensors, independent of how they are sharded.
+
+    Each parameter's values come from a generator seeded by (seed, parameter name), drawn
+    for the full shape; DTensor parameters then keep only their local shard. This costs
+    one full tensor at a time on each rank (never the whole model).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, param in model.named_parameters():
+        generator = torch.Generator().manual_seed(_name_seed(seed, name))
+        full_shape = param.shape
+        if name.endswith("norm.weight"):
+            full = torch.ones(full_shape)
+        else:
+            std = 0.02 if "tok_embeddings" in name else 1.0 / math.sqrt(full_shape[-1])
+            full = torch.randn(full_shape, generator=generator) * std
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                      src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full.to(param.device))
+
+
+def _name_seed(seed: int, name: str) -> int:
+    value = seed
+    for char in name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", ""):
+        value = (value * 131 + ord(char)) % (2**61 - 1)
+    return value

@@ -1,0 +1,276 @@
+"""Train a plan: ``torchrun --nproc-per-node N -m runtime.train --plan PLAN.yaml``.
+
+CUDA + NCCL when GPUs are present, CPU + gloo otherwise (or with ``--device cpu``).
+On CPU everything runs in fp32 (exactness tests compare layouts to 1e-6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from autoplan.plan import Plan, PlanError
+from cost_models.flops import model_flops_per_token
+
+from . import checkpoint as ckpt
+from .context_parallel import shard_sequence
+from .data import DataError, TokenSource, batch_for_step
+from .loss import chunked_cross_entropy_sum, parallel_cross_entropy_sum
+from .mesh import LayoutError, ParallelDims, build_mesh
+from .model import Transformer, init_weights
+from .parallelize import parallelize
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class TrainingState:
+    plan: Plan
+    dims: ParallelDims
+    mesh: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    step: int = 0
+
+
+def lr_lambda(warmup: int, total: int | None):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if not total or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_training_state(plan: Plan, mesh, dims: ParallelDims, device: torch.device, seed: int = 0,
+                         materialize: bool = True, shard_over_cp: bool = True,
+                         param_dtype: torch.dtype | None = None) -> TrainingState:
+    """Model built on meta, parallelized, then materialized shard by shard (+ AdamW)."""
+    spec = plan.model_spec()
+    with torch.device("meta"):
+        model = Transformer(spec)
+    layer_modes = plan.activation_checkpoint.layer_modes(spec.n_layers)
+    if param_dtype is None:
+        param_dtype = DTYPES[plan.precision.param_dtype] if device.type == "cuda" else torch.float32
+    reduce_dtype = DTYPES[plan.precision.reduce_dtype] if device.type == "cuda" else torch.float32
+    parallelize(model, dims, mesh, layer_modes, param_dtype, reduce_dtype, shard_over_cp)
+    model.to_empty(device=device)
+    if materialize:
+        init_weights(model, seed)
+    opt = plan.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas),
+                                  weight_decay=opt.weight_decay, foreach=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, opt.total_steps))
+    return TrainingState(plan, dims, mesh, model, optimizer, scheduler, device)
+
+
+def local_tokens(state: TrainingState, inputs: torch.Tensor, labels: torch.Tensor):
+    """This rank's (inputs, labels, positions) after context-parallel sharding."""
+    positions = torch.arange(inputs.shape[1])
+    cp = state.dims.cp
+    if cp > 1:
+        rank = state.mesh["cp"].get_local_rank()
+        inputs, labels = shard_sequence(inputs, rank, cp), shard_sequence(labels, rank, cp)
+        positions = shard_sequence(positions, rank, cp, dim=0)
+    return inputs.to(state.device), labels.to(state.device), positions.to(state.device)
+
+
+def micro_loss(state: TrainingState, inputs, labels, positions) -> torch.Tensor:
+    """Mean token loss on this rank's tokens (FSDP's gradient averaging makes it global)."""
+    model = state.model
+    hidden = model(inputs, positions)
+    if state.dims.tp > 1:
+        loss_sum = parallel_cross_entropy_sum(hidden, model.output, labels)
+    else:
+        loss_sum = chunked_cross_entropy_sum(hidden, model.output, labels, state.plan.loss_chunk_tokens)
+    return loss_sum / labels.numel()
+
+
+def train_step(state: TrainingState, batches) -> dict:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns step metrics."""
+    plan = state.plan
+    accum = plan.grad_accum_steps
+    total = torch.zeros((), device=state.device)
+    loss_ctx = contextlib.nullcontext()
+    if state.dims.tp > 1:
+        from torch.distributed.tensor.parallel import loss_parallel
+        loss_ctx = loss_parallel()
+    for inputs, labels in batches:
+        inputs, labels, positions = local_tokens(state, inputs, labels)
+        loss = micro_loss(state, inputs, labels, positions) / accum
+        with loss_ctx:
+            loss.backward()
+        total += loss.detach().to_local() if hasattr(loss, "to_local") else loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), plan.optimizer.max_norm, foreach=False)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    dist.all_reduce(total, op=dist.ReduceOp.AVG, group=state.mesh["dp_cp"].get_group())
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return {"loss": float(total), "grad_norm": float(grad_norm), "lr": state.scheduler.get_last_lr()[0]}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _init_distributed(device_arg: str) -> torch.device:
+    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise LayoutError("--device cuda: no CUDA device is available")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def _peak_flops(plan: Plan, device: torch.device) -> float | None:
+    gpu = plan.hardware.get("gpu") if device.type == "cuda" else None
+    return float(gpu["bf16_flops_per_s"]) if gpu else None
+
+
+def run(args) -> dict:
+    plan = Plan.load(args.plan)
+    spec = plan.model_spec()
+    p = plan.parallelism
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world)  # checked before any collective
+    source = TokenSource(spec.vocab_size, plan.seq_len, args.seed, args.data)
+    if plan.seq_len % (2 * p.cp) or (p.tp > 1 and (plan.local_batch_size * plan.seq_len // p.cp) % p.tp):
+        raise LayoutError(f"seq_len={plan.seq_len} must split into 2 x cp chunks (and tokens per rank by tp)")
+    device = _init_distributed(args.device)
+    mesh = build_mesh(dims, device.type, plan.mesh_order)
+    state = build_training_state(plan, mesh, dims, device, args.seed,
+                                 shard_over_cp=not args.debug_fsdp_over_dp_shard_only)
+    start_step = 0
+    if args.resume and args.checkpoint_dir:
+        found = ckpt.latest(args.checkpoint_dir)
+        if found is None and any(Path(args.checkpoint_dir).glob("step-*")):
+            raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {args.checkpoint_dir}")
+        if found is not None:
+            trainer = ckpt.load(found, state.model, state.optimizer)
+            state.scheduler.load_state_dict(trainer["scheduler"])
+            ckpt.set_rng_state(trainer["rng"])
+            start_step = state.step = trainer["step"]
+    rank = dist.get_rank()
+    dp_rank = state.mesh["dp"].get_local_rank()
+    dp = dims.dp_replicate * dims.dp_shard
+    metrics_file = open(args.metrics, "a") if (args.metrics and rank == 0) else None
+    flops_per_token = model_flops_per_token(spec, plan.seq_len)
+    peak = _peak_flops(plan, device)
+    records = []
+    try:
+        for step in range(start_step, args.steps):
+            batches = [batch_for_step(source, step * plan.grad_accum_steps + m, plan.local_batch_size, dp_rank, dp)
+                       for m in range(plan.grad_accum_steps)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            metrics = train_step(state, batches)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - began
+            tokens_per_gpu = plan.global_batch_tokens / world / elapsed
+            metrics.update(step=step + 1, step_time_s=elapsed, tokens_per_second_per_gpu=tokens_per_gpu,
+                           mfu=(flops_per_token * tokens_per_gpu / peak) if peak else None,
+                           peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+            records.append(metrics)
+            if metrics_file:
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+            if args.checkpoint_dir and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                ckpt.save(args.checkpoint_dir, step + 1, state.model, state.optimizer,
+                          {"step": step + 1, "scheduler": state.scheduler.state_dict(), "rng": ckpt.rng_state(),
+                           "data_position": (step + 1) * plan.grad_accum_steps})
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    summary = summarize_run(plan, records)
+    if rank == 0:
+        print(format_summary(plan, summary))
+        if args.record:
+            with open(args.record, "a") as out:
+                out.write(json.dumps({"plan": plan.model_dump(mode="json", exclude={"alternatives"}),
+                                      "measured": summary, "device": str(device),
+                                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                                      else "cpu"}) + "\n")
+    return summary
+
+
+def summarize_run(plan: Plan, records: list[dict]) -> dict:
+    """Steady-state measurement: the first step (warm-up, lazy optimizer state) is dropped."""
+    steady = records[1:] or records
+    if not steady:
+        return {"steps": 0}
+    mean = lambda key: (sum(r[key] for r in steady) / len(steady)) if steady[0].get(key) is not None else None
+    peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes") is not None]
+    return {"steps": len(records), "final_loss": records[-1]["loss"], "step_time_s": mean("step_time_s"),
+            "tokens_per_second_per_gpu": mean("tokens_per_second_per_gpu"), "mfu": mean("mfu"),
+            "peak_memory_bytes": max(peaks) if peaks else None}
+
+
+def format_summary(plan: Plan, summary: dict) -> str:
+    predicted = plan.predicted.model_dump() if plan.predicted else {}
+    lines = [f"{'':<28}{'measured':>16}{'predicted':>16}"]
+    for key, unit in (("peak_memory_bytes", "GiB"), ("step_time_s", "s"), ("tokens_per_second_per_gpu", ""),
+                      ("mfu", "")):
+        measured, expected = summary.get(key), predicted.get(key)
+        scale = 2**30 if unit == "GiB" else 1
+        fmt = lambda v: "n/a" if v is None else (f"{v / scale:.3f}" if key != "tokens_per_second_per_gpu" else f"{v:,.0f}")
+        lines.append(f"{key:<28}{fmt(measured):>16}{fmt(expected):>16}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m runtime.train", description=__doc__)
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metrics", default=None, help="JSONL, one object per step (rank 0)")
+    parser.add_argument("--data", default=None, help="token ids: .bin (uint16), .u32.bin (uint32) or .npy")
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--record", default=None, help="append a calibration record (JSONL)")
+    parser.add_argument("--debug-fsdp-over-dp-shard-only", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+        code = 0
+    except (PlanError, LayoutError, DataError, ckpt.CheckpointError) as error:
+        print(f"runtime.train: error: {error}", file=sys.stderr)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
