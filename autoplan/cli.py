@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", default=None, help="append a calibration record (JSONL) here")
     run.set_defaults(func=cmd_run)
 
-    for module_name in ("check", "calibration", "capacity", "sweep"):
+    for module_name in ("check", "validate", "calibration", "capacity", "sweep"):
         _register_optional(module_name, sub)
     return parser
 

@@ -58,7 +58,7 @@ class MemoryTerms:
     root_unsharded_bytes: float  # root FSDP unit's gathered params (never resharded)
     root_activation_bytes: float  # final-norm input/output + loss chunk inputs + ids
     input_bytes: float  # token ids and labels (alive all step)
-    loss_working_bytes: float
+    loss_working_bytes: float  # includes the output projection's grad when the loss is chunked
     forward_block_bytes: float  # gathered block params alive during the loss
     backward_block_bytes: float  # gathered params + unsharded grads of blocks in flight
     root_grad_bytes: float  # unsharded output-projection grad, alive through backward
@@ -178,23 +178,33 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
     return LayerMemory(saved={"none": none, "selective": selective, "full": full}, working=working)
 
 
-def loss_working_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:
-    """Logits and cross-entropy tensors alive at once.
-
-    Forward: logits (``logits_bytes``), their fp32 copy and the fp32 log-softmax output.
-    Backward: the saved log-softmax output, the dense fp32 gradient nll_loss returns and
-    log-softmax's input gradient. The larger of the two, for one chunk of tokens.
-    Under TP the vocabulary is sharded (loss_parallel); the runtime then does not chunk.
-    """
+def loss_chunk_tokens(cfg: TrainConfig, executor: ExecutorProfile) -> int:
     tokens = cfg.tokens_per_gpu
-    chunk = tokens
-    if executor.loss_chunk_tokens and cfg.parallelism.tp == 1:
-        chunk = min(tokens, executor.loss_chunk_tokens)
+    return min(tokens, executor.loss_chunk_tokens) if executor.loss_chunk_tokens else tokens
+
+
+def loss_working_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:
+    """Logits and cross-entropy tensors alive at once, for one chunk of tokens.
+
+    tp == 1, fused ``F.cross_entropy`` on fp32-upcast logits: forward holds the logits,
+    their fp32 copy and the log-softmax output (logits + 4 + 4 bytes per element);
+    backward holds the saved log-softmax output, nll_loss's dense gradient and
+    log-softmax's input gradient (3 x 4).
+    tp > 1, ``loss_parallel`` on vocab-sharded logits (torch/distributed/tensor/parallel/
+    loss.py): forward holds logits, the fp32 copy, the max-shifted copy, its exp and the
+    result (logits + 4 x 4); backward holds the saved result, a zeros gradient, exp(x),
+    their sum and the product with grad_output (5 x 4) plus the cast-back gradient.
+    """
+    chunk = loss_chunk_tokens(cfg, executor)
     vocab = model.vocab_size / cfg.parallelism.tp
     upcast = FP32 if executor.loss_upcast_fp32 else executor.logits_bytes
-    forward = (executor.logits_bytes + 2 * upcast) * chunk * vocab
-    backward = 3 * upcast * chunk * vocab
-    return max(forward, backward)
+    if cfg.parallelism.tp > 1:
+        forward = executor.logits_bytes + 4 * upcast
+        backward = 5 * upcast + executor.logits_bytes
+    else:
+        forward = executor.logits_bytes + 2 * upcast
+        backward = 3 * upcast
+    return max(forward, backward) * chunk * vocab
 
 
 def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile | str | None = None
@@ -234,7 +244,10 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         root_unsharded_bytes=root_params * prec.param_bytes,
         root_activation_bytes=root_activations,
         input_bytes=ids,
-        loss_working_bytes=loss_working_bytes(model, cfg, executor),
+        # With several loss chunks, the output projection's unsharded grad (accumulated
+        # over chunks) is alive while later chunks run backward.
+        loss_working_bytes=loss_working_bytes(model, cfg, executor)
+        + (output_grad if loss_chunk_tokens(cfg, executor) < tokens else 0.0),
         forward_block_bytes=forward_blocks,
         backward_block_bytes=backward_blocks,
         root_grad_bytes=output_grad,

@@ -3,8 +3,8 @@
 tp == 1: the output projection and an fp32 cross-entropy run per chunk of tokens under
 activation checkpointing, so one chunk's logits (bf16 + fp32 copy + log-softmax) are
 alive at a time, in forward and in backward (cost_models.executors: profile 'autoplan').
-tp > 1: the output projection is column-parallel (vocab-sharded logits) and
-``loss_parallel`` computes the cross-entropy on the shards.
+tp > 1: the same chunking; the output projection is column-parallel (vocab-sharded
+logits) and ``loss_parallel`` computes the cross-entropy on the shards.
 """
 
 from __future__ import annotations
@@ -33,10 +33,29 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, output: torch.nn.Linear, lab
     return total
 
 
-def parallel_cross_entropy_sum(hidden, output: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """Vocab-sharded logits (DTensor, Shard(-1)) under loss_parallel."""
+def _parallel_chunk_loss_sum(hidden, output: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor.parallel import loss_parallel
 
-    logits = output(hidden)
+    logits = output(hidden)  # column-parallel: vocab-sharded DTensor
     with loss_parallel():
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum")
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def parallel_cross_entropy_sum(hidden, output: torch.nn.Module, labels: torch.Tensor,
+                               chunk_tokens: int | None) -> torch.Tensor:
+    """Tensor parallel: gather the (sequence-sharded) hidden states once, then per chunk
+    of tokens a column-parallel output projection and ``loss_parallel`` cross-entropy on
+    vocab-sharded logits, checkpointed like the tp == 1 path."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(hidden, DTensor):
+        hidden = hidden.redistribute(hidden.device_mesh, [Replicate()])
+    flat_hidden = hidden.flatten(0, 1)
+    flat_labels = labels.reshape(-1)
+    chunk = chunk_tokens or flat_hidden.shape[0]
+    total = None
+    for start in range(0, flat_hidden.shape[0], chunk):
+        part = checkpoint(_parallel_chunk_loss_sum, flat_hidden[start:start + chunk], output,
+                          flat_labels[start:start + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total

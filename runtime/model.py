@@ -37,18 +37,20 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        wide = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16, fp64 stays fp64
+        x_wide = x.to(wide)
+        rstd = torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (x32 * rstd * weight.float()).to(x.dtype)
+        return (x_wide * rstd * weight.to(wide)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
-        gw = grad.float() * weight.float()
+        wide = rstd.dtype
+        xhat = x.to(wide) * rstd
+        gw = grad.to(wide) * weight.to(wide)
         dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
-        dw = (grad.float() * xhat).reshape(-1, x.shape[-1]).sum(0)
+        dw = (grad.to(wide) * xhat).reshape(-1, x.shape[-1]).sum(0)
         return dx.to(x.dtype), dw.to(weight.dtype), None
 
 

@@ -36,7 +36,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True
     parallelize_module(model, tp_mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+        # The loss gathers the normed hidden states once and feeds the projection per chunk.
+        "output": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                   use_local_output=not loss_parallel),
     })
     for block in model.layers.values():

@@ -56,10 +56,9 @@ def lr_lambda(warmup: int, total: int | None):
     return factor
 
 
-def build_training_state(plan: Plan, mesh, dims: ParallelDims, device: torch.device, seed: int = 0,
-                         materialize: bool = True, shard_over_cp: bool = True,
-                         param_dtype: torch.dtype | None = None) -> TrainingState:
-    """Model built on meta, parallelized, then materialized shard by shard (+ AdamW)."""
+def build_parallel_model(plan: Plan, mesh, dims: ParallelDims, device: torch.device, shard_over_cp: bool = True,
+                         param_dtype: torch.dtype | None = None) -> Transformer:
+    """The model on the meta device with every parallelism applied (no memory yet)."""
     spec = plan.model_spec()
     with torch.device("meta"):
         model = Transformer(spec)
@@ -68,6 +67,16 @@ def build_training_state(plan: Plan, mesh, dims: ParallelDims, device: torch.dev
         param_dtype = DTYPES[plan.precision.param_dtype] if device.type == "cuda" else torch.float32
     reduce_dtype = DTYPES[plan.precision.reduce_dtype] if device.type == "cuda" else torch.float32
     parallelize(model, dims, mesh, layer_modes, param_dtype, reduce_dtype, shard_over_cp)
+    return model
+
+
+def build_training_state(plan: Plan, mesh, dims: ParallelDims, device: torch.device, seed: int = 0,
+                         materialize: bool = True, shard_over_cp: bool = True,
+                         param_dtype: torch.dtype | None = None, model: Transformer | None = None
+                         ) -> TrainingState:
+    """Model built on meta, parallelized, then materialized shard by shard (+ AdamW)."""
+    if model is None:
+        model = build_parallel_model(plan, mesh, dims, device, shard_over_cp, param_dtype)
     model.to_empty(device=device)
     if materialize:
         init_weights(model, seed)
@@ -94,7 +103,7 @@ def micro_loss(state: TrainingState, inputs, labels, positions) -> torch.Tensor:
     model = state.model
     hidden = model(inputs, positions)
     if state.dims.tp > 1:
-        loss_sum = parallel_cross_entropy_sum(hidden, model.output, labels)
+        loss_sum = parallel_cross_entropy_sum(hidden, model.output, labels, state.plan.loss_chunk_tokens)
     else:
         loss_sum = chunked_cross_entropy_sum(hidden, model.output, labels, state.plan.loss_chunk_tokens)
     return loss_sum / labels.numel()
@@ -263,6 +272,7 @@ def main(argv=None) -> int:
     try:
         run(args)
         code = 0
+        dist.barrier()  # nobody tears the group down while a peer still talks to it
     except (PlanError, LayoutError, DataError, ckpt.CheckpointError) as error:
         print(f"runtime.train: error: {error}", file=sys.stderr)
         code = 2

@@ -79,7 +79,8 @@ def test_full_logits_dominate_torchtitan_at_long_context():
     terms = memory_terms(L8B, cfg, "torchtitan")
     assert terms.loss_working_bytes == pytest.approx(12 * 32768 * 128256)
     chunked = memory_terms(L8B, cfg, "autoplan")
-    assert chunked.loss_working_bytes == pytest.approx(12 * 4096 * 128256)
+    # one 4096-token chunk + the output projection's bf16 grad accumulated over chunks
+    assert chunked.loss_working_bytes == pytest.approx(12 * 4096 * 128256 + 2 * 128256 * 4096)
 
 
 def test_ring_collective_volumes():

@@ -1,0 +1,97 @@
+"""``autoplan validate``: the memory model against the runtime's traced memory, over a grid.
+
+Each cell builds a plan (model, layout, AC, sequence length), traces rank 0's second
+training step with fake tensors (runtime/trace.py) and compares the predicted tensor
+peak (cost_models, executor 'autoplan', no allocator reserve / CUDA context, which are
+not tensors) with the traced peak. Models with many layers are traced with a few
+layers: the prediction is made for the same reduced model, so the comparison is exact,
+and per-layer terms extrapolate linearly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+
+from cost_models.specs import GiB, MODEL_PRESETS
+
+LAYOUTS = {
+    "FSDP": ({"dp_shard": 8}, None),
+    "FSDPxTP": ({"dp_shard": 4, "tp": 2}, None),
+    "FSDPxCP": ({"dp_shard": 4, "cp": 2}, None),
+    "TPxCP": ({"tp": 2, "cp": 4}, None),
+    "HSDP": ({"dp_replicate": 2, "dp_shard": 4}, None),
+    "HSDPxCP-cp-outer": ({"dp_replicate": 2, "dp_shard": 2, "cp": 2}, ["dp_replicate", "cp", "dp_shard", "tp"]),
+}
+MODELS = {"1B": ("llama3.2-1b", 2), "8B": ("llama3-8b", 2), "70B": ("llama3-70b", 1)}
+ACS = ("none", "selective", "full")
+SEQS = (4096, 16384, 65536)
+
+
+def run_cell(model_key: str, layout: str, ac: str, seq_len: int) -> dict:
+    from autoplan.plan import ActivationCheckpointDoc, Plan
+    from cost_models.memory import estimate_memory
+    from runtime.trace import trace_plan_memory
+
+    preset, layers = MODELS[model_key]
+    model = replace(MODEL_PRESETS[preset], n_layers=layers)
+    parallelism, order = LAYOUTS[layout]
+    plan = Plan(seq_len=seq_len, parallelism=parallelism, model=model.to_dict(),
+                activation_checkpoint=ActivationCheckpointDoc(mode=ac), loss_chunk_tokens=4096,
+                **({"mesh_order": order} if order else {}))
+    began = time.perf_counter()
+    traced = trace_plan_memory(plan)
+    predicted = estimate_memory(model, plan.train_config(), "autoplan")
+    return {"model": model_key, "layers": layers, "layout": layout, "ac": ac, "seq_len": seq_len,
+            "traced_bytes": traced.peak_bytes, "predicted_bytes": predicted.tensor_peak_bytes,
+            "error": predicted.tensor_peak_bytes / traced.peak_bytes - 1, "phase": predicted.peak_phase,
+            "traced_components": traced.components, "trace_s": time.perf_counter() - began}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autoplan validate", description=__doc__)
+    add_arguments(parser)
+    return handle(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--ac", default=",".join(ACS))
+    parser.add_argument("--seq", default=",".join(str(s) for s in SEQS))
+    parser.add_argument("--json", default=None, help="also write the rows here")
+
+
+def handle(args) -> int:
+    rows = []
+    print(f"{'model':<6}{'layout':<18}{'AC':<10}{'seq':>7}{'traced GiB':>12}{'predicted':>11}{'error':>8}  phase")
+    for model_key in args.models.split(","):
+        for layout in args.layouts.split(","):
+            for ac in args.ac.split(","):
+                for seq in (int(s) for s in args.seq.split(",")):
+                    row = run_cell(model_key, layout, ac, seq)
+                    rows.append(row)
+                    print(f"{model_key:<6}{layout:<18}{ac:<10}{seq:>7}{row['traced_bytes'] / GiB:>12.2f}"
+                          f"{row['predicted_bytes'] / GiB:>11.2f}{row['error'] * 100:>+7.1f}%  {row['phase']}",
+                          flush=True)
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    outside = [r for r in rows if abs(r["error"]) > 0.05]
+    print(f"\n{len(rows)} cells; worst error {worst['error'] * 100:+.1f}% ({worst['model']} {worst['layout']} "
+          f"{worst['ac']} {worst['seq_len']}); {len(outside)} cells outside 5%")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=1)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("validate", help="memory model vs traced memory over a grid (needs torch)")
+    add_arguments(parser)
+    parser.set_defaults(func=handle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
