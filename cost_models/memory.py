@@ -164,12 +164,15 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
                  + 2 * a * tokens * d + 2 * a * tokens * f / tp)
     full = block_input
 
-    # Gradient temporaries while one block runs backward: the SwiGLU backward holds
-    # three f-wide gradients; attention backward holds dq, dk, dv (all-gathered width
-    # under CP before the reduce-scatter) and the residual-stream gradients.
-    ffn_grads = 3 * a * tokens * f / tp
+    # Gradient temporaries while one block runs backward. Autograd frees a node's saved
+    # tensors once the node has run, so at the SwiGLU product's backward (the widest
+    # moment) its two new f-wide input grads exist while w2's saved input is already gone:
+    # +2 f. Attention backward holds dq, dk, dv (all-gathered width under CP before the
+    # reduce-scatter). The residual-stream gradient (sequence-sharded under SP) is alive
+    # throughout.
+    ffn_grads = 2 * a * tokens * f / tp
     attention_grads = a * tokens * dq / tp + kv_saved
-    transient = max(ffn_grads, attention_grads) + 2 * a * tokens * d
+    transient = max(ffn_grads, attention_grads) + a * tokens * d / tp
     working = {
         "none": transient,
         "selective": max(none - selective, 0.0) + transient,
