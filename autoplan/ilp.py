@@ -42,7 +42,7 @@ class SolverError(RuntimeError):
 class PricedCandidate:
     candidate: Candidate
     memory: MemoryTerms
-    time: TimeTerms
+    time: TimeTerms | None  # None when the candidate cannot fit even with full AC
     tokens_per_gpu_step: float
     tensor_budget_bytes: float  # tensor bytes allowed at the peak (capacity less overheads)
 
@@ -51,6 +51,8 @@ class PricedCandidate:
         return self.memory.n_layers
 
     def counts_fit(self, counts: dict[str, int]) -> bool:
+        if self.time is None:
+            return False
         peak = self.memory.peak_tensor_bytes_for_counts(counts["full"], counts["selective"], counts["none"])
         return peak <= self.tensor_budget_bytes
 
@@ -66,9 +68,11 @@ def price(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executor: Execut
     cfg = candidate.train_config()
     cluster = ClusterSpec(gpu, candidate.num_gpus, gpus_per_node)
     mem = memory_terms(model, cfg, executor)
-    tim = time_terms(model, cluster, cfg, executor)
     capacity = float(gpu.memory_bytes if capacity_bytes is None else capacity_bytes)
     budget = (capacity - mem.fixed_overhead_bytes - mem.comm_buffer_bytes) / (1 + mem.fragmentation)
+    # Time is only needed for candidates that can fit at all (full AC is the lightest).
+    fits_at_all = mem.peak_tensor_bytes_for_counts(mem.n_layers, 0, 0) <= budget
+    tim = time_terms(model, cluster, cfg, executor) if fits_at_all else None
     par = candidate.parallelism
     tokens = candidate.seq_len * candidate.local_batch_size * candidate.grad_accum_steps / (par.cp * par.tp)
     return PricedCandidate(candidate, mem, tim, tokens, budget)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from cost_models.config import AC_MODES, ACPolicy
+from cost_models.config import AC_MODES, ACPolicy, Parallelism
 from cost_models.executors import resolve_executor
 from cost_models.report import format_seq
 from cost_models.specs import GiB, ClusterSpec, GPUSpec, ModelSpec, SpecError
@@ -45,6 +45,8 @@ class PlanRequest:
     gpu_source: str = "named"
     time_limit_s: float = 20.0
     memory_capacity_bytes: float | None = None  # overrides the GPU's memory (tests, headroom)
+    # Keep only layouts for which this returns True (e.g. a layout family in a sweep).
+    layout_filter: Callable[[Parallelism], bool] | None = None
 
     def resolved_objective(self) -> str:
         objective = self.objective or ("throughput" if self.target_seq_len else "max-seqlen")
@@ -98,8 +100,11 @@ def _price_all(request: PlanRequest, gpu_counts: list[int], seq_lens: list[int]
     fixed = {k: v for k, v in request.fixed.items() if k not in ("ac", "seq_len")}
     space = build_search_space(request.model, request.gpu, gpu_counts, seq_lens, request.gpus_per_node,
                                fixed, request.global_batch_tokens)
+    candidates = space.candidates
+    if request.layout_filter is not None:
+        candidates = [c for c in candidates if request.layout_filter(c.parallelism)]
     priced = [price(request.model, request.gpu, c, executor, request.gpus_per_node,
-                    request.memory_capacity_bytes) for c in space.candidates]
+                    request.memory_capacity_bytes) for c in candidates]
     return priced, space.rejections
 
 

@@ -19,6 +19,9 @@ from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
 
 DEGREE_KNOBS = ("dp_replicate", "dp_shard", "cp", "tp")
 DEFAULT_BATCHES = (1, 2, 4, 8)
+# Larger local batches only add candidates once a micro-batch already holds this many
+# tokens per GPU: matmuls are saturated and per-step overheads amortized well before.
+MAX_BATCHED_TOKENS_PER_GPU = 32768
 DEFAULT_CP_IMPLS = ("allgather-kv", "ring-allgather")
 
 
@@ -144,6 +147,9 @@ def build_search_space(model: ModelSpec, gpu: GPUSpec, gpu_counts: Iterable[int]
             batch_options = [fixed["local_batch_size"]] if "local_batch_size" in fixed else list(batches)
             for seq_len in seq_lens:
                 for batch in batch_options:
+                    if batch > 1 and "local_batch_size" not in fixed and global_batch_tokens is None \
+                            and batch * seq_len // par.cp > MAX_BATCHED_TOKENS_PER_GPU:
+                        continue
                     accum = _grad_accum(seq_len, batch, par, global_batch_tokens, fixed)
                     if isinstance(accum, str):
                         space.rejections.append(Rejection(f"{what} seq={seq_len} b={batch}", accum))

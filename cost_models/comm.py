@@ -14,6 +14,7 @@ and each GPU's NIC bounds it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .config import Parallelism
 from .specs import ClusterSpec
@@ -50,6 +51,13 @@ def collective_link_bytes(kind: str, buffer_bytes: float, group_size: int) -> fl
 
 def group_tier(cluster: ClusterSpec, parallelism: Parallelism, mesh_order: tuple[str, ...],
                dims: tuple[str, ...]) -> str:
+    return _tier(cluster.gpus_per_node, (parallelism.dp_replicate, parallelism.dp_shard, parallelism.cp,
+                                         parallelism.tp), tuple(mesh_order), tuple(dims))
+
+
+@lru_cache(maxsize=65536)
+def _tier(gpus_per_node: int, degrees: tuple[int, int, int, int], mesh_order: tuple[str, ...],
+          dims: tuple[str, ...]) -> str:
     """'intra-node' when the group of rank 0 along ``dims`` fits in node 0.
 
     Ranks are row-major in ``mesh_order``: a dim's stride is the product of the degrees
@@ -57,14 +65,15 @@ def group_tier(cluster: ClusterSpec, parallelism: Parallelism, mesh_order: tuple
     consecutive ranks, so the group stays in node 0 exactly when that rank does; the
     same holds for every other group when degrees divide the node size.
     """
+    by_name = dict(zip(("dp_replicate", "dp_shard", "cp", "tp"), degrees))
     stride = 1
     last_rank = 0
-    for name in reversed(tuple(mesh_order)):
-        degree = parallelism.degree(name)
+    for name in reversed(mesh_order):
+        degree = by_name[name]
         if name in dims:
             last_rank += stride * (degree - 1)
         stride *= degree
-    return "intra-node" if last_rank < cluster.gpus_per_node else "inter-node"
+    return "intra-node" if last_rank < gpus_per_node else "inter-node"
 
 
 def collective_time_s(cluster: ClusterSpec, kind: str, buffer_bytes: float, group_size: int,

@@ -62,6 +62,7 @@ class MemoryTerms:
     forward_block_bytes: float  # gathered block params alive during the loss
     backward_block_bytes: float  # gathered params + unsharded grads of blocks in flight
     root_grad_bytes: float  # unsharded output-projection grad, alive through backward
+    root_reduce_bytes: float  # root unit's unsharded grads + their reduce-dtype copy at the end
     layer: LayerMemory
     comm_buffer_bytes: float
     fixed_overhead_bytes: float
@@ -94,6 +95,8 @@ class MemoryTerms:
             alive -= saved[index]
         if worst_layer_phase is not None:
             phases["backward"] = worst_layer_phase
+        phases["root_reduce"] = dict(common, grads=self.n_layers * self.sharded_grad_bytes_per_layer,
+                                     fsdp_unsharded=self.root_reduce_bytes, activations=self.input_bytes)
         phases["optimizer"] = dict(common, grads=self.n_layers * self.sharded_grad_bytes_per_layer
                                    + self.sharded_grad_bytes_root)
         return phases
@@ -110,6 +113,7 @@ class MemoryTerms:
             self.static_bytes + self.root_unsharded_bytes + self.forward_block_bytes + self.root_activation_bytes
             + self.loss_working_bytes + saved_full + saved_sel + saved_none,
             self.static_bytes + self.n_layers * g + self.sharded_grad_bytes_root,
+            self.static_bytes + self.n_layers * g + self.root_reduce_bytes + self.input_bytes,
         ]
         base = (self.static_bytes + self.root_unsharded_bytes + self.backward_block_bytes + self.root_grad_bytes
                 + self.input_bytes)
@@ -228,11 +232,23 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
 
     gathered_block = block_params * prec.param_bytes
     forward_blocks = 0.0 if executor.fsdp_last_block_resharded else gathered_block
-    # Backward: blocks in flight + the unsharded grads of the one being computed (plus
-    # its fp32 copy for the reduce-scatter when grads are reduced in a wider dtype).
+    # Backward: the block being computed + the next one prefetched (when there is one),
+    # and the unsharded grads of the current block. FSDP2's post-backward reshards the
+    # block's params and then copies its grads into a reduce-dtype buffer for the
+    # reduce-scatter, after the block's activations are gone: that buffer competes with
+    # the block's working set (a max, folded into LayerMemory.working), not a sum.
+    in_flight = min(executor.fsdp_blocks_in_flight, model.n_layers)
     reduce_copy = block_params * prec.grad_reduce_bytes if prec.grad_reduce_bytes != prec.param_bytes else 0.0
-    backward_blocks = executor.fsdp_blocks_in_flight * gathered_block + block_params * prec.param_bytes + reduce_copy
+    backward_blocks = in_flight * gathered_block + block_params * prec.param_bytes
     output_grad = model.vocab_size * model.dim / tp * prec.param_bytes
+    # End of backward: the root unit (embedding, final norm, output) is resharded and its
+    # grads reduced: unsharded grads + their reduce-dtype copy.
+    root_grad_params = root_params
+    root_reduce = root_grad_params * prec.param_bytes + (root_grad_params * prec.grad_reduce_bytes
+                                                          if prec.grad_reduce_bytes != prec.param_bytes else 0.0)
+    layer = layer_memory(model, cfg, executor)
+    layer = LayerMemory(saved=layer.saved,
+                        working={m: max(w, reduce_copy - gathered_block) for m, w in layer.working.items()})
 
     norm_in = a * tokens * model.dim / tp + FP32 * tokens / tp
     normed = a * tokens * model.dim  # gathered for the column-parallel output projection
@@ -254,7 +270,8 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         forward_block_bytes=forward_blocks,
         backward_block_bytes=backward_blocks,
         root_grad_bytes=output_grad,
-        layer=layer_memory(model, cfg, executor),
+        root_reduce_bytes=root_reduce,
+        layer=layer,
         comm_buffer_bytes=groups * executor.nccl_buffer_bytes_per_group,
         fixed_overhead_bytes=executor.cuda_context_bytes,
         fragmentation=executor.allocator_fragmentation,
