@@ -59,7 +59,19 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True
         model.output.weight = model.tok_embeddings.weight
 
 
-def apply_cp(model: Transformer, cp_mesh: DeviceMesh, cp_rank: int, cp: int) -> None:
+def uses_native_cp(cp_impl: str, device_type: str) -> bool:
+    """Ring CP through PyTorch's ``context_parallel`` needs CUDA SDPA kernels."""
+    return device_type == "cuda" and cp_impl in ("ring-allgather", "ring-alltoall")
+
+
+def apply_cp(model: Transformer, cp_mesh: DeviceMesh, cp_rank: int, cp: int, cp_impl: str = "allgather-kv",
+             device_type: str = "cpu") -> None:
+    """Portable all-gather-KV attention, unless the native ring path takes over (then the
+    model keeps plain SDPA and the training step runs inside ``context_parallel``)."""
+    if uses_native_cp(cp_impl, device_type):
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+        set_rotate_method("alltoall" if cp_impl == "ring-alltoall" else "allgather")
+        return
     for block in model.layers.values():
         block.attention.attention_fn = AllGatherKVAttention(cp_mesh, cp_rank, cp)
 
@@ -103,11 +115,12 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, param_d
 
 
 def parallelize(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, layer_modes: tuple[str, ...],
-                param_dtype: torch.dtype, reduce_dtype: torch.dtype, shard_over_cp: bool = True) -> nn.Module:
+                param_dtype: torch.dtype, reduce_dtype: torch.dtype, shard_over_cp: bool = True,
+                cp_impl: str = "allgather-kv", device_type: str = "cpu") -> nn.Module:
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
     if dims.cp > 1:
-        apply_cp(model, mesh["cp"], mesh["cp"].get_local_rank(), dims.cp)
+        apply_cp(model, mesh["cp"], mesh["cp"].get_local_rank(), dims.cp, cp_impl, device_type)
     apply_ac(model, layer_modes)
     apply_fsdp(model, dims, mesh, param_dtype, reduce_dtype, shard_over_cp)
     return model

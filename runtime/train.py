@@ -28,7 +28,7 @@ from .data import DataError, TokenSource, batch_for_step
 from .loss import chunked_cross_entropy_sum, parallel_cross_entropy_sum
 from .mesh import LayoutError, ParallelDims, build_mesh
 from .model import Transformer, init_weights
-from .parallelize import parallelize
+from .parallelize import parallelize, uses_native_cp
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -66,7 +66,7 @@ def build_parallel_model(plan: Plan, mesh, dims: ParallelDims, device: torch.dev
     if param_dtype is None:
         param_dtype = DTYPES[plan.precision.param_dtype] if device.type == "cuda" else torch.float32
     reduce_dtype = DTYPES[plan.precision.reduce_dtype] if device.type == "cuda" else torch.float32
-    parallelize(model, dims, mesh, layer_modes, param_dtype, reduce_dtype, shard_over_cp)
+    parallelize(model, dims, mesh, layer_modes, param_dtype, reduce_dtype, shard_over_cp, plan.cp_impl, device.type)
     return model
 
 
@@ -109,6 +109,21 @@ def micro_loss(state: TrainingState, inputs, labels, positions) -> torch.Tensor:
     return loss_sum / labels.numel()
 
 
+def _native_cp_micro_step(state: TrainingState, inputs, labels, accum: int, loss_ctx):
+    """CUDA ring attention: PyTorch's ``context_parallel`` shards the buffers (its own
+    head-tail load balancing) and swaps SDPA for ring attention inside the block."""
+    from torch.distributed.tensor.experimental import context_parallel
+
+    inputs, labels = inputs.to(state.device), labels.to(state.device)
+    positions = torch.arange(inputs.shape[1], device=state.device)
+    with context_parallel(state.mesh["cp"], buffers=[inputs, labels, positions], buffer_seq_dims=[1, 1, 0],
+                          no_restore_buffers={inputs, labels, positions}):
+        loss = micro_loss(state, inputs, labels, positions) / accum
+        with loss_ctx:
+            loss.backward()
+    return loss
+
+
 def train_step(state: TrainingState, batches) -> dict:
     """One optimizer step over ``grad_accum_steps`` micro-batches; returns step metrics."""
     plan = state.plan
@@ -118,11 +133,15 @@ def train_step(state: TrainingState, batches) -> dict:
     if state.dims.tp > 1:
         from torch.distributed.tensor.parallel import loss_parallel
         loss_ctx = loss_parallel()
+    native_cp = state.dims.cp > 1 and uses_native_cp(plan.cp_impl, state.device.type)
     for inputs, labels in batches:
-        inputs, labels, positions = local_tokens(state, inputs, labels)
-        loss = micro_loss(state, inputs, labels, positions) / accum
-        with loss_ctx:
-            loss.backward()
+        if native_cp:
+            loss = _native_cp_micro_step(state, inputs, labels, accum, loss_ctx)
+        else:
+            inputs, labels, positions = local_tokens(state, inputs, labels)
+            loss = micro_loss(state, inputs, labels, positions) / accum
+            with loss_ctx:
+                loss.backward()
         total += loss.detach().to_local() if hasattr(loss, "to_local") else loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), plan.optimizer.max_norm, foreach=False)
     state.optimizer.step()

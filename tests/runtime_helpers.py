@@ -45,7 +45,7 @@ def run_plan(plan_path: Path, nproc: int, steps: int, tmp: Path, extra=(), timeo
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", "-m", "runtime.train", "--plan", str(plan_path),
-               "--steps", str(steps), "--device", "cpu", "--metrics", str(metrics), *extra]
+               "--steps", str(steps), *(() if "--device" in extra else ("--device", "cpu")), "--metrics", str(metrics), *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                             cwd=Path(__file__).resolve().parents[1])
     losses = []
