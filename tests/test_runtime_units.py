@@ -96,3 +96,22 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     code, _, err = run_plan(plan1, 1, 4, tmp_path, extra=["--checkpoint-dir", str(tmp_path / "ckpt"), "--resume"])
     assert code != 0 and "cannot be loaded" in err
     assert "Traceback" not in err.split("runtime.train: error:")[0][-200:] or "runtime.train: error:" in err
+
+
+@pytest.mark.timeout(180)
+def test_autoplan_run_wraps_torchrun(tmp_path):
+    import subprocess
+    import sys
+    plan = write_plan(tmp_path / "plan.yaml", {"dp_shard": 2}, local_batch_size=1)
+    metrics = tmp_path / "m.jsonl"
+    record = tmp_path / "record.jsonl"
+    result = subprocess.run([sys.executable, "-m", "autoplan", "run", str(plan), "--steps", "3", "--device", "cpu",
+                             "--metrics", str(metrics), "--record", str(record)],
+                            capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["peak_memory_bytes"] is None
+    assert json.loads(record.read_text())["measured"]["steps"] == 3
+    wrong = subprocess.run([sys.executable, "-m", "autoplan", "run", str(plan), "--nproc", "3"],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "--nproc 3" in wrong.stderr and "Traceback" not in wrong.stderr
