@@ -34,8 +34,11 @@ class Candidate:
     local_batch_size: int
     grad_accum_steps: int
     cp_impl: str
+    cfg: TrainConfig | None = field(default=None, compare=False, repr=False)  # validated once, at search time
 
     def train_config(self) -> TrainConfig:
+        if self.cfg is not None:
+            return self.cfg
         return TrainConfig(self.parallelism, self.seq_len, self.local_batch_size, self.grad_accum_steps,
                            None, self.cp_impl, self.mesh_order)
 
@@ -165,7 +168,7 @@ def build_search_space(model: ModelSpec, gpu: GPUSpec, gpu_counts: Iterable[int]
                             if reasons:
                                 space.rejections.append(Rejection(f"{what} seq={seq_len}", "; ".join(reasons)))
                                 break
-                            space.candidates.append(Candidate(num_gpus, par, order, seq_len, batch, accum, cp_impl))
+                            space.candidates.append(Candidate(num_gpus, par, order, seq_len, batch, accum, cp_impl, cfg))
     return space
 
 

@@ -102,3 +102,14 @@ def make_collective(cluster: ClusterSpec, parallelism: Parallelism, mesh_order: 
     one = collective_time_s(cluster, kind, bytes_per_call, size, tier)
     return Collective(name=name, kind=kind, group="+".join(dims), group_size=size, tier=tier,
                       bytes_per_call=bytes_per_call, calls=calls, time_s=one * calls)
+
+
+def collective_seconds(cluster: ClusterSpec, parallelism: Parallelism, mesh_order: tuple[str, ...], kind: str,
+                       dims: tuple[str, ...], bytes_per_call: float) -> float:
+    """Time of one call, without building a ``Collective`` record (the planner's hot path)."""
+    size = 1
+    for dim in dims:
+        size *= parallelism.degree(dim)
+    if size <= 1:
+        return 0.0
+    return collective_time_s(cluster, kind, bytes_per_call, size, group_tier(cluster, parallelism, mesh_order, dims))

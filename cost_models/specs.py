@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,40 +63,40 @@ class ModelSpec:
             )
 
     # Derived sizes ------------------------------------------------------------------
-    @property
+    @cached_property
     def q_dim(self) -> int:
         return self.n_heads * self.head_dim
 
-    @property
+    @cached_property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
-    @property
+    @cached_property
     def params_per_layer(self) -> int:
         """wq, wk, wv, wo + w1, w2, w3 + two RMSNorm weights."""
         attention = self.dim * self.q_dim + 2 * self.dim * self.kv_dim + self.q_dim * self.dim
         ffn = 3 * self.dim * self.ffn_dim
         return attention + ffn + 2 * self.dim
 
-    @property
+    @cached_property
     def embedding_params(self) -> int:
         return self.vocab_size * self.dim
 
-    @property
+    @cached_property
     def output_params(self) -> int:
         """The output projection; zero extra when tied to the embedding."""
         return 0 if self.tie_embeddings else self.vocab_size * self.dim
 
-    @property
+    @cached_property
     def root_params(self) -> int:
         """Parameters outside the blocks: embedding, final norm, output projection."""
         return self.embedding_params + self.output_params + self.dim
 
-    @property
+    @cached_property
     def num_params(self) -> int:
         return self.n_layers * self.params_per_layer + self.root_params
 
-    @property
+    @cached_property
     def non_embedding_params(self) -> int:
         """Parameters that do matmul work per token: blocks + output projection.
 

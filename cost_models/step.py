@@ -16,9 +16,10 @@ implementations actually do:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from . import flops as F
-from .comm import Collective, make_collective
+from .comm import Collective, collective_seconds, make_collective
 from .config import TrainConfig
 from .executors import ExecutorProfile, resolve_executor
 from .memory import MemoryEstimate, estimate_memory
@@ -114,8 +115,8 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     tp_comm = 0.0
     if tp > 1:
         buffer = a * tokens * model.dim
-        one_ag = make_collective(cluster, par, order, "tp", "all_gather", ("tp",), buffer, 1).time_s
-        one_rs = make_collective(cluster, par, order, "tp", "reduce_scatter", ("tp",), buffer, 1).time_s
+        one_ag = collective_seconds(cluster, par, order, "all_gather", ("tp",), buffer)
+        one_rs = collective_seconds(cluster, par, order, "reduce_scatter", ("tp",), buffer)
         tp_comm = 2 * (2 * one_ag + 2 * one_rs)
     tp_forward = tp_comm / 2
 
@@ -123,8 +124,8 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     if cp > 1:
         kv_full = a * tokens * cp * 2 * model.kv_dim / tp  # K and V of the whole sequence
         if cfg.cp_impl == "allgather-kv":
-            gather = make_collective(cluster, par, order, "cp", "all_gather", ("cp",), kv_full, 1).time_s
-            scatter = make_collective(cluster, par, order, "cp", "reduce_scatter", ("cp",), kv_full, 1).time_s
+            gather = collective_seconds(cluster, par, order, "all_gather", ("cp",), kv_full)
+            scatter = collective_seconds(cluster, par, order, "reduce_scatter", ("cp",), kv_full)
             cp_forward = gather
             cp_comm = gather + scatter
         else:
@@ -132,7 +133,7 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
             # attention of the shard already present; backward also rotates dK/dV.
             shard = kv_full / cp
             kind = "send_recv" if cfg.cp_impl == "ring-allgather" else "send_recv"
-            hop = make_collective(cluster, par, order, "cp", kind, ("cp",), shard, 1).time_s
+            hop = collective_seconds(cluster, par, order, kind, ("cp",), shard)
             attention_per_hop_fwd = layer.attention / attention_rate / cp
             attention_per_hop_bwd = F.ATTENTION_BACKWARD_FACTOR * attention_per_hop_fwd
             cp_forward = (cp - 1) * max(0.0, hop - attention_per_hop_fwd)
@@ -140,15 +141,9 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
 
     # FSDP over dp_shard x cp: gather the block's params in forward and again in
     # backward, reduce-scatter its grads; HSDP adds an all-reduce of the shard.
-    fsdp_dims = ("dp_shard", "cp")
     block_bytes = model.params_per_layer / tp
-    gather = make_collective(cluster, par, order, "fsdp", "all_gather", fsdp_dims,
-                             block_bytes * cfg.precision.param_bytes, 1).time_s
-    scatter = make_collective(cluster, par, order, "fsdp", "reduce_scatter", fsdp_dims,
-                              block_bytes * cfg.precision.grad_reduce_bytes, 1).time_s
-    replicate = make_collective(cluster, par, order, "hsdp", "all_reduce", ("dp_replicate",),
-                                block_bytes * cfg.precision.grad_reduce_bytes / par.fsdp_degree,
-                                1).time_s
+    fsdp_comm = _fsdp_block_comm_s(cluster, par, tuple(order), block_bytes, cfg.precision.param_bytes,
+                                   cfg.precision.grad_reduce_bytes)
     # FSDP2 copies params into the all-gather buffer and out of it (fwd and bwd), and
     # casts + copies grads into the reduce-scatter buffer: memory-bound, on the compute
     # stream, so it adds to compute time.
@@ -164,7 +159,21 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     return LayerTime(forward_s=forward, backward_s=backward, recompute_s=recompute,
                      tp_comm_s=tp_comm, tp_recompute_comm_s=tp_forward,
                      cp_comm_s=cp_comm, cp_recompute_comm_s=cp_forward,
-                     fsdp_comm_s=2 * gather + scatter + replicate)
+                     fsdp_comm_s=fsdp_comm)
+
+
+@lru_cache(maxsize=16384)
+def _fsdp_block_comm_s(cluster: ClusterSpec, par, order: tuple[str, ...], block_params: float, param_bytes: int,
+                       reduce_bytes: int) -> float:
+    """One block's FSDP traffic time: 2 all-gathers + reduce-scatter (+ HSDP all-reduce).
+    Cached: it does not depend on sequence length, batch or CP implementation."""
+    fsdp_dims = ("dp_shard", "cp")
+    gather = make_collective(cluster, par, order, "fsdp", "all_gather", fsdp_dims, block_params * param_bytes, 1).time_s
+    scatter = make_collective(cluster, par, order, "fsdp", "reduce_scatter", fsdp_dims,
+                              block_params * reduce_bytes, 1).time_s
+    replicate = make_collective(cluster, par, order, "hsdp", "all_reduce", ("dp_replicate",),
+                                block_params * reduce_bytes / par.fsdp_degree, 1).time_s
+    return 2 * gather + scatter + replicate
 
 
 @dataclass(frozen=True)
