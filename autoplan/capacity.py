@@ -61,9 +61,7 @@ def capacity(model: ModelSpec, gpu: GPUSpec, target_seq_len: int, max_gpus: int,
             objective="throughput", executor=executor, top_k=0))
         if result.plan is None:
             continue
-        est = result.estimate
-        if count == fewest:  # the min-gpus plan is the fastest on that count already
-            pass
+        est = result.estimate  # min-gpus already picks the fastest plan on its GPU count
         cluster_tokens_per_s = est.tokens_per_second_per_gpu * count
         seconds = train_tokens / cluster_tokens_per_s if train_tokens else None
         rows.append(CapacityRow(count, _layout(result), result.plan.seq_len, est.tokens_per_second_per_gpu, est.mfu,

@@ -12,8 +12,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cost_models.config import (
-    AC_MODES,
-    CP_IMPLS,
     DEFAULT_MESH_ORDER,
     ACPolicy,
     Parallelism,
@@ -214,6 +212,3 @@ class Plan(BaseModel):
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
             raise PlanError(f"{source}: field {where}: {first['msg']}") from None
 
-
-AC_MODE_NAMES = AC_MODES
-CP_IMPL_NAMES = CP_IMPLS

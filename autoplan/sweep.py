@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cost_models.specs import GPUSpec, ModelSpec, SpecError, resolve_gpu, resolve_model
+from cost_models.specs import GPUSpec, ModelSpec, resolve_gpu, resolve_model
 
 from .errors import UsageError
 from .fix import parse_fix

@@ -13,7 +13,7 @@ import pytest
 from autoplan.planner import PlanRequest, make_plan, power_of_two_grid
 from autoplan.search import build_search_space
 from cost_models.config import ACPolicy, Parallelism, TrainConfig
-from cost_models.specs import GiB, MODEL_PRESETS, ClusterSpec, resolve_gpu
+from cost_models.specs import MODEL_PRESETS, ClusterSpec, resolve_gpu
 from cost_models.step import estimate_step
 
 SHAPES = [replace(MODEL_PRESETS["llama3-8b"], name="8b-5layer", n_layers=5),
