@@ -15,8 +15,10 @@ tokens on this GPU (``local_batch x seq_len / cp``), ``a`` bytes per activation 
 ``d`` model dim, ``d_q``/``d_kv`` query/key-value widths, ``f`` FFN width, ``H`` heads:
 
 - ``none``: norm inputs ``2 d`` (sequence-sharded under TP) + fp32 rstd, the norm
-  outputs that feed the column-parallel matmuls ``2 d`` (gathered under SP), q, k, v
-  after RoPE, the attention output + its fp32 log-sum-exp, the re-laid-out attention
+  outputs that feed the column-parallel matmuls ``2 d`` (gathered under SP), q after
+  RoPE, K and V as attention keeps them (GQA-expanded to ``d_q`` each by the plain path;
+  the whole sequence at ``d_kv`` under all-gather CP), the attention output + its fp32
+  log-sum-exp, the re-laid-out attention
   output that feeds ``wo`` (``d_q``), and the SwiGLU tensors w1 out, silu out, w3 out,
   their product (``4 f``);
 - ``selective``: the block input + every matmul output (q, k, v, wo, w1, w3, w2) + the
@@ -151,9 +153,14 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
     tokens = cfg.tokens_per_gpu
     d, dq, dkv, f, heads = model.dim, model.q_dim, model.kv_dim, model.ffn_dim, model.n_heads
     sp_gathered = d if (tp == 1 or executor.sp_saves_gathered_matmul_input) else d / tp
-    # K and V attention reads: the local shard, or the whole sequence under all-gather CP.
-    kv_tokens = tokens * cp if cfg.cp_impl == "allgather-kv" else tokens
-    kv_saved = a * kv_tokens * 2 * dkv / tp
+    # What attention saves of K and V: under all-gather CP, the gathered K/V of the whole
+    # sequence at kv-head width (runtime/context_parallel.py expands GQA heads per block,
+    # transiently); otherwise SDPA saves the GQA-expanded K and V (repeat_interleave to
+    # the query heads in runtime/model.py), i.e. d_q wide each.
+    if cfg.cp_impl == "allgather-kv":
+        kv_saved = a * tokens * cp * 2 * dkv / tp
+    else:
+        kv_saved = a * tokens * 2 * dq / tp
     norm_in = a * tokens * d / tp + FP32 * tokens / tp  # input + rstd
     attention_out = a * tokens * dq / tp + FP32 * tokens * heads / tp  # out + lse
 
@@ -232,23 +239,27 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
 
     gathered_block = block_params * prec.param_bytes
     forward_blocks = 0.0 if executor.fsdp_last_block_resharded else gathered_block
-    # Backward: the block being computed + the next one prefetched (when there is one),
-    # and the unsharded grads of the current block. FSDP2's post-backward reshards the
-    # block's params and then copies its grads into a reduce-dtype buffer for the
-    # reduce-scatter, after the block's activations are gone: that buffer competes with
-    # the block's working set (a max, folded into LayerMemory.working), not a sum.
+    # Backward: the block being computed + the next one prefetched (when there is one).
+    # Its unsharded grads appear op by op: at the widest moment of its backward (the
+    # SwiGLU product, the block's first backward ops) only w2's weight grad exists.
+    # FSDP2's post-backward then reshards the block's params and copies all its grads
+    # into a reduce-dtype buffer for the reduce-scatter, after the block's activations
+    # are gone: that moment competes with the working set (a max, folded into
+    # LayerMemory.working), it does not add to it.
     in_flight = min(executor.fsdp_blocks_in_flight, model.n_layers)
+    backward_blocks = in_flight * gathered_block
+    first_grads = model.dim * model.ffn_dim / tp * prec.param_bytes
+    all_grads = block_params * prec.param_bytes
     reduce_copy = block_params * prec.grad_reduce_bytes if prec.grad_reduce_bytes != prec.param_bytes else 0.0
-    backward_blocks = in_flight * gathered_block + block_params * prec.param_bytes
     output_grad = model.vocab_size * model.dim / tp * prec.param_bytes
     # End of backward: the root unit (embedding, final norm, output) is resharded and its
     # grads reduced: unsharded grads + their reduce-dtype copy.
-    root_grad_params = root_params
-    root_reduce = root_grad_params * prec.param_bytes + (root_grad_params * prec.grad_reduce_bytes
-                                                          if prec.grad_reduce_bytes != prec.param_bytes else 0.0)
+    root_reduce = root_params * prec.param_bytes + (root_params * prec.grad_reduce_bytes
+                                                    if prec.grad_reduce_bytes != prec.param_bytes else 0.0)
     layer = layer_memory(model, cfg, executor)
     layer = LayerMemory(saved=layer.saved,
-                        working={m: max(w, reduce_copy - gathered_block) for m, w in layer.working.items()})
+                        working={m: max(w + first_grads, all_grads + reduce_copy - gathered_block)
+                                 for m, w in layer.working.items()})
 
     norm_in = a * tokens * model.dim / tp + FP32 * tokens / tp
     normed = a * tokens * model.dim  # gathered for the column-parallel output projection

@@ -8,9 +8,10 @@ d model dim, d_q = heads x head_dim, d_kv = kv_heads x head_dim, f FFN dim - the
 memory model in cost_models/memory.py is written against this list:
 - attention_norm / ffn_norm (``RMSNormFunction``): the input (T x d) and rstd (T, fp32);
 - wq, wk, wv: their shared input, the normed x (T x d);
-- attention: q and k after RoPE (T x d_q, T x d_kv), v (T x d_kv) - or, under
-  all-gather context parallel, the gathered K and V of the whole sequence - plus the
-  output (T x d_q) and its log-sum-exp (heads x T, fp32);
+- attention: q after RoPE (T x d_q), and K, V as SDPA sees them: expanded to the query
+  heads by ``repeat_interleave`` (T x d_q each; the unexpanded ones are not kept) - or,
+  under all-gather context parallel, the gathered K and V of the whole sequence at
+  kv-head width - plus the output (T x d_q) and its log-sum-exp (heads x T, fp32);
 - wo: the re-laid-out attention output (T x d_q);
 - w1, w3: the normed h (T x d); SiLU: w1's output (T x f); the product: SiLU's output
   and w3's output (T x f each); w2: the product (T x f).
