@@ -28,9 +28,13 @@ def check_plan(plan: Plan) -> dict:
     non_tensor = tensor_predicted.pop("overhead", 0.0) + tensor_predicted.pop("comm_buffers", 0.0)
     rows = {name: (tensor_predicted.get(name, 0.0), traced.components.get(name, 0.0)) for name in COMPONENTS}
     capacity = (plan.cluster_spec().gpu.memory_bytes if plan.cluster_spec() else None)
-    return {"rows": rows, "predicted_tensor_peak": predicted.tensor_peak_bytes, "traced_peak": traced.peak_bytes,
-            "non_tensor_bytes": non_tensor, "capacity": capacity, "phase": predicted.peak_phase,
-            "error": predicted.tensor_peak_bytes / traced.peak_bytes - 1}
+    # The trace covers forward + backward (see runtime/trace.py); compare like with like
+    # and fit-check the larger of the traced peak and the predicted optimizer phase.
+    predicted_fb = predicted.forward_backward_tensor_peak_bytes
+    optimizer_phase = predicted.phase_tensor_bytes.get("optimizer", 0.0)
+    return {"rows": rows, "predicted_tensor_peak": predicted_fb, "traced_peak": traced.peak_bytes,
+            "optimizer_phase": optimizer_phase, "non_tensor_bytes": non_tensor, "capacity": capacity,
+            "phase": predicted.peak_phase, "error": predicted_fb / traced.peak_bytes - 1}
 
 
 def format_check(result: dict) -> str:
@@ -38,11 +42,12 @@ def format_check(result: dict) -> str:
     for name, (pred, traced) in result["rows"].items():
         error = f"{(pred / traced - 1) * 100:+.1f}%" if traced else ("" if not pred else "n/a")
         lines.append(f"{name:<18}{pred / GiB:>14.3f}{traced / GiB:>12.3f}{error:>9}")
-    lines.append(f"{'tensor peak':<18}{result['predicted_tensor_peak'] / GiB:>14.3f}{result['traced_peak'] / GiB:>12.3f}"
-                 f"{result['error'] * 100:>+8.1f}%   (predicted peak during {result['phase']})")
+    lines.append(f"{'fwd+bwd peak':<18}{result['predicted_tensor_peak'] / GiB:>14.3f}{result['traced_peak'] / GiB:>12.3f}"
+                 f"{result['error'] * 100:>+8.1f}%   (predicted step peak during {result['phase']})")
+    lines.append(f"optimizer step (predicted, not traced): {result['optimizer_phase'] / GiB:.3f} GiB")
     lines.append("components are at each side's own peak moment; the peaks are what must fit")
     if result["capacity"]:
-        need = result["traced_peak"] + result["non_tensor_bytes"]
+        need = max(result["traced_peak"], result["optimizer_phase"]) + result["non_tensor_bytes"]
         verdict = "fits" if need <= result["capacity"] else "DOES NOT FIT"
         lines.append(f"traced peak + {result['non_tensor_bytes'] / GiB:.2f} GiB non-tensor reserve (CUDA context, "
                      f"NCCL, fragmentation) = {need / GiB:.2f} GiB of {result['capacity'] / GiB:.2f}: {verdict}")
@@ -55,7 +60,8 @@ def handle(args) -> int:
     plan = Plan.load(args.plan_path)
     result = check_plan(plan)
     print(format_check(result))
-    fits = result["capacity"] is None or result["traced_peak"] + result["non_tensor_bytes"] <= result["capacity"]
+    need = max(result["traced_peak"], result["optimizer_phase"]) + result["non_tensor_bytes"]
+    fits = result["capacity"] is None or need <= result["capacity"]
     return 0 if fits else 1
 
 

@@ -46,8 +46,8 @@ def run_cell(model_key: str, layout: str, ac: str, seq_len: int) -> dict:
     traced = trace_plan_memory(plan)
     predicted = estimate_memory(model, plan.train_config(), "autoplan")
     return {"model": model_key, "layers": layers, "layout": layout, "ac": ac, "seq_len": seq_len,
-            "traced_bytes": traced.peak_bytes, "predicted_bytes": predicted.tensor_peak_bytes,
-            "error": predicted.tensor_peak_bytes / traced.peak_bytes - 1, "phase": predicted.peak_phase,
+            "traced_bytes": traced.peak_bytes, "predicted_bytes": predicted.forward_backward_tensor_peak_bytes,
+            "error": predicted.forward_backward_tensor_peak_bytes / traced.peak_bytes - 1, "phase": predicted.peak_phase,
             "traced_components": traced.components, "trace_s": time.perf_counter() - began}
 
 

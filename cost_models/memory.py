@@ -65,6 +65,7 @@ class MemoryTerms:
     backward_block_bytes: float  # gathered params + unsharded grads of blocks in flight
     root_grad_bytes: float  # unsharded output-projection grad, alive through backward
     root_reduce_bytes: float  # root unit's unsharded grads + their reduce-dtype copy at the end
+    optimizer_temp_bytes: float  # single-tensor AdamW's temporaries for the largest local shard
     layer: LayerMemory
     comm_buffer_bytes: float
     fixed_overhead_bytes: float
@@ -100,7 +101,7 @@ class MemoryTerms:
         phases["root_reduce"] = dict(common, grads=self.n_layers * self.sharded_grad_bytes_per_layer,
                                      fsdp_unsharded=self.root_reduce_bytes, activations=self.input_bytes)
         phases["optimizer"] = dict(common, grads=self.n_layers * self.sharded_grad_bytes_per_layer
-                                   + self.sharded_grad_bytes_root)
+                                   + self.sharded_grad_bytes_root, activations=self.optimizer_temp_bytes)
         return phases
 
     def peak_tensor_bytes_for_counts(self, n_full: int, n_selective: int, n_none: int) -> float:
@@ -114,7 +115,7 @@ class MemoryTerms:
         peaks = [
             self.static_bytes + self.root_unsharded_bytes + self.forward_block_bytes + self.root_activation_bytes
             + self.loss_working_bytes + saved_full + saved_sel + saved_none,
-            self.static_bytes + self.n_layers * g + self.sharded_grad_bytes_root,
+            self.static_bytes + self.n_layers * g + self.sharded_grad_bytes_root + self.optimizer_temp_bytes,
             self.static_bytes + self.n_layers * g + self.root_reduce_bytes + self.input_bytes,
         ]
         base = (self.static_bytes + self.root_unsharded_bytes + self.backward_block_bytes + self.root_grad_bytes
@@ -143,6 +144,11 @@ class MemoryEstimate:
     peak_phase: str
     tensor_peak_bytes: float  # what a traced / torch.cuda.max_memory_allocated peak sees
     phase_tensor_bytes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def forward_backward_tensor_peak_bytes(self) -> float:
+        """Tensor peak outside the optimizer step (what a trace of forward + backward sees)."""
+        return max(v for k, v in self.phase_tensor_bytes.items() if k != "optimizer")
 
 
 def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> LayerMemory:
@@ -282,6 +288,10 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         backward_block_bytes=backward_blocks,
         root_grad_bytes=output_grad,
         root_reduce_bytes=root_reduce,
+        # AdamW (foreach=False) updates one parameter at a time: sqrt(v), its bias-
+        # corrected copy and the update are three fp32 temporaries of that shard.
+        optimizer_temp_bytes=3 * prec.master_bytes * max(model.vocab_size * model.dim, model.dim * model.ffn_dim,
+                                                         model.dim * model.q_dim) / tp / shards,
         layer=layer,
         comm_buffer_bytes=groups * executor.nccl_buffer_bytes_per_group,
         fixed_overhead_bytes=executor.cuda_context_bytes,
