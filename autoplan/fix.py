@@ -1,4 +1,20 @@
-"""``--fix dp_shard=8,cp=2,tp=1,...``: pin knobs of the plan; the planner optimizes the rest."""
+"""``--fix dp_shard=8,cp=2,tp=1,...``: pin knobs of the plan; the planner optimizes the rest.
+
+Knobs are the plan's own field names (see shared/design.md):
+
+============================  ====================================================
+dp_replicate, dp_shard, cp,   mesh degrees (positive integers; pp only 1)
+tp, pp
+local_batch_size,             positive integers
+grad_accum_steps
+seq_len                       a size: 64k, 1M, 262144 (k = 1024)
+cp_impl                       none, allgather-kv, ring-allgather, ring-alltoall
+ac                            none, selective, full (every layer)
+mesh_order                    the four mesh dims, outermost first, joined by '/'
+============================  ====================================================
+
+Bad input raises ``UsageError`` naming the knob and what it accepts.
+"""
 
 from __future__ import annotations
 
@@ -9,39 +25,60 @@ from cost_models.config import AC_MODES, CP_IMPLS, MESH_DIMS
 from .errors import UsageError
 from .units import parse_seq_len
 
-INT_KNOBS = ("dp_replicate", "dp_shard", "cp", "tp", "pp", "local_batch_size", "grad_accum_steps")
+DEGREE_KNOBS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
+INT_KNOBS = DEGREE_KNOBS + ("local_batch_size", "grad_accum_steps")
 KNOBS = INT_KNOBS + ("cp_impl", "ac", "mesh_order", "seq_len")
 
 
+def _parse_value(knob: str, value: str) -> Any:
+    if knob in INT_KNOBS:
+        if not value.isascii() or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--fix {knob}={value!r}: must be a positive integer")
+        if knob == "pp" and int(value) != 1:
+            raise UsageError(f"--fix pp={value}: only pp=1 is supported (pipeline parallelism is not modeled yet)")
+        return int(value)
+    if knob == "cp_impl":
+        if value not in CP_IMPLS:
+            raise UsageError(f"--fix cp_impl={value!r}: use one of {', '.join(CP_IMPLS)}")
+        return value
+    if knob == "ac":
+        if value not in AC_MODES:
+            raise UsageError(f"--fix ac={value!r}: use one of {', '.join(AC_MODES)}")
+        return value
+    if knob == "seq_len":
+        return parse_seq_len(value, flag="--fix seq_len")
+    # mesh_order: outermost first, '/' (or '>') between the dims.
+    order = tuple(part.strip() for part in value.replace(">", "/").split("/"))
+    if sorted(order) != sorted(MESH_DIMS):
+        raise UsageError(f"--fix mesh_order={value!r}: name each of {', '.join(MESH_DIMS)} once, "
+                         f"outermost first, separated by / (e.g. {'/'.join(MESH_DIMS)})")
+    return order
+
+
 def parse_fix(text: str) -> dict[str, Any]:
+    """``'tp=8,cp=4,ac=full'`` -> ``{'tp': 8, 'cp': 4, 'ac': 'full'}``, every value validated.
+
+    Integers become ``int``, ``seq_len`` a token count, ``mesh_order`` a tuple of dim names.
+    ``pp=1`` is accepted and dropped (the only pipeline degree there is).
+    """
     fixed: dict[str, Any] = {}
-    for item in [part.strip() for part in str(text).split(",") if part.strip()]:
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
         if "=" not in item:
-            raise UsageError(f"--fix {item!r}: expected knob=value, e.g. tp=8")
-        knob, value = (s.strip() for s in item.split("=", 1))
+            raise UsageError(f"--fix {item!r}: expected knob=value, e.g. tp=8 (knobs: {', '.join(KNOBS)})")
+        knob, value = (part.strip() for part in item.split("=", 1))
         if knob not in KNOBS:
             raise UsageError(f"--fix {knob!r}: unknown knob; use one of {', '.join(KNOBS)}")
-        if knob in INT_KNOBS:
-            if not value.isdigit() or int(value) < 1:
-                raise UsageError(f"--fix {knob}={value!r}: must be a positive integer")
-            fixed[knob] = int(value)
-            if knob == "pp" and fixed[knob] != 1:
-                raise UsageError("--fix pp: only pp=1 is supported (pipeline parallelism is not modeled yet)")
-        elif knob == "cp_impl":
-            if value not in CP_IMPLS:
-                raise UsageError(f"--fix cp_impl={value!r}: use one of {', '.join(CP_IMPLS)}")
-            fixed[knob] = value
-        elif knob == "ac":
-            if value not in AC_MODES:
-                raise UsageError(f"--fix ac={value!r}: use one of {', '.join(AC_MODES)}")
-            fixed[knob] = value
-        elif knob == "seq_len":
-            fixed[knob] = parse_seq_len(value, flag="--fix seq_len")
-        else:  # mesh_order
-            order = tuple(s.strip() for s in value.replace(">", "/").split("/"))
-            if sorted(order) != sorted(MESH_DIMS):
-                raise UsageError(f"--fix mesh_order={value!r}: name each of {'/'.join(MESH_DIMS)} once, "
-                                 "outermost first, separated by /")
-            fixed[knob] = order
+        if knob in fixed:
+            raise UsageError(f"--fix {knob}: given twice; pin each knob once")
+        fixed[knob] = _parse_value(knob, value)
+    cp = fixed.get("cp")
+    if cp is not None and cp > 1 and fixed.get("cp_impl") == "none":
+        raise UsageError(f"--fix cp={cp} with cp_impl=none: pick one of "
+                         f"{', '.join(i for i in CP_IMPLS if i != 'none')}")
+    if cp is not None and cp > 1 and "seq_len" in fixed and fixed["seq_len"] % (2 * cp):
+        raise UsageError(f"--fix seq_len={fixed['seq_len']} with cp={cp}: seq_len must be divisible by "
+                         f"2 x cp = {2 * cp} (head-tail load balancing)")
     fixed.pop("pp", None)
     return fixed
