@@ -152,7 +152,7 @@ def read_nvml() -> tuple[dict[str, Any] | None, str]:
     try:
         pynvml.nvmlInit()
     except Exception as error:
-        return None, f"NVML could not start ({_one_line(error)}): no NVIDIA driver or GPU here"
+        return None, f"NVML could not start: {_one_line(error)}"
     try:
         count = int(pynvml.nvmlDeviceGetCount())
         if count == 0:
@@ -169,7 +169,7 @@ def read_nvml() -> tuple[dict[str, Any] | None, str]:
             driver = None
         return {"count": count, "names": names, "memories": memories, "links": links, "driver": driver}, ""
     except Exception as error:
-        return None, f"NVML query failed ({_one_line(error)})"
+        return None, f"NVML query failed: {_one_line(error)}"
     finally:
         try:
             pynvml.nvmlShutdown()
@@ -200,7 +200,7 @@ def resolve_hardware(gpu_arg: str | None = "auto", gpus_per_node: int | None = N
         spec = GPU_PRESETS[DEFAULT_GPU]
         per_node = gpus_per_node or spec.gpus_per_node
         return ProbeResult(spec, per_node, per_node, "default",
-                           f"no NVIDIA GPU found ({why}): using the default {DEFAULT_GPU} preset "
+                           f"no NVIDIA GPU found ({why}); using the default {DEFAULT_GPU} preset "
                            "(pass --gpu NAME to choose)", host_memory, cpus)
     name, memory = found["names"][0], found["memories"][0]
     spec, note = spec_for_nvml_name(name, memory)

@@ -127,9 +127,9 @@ def test_closest_preset_by_memory():
 
 
 @pytest.mark.parametrize("kwargs, why", [
-    ({"fail_init": True}, "NVML could not start (Driver Not Loaded)"),
-    ({"names": []}, "NVML sees no NVIDIA GPU"),
-    ({"fail_query": True}, "NVML query failed (GPU is lost)"),
+    ({"fail_init": True}, "(NVML could not start: Driver Not Loaded); using the default"),
+    ({"names": []}, "(NVML sees no NVIDIA GPU);"),
+    ({"fail_query": True}, "(NVML query failed: GPU is lost);"),
 ])
 def test_no_driver_or_gpu_falls_back_to_default_and_says_so(nvml, kwargs, why):
     module = nvml(**({"names": "x"} | kwargs))
