@@ -1,12 +1,33 @@
-"""Calibration: fit the hardware efficiencies and the memory reserve to measured runs.
+"""Calibration: fit the cost model's efficiencies and memory reserve to measured runs.
 
-A record is one measured run (``runtime.train --record FILE`` writes them): the plan
-that ran and its steady-state step time and peak memory. ``fit_calibration`` solves a
-bounded nonlinear least-squares problem on relative errors (log predicted / measured)
-with Levenberg-Marquardt and numerical derivatives through the cost model itself.
-Parameters the records cannot move (e.g. the network efficiency when every record ran
-inside one node) keep their prior values and are reported as not identifiable.
-Pure Python: the problem has at most a handful of parameters.
+A *record* is one measured run: the layout that ran (model, GPU, degrees, mesh order,
+sequence, batch, per-layer activation checkpointing, CP implementation, executor) and
+what was measured (steady-state step time, peak memory and what kind of peak it is,
+tokens/s per GPU, MFU). ``runtime.train --record FILE`` appends them; a file is JSON
+lines or one JSON list.
+
+``fit_calibration`` solves a bounded nonlinear least-squares problem on relative errors,
+``log(predicted / measured)``, of every step time and every measured peak memory, with
+Levenberg-Marquardt and forward-difference derivatives through ``estimate_step``.
+Efficiencies and the fragmentation fraction are fitted in logit space (so they stay in
+(0, 1)), the optional reserve bytes in log space (so it stays positive). The problem has
+at most six parameters, so the normal equations are solved in pure Python.
+
+A parameter the records cannot pin down keeps its prior and is reported as "not
+identifiable from these records": either no record's prediction depends on it (every
+record ran inside one node, so the network efficiency never enters), or its standard
+error - from the Jacobian at the fit and the residual scatter, with a 1% floor for
+timing noise - exceeds ``MAX_RELATIVE_STD_ERROR`` of its value (it is confounded with
+another parameter, or seen only through a term too small to measure).
+
+Peak memory means different things depending on who measured it, and only some kinds
+see the allocator's fragmentation (``peak_memory_kind``):
+
+- ``allocated``: ``torch.cuda.max_memory_allocated`` - live tensors only; compared with
+  the model's tensor peak. Says nothing about fragmentation or reserve.
+- ``reserved``: ``torch.cuda.max_memory_reserved`` - tensors x (1 + fragmentation).
+- ``device``: the whole process on the device (nvidia-smi / NVML) - reserved + the CUDA
+  context + NCCL buffers, i.e. the model's ``peak_memory_bytes``.
 """
 
 from __future__ import annotations
@@ -17,139 +38,314 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cost_models.config import ACPolicy, Parallelism, TrainConfig
 from cost_models.executors import ExecutorProfile, resolve_executor
-from cost_models.memory import estimate_memory
-from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
+from cost_models.specs import GPU_PRESETS, ClusterSpec, GPUSpec, ModelSpec, SpecError
 from cost_models.step import estimate_step
 
-TIME_PARAMS = ("matmul_efficiency", "attention_efficiency", "intra_node_bus_efficiency", "inter_node_bus_efficiency")
-MEMORY_PARAMS = ("allocator_fragmentation",)
-ALL_PARAMS = TIME_PARAMS + MEMORY_PARAMS
+GPU_PARAMS = ("matmul_efficiency", "attention_efficiency", "intra_node_bus_efficiency", "inter_node_bus_efficiency")
+EXECUTOR_PARAMS = ("allocator_fragmentation", "cuda_context_bytes")
+DEFAULT_PARAMS = GPU_PARAMS + ("allocator_fragmentation",)
+KNOWN_PARAMS = GPU_PARAMS + EXECUTOR_PARAMS
+TIME_PARAMS = GPU_PARAMS  # kept for callers of the first version
+ALL_PARAMS = DEFAULT_PARAMS
+
+# A fitted parameter whose standard error exceeds this fraction of its value is not
+# identified by the records: it is reported as such and kept at its prior.
+MAX_RELATIVE_STD_ERROR = 0.25
+# Step times repeat to about 1% between runs of the same plan; the standard errors use
+# at least this much scatter, so a fit through a handful of points is not over-trusted.
+NOISE_FLOOR = 0.01
+PEAK_MEMORY_KINDS = ("allocated", "reserved", "device")
+
+_NOT_SEEN_HINT = {
+    "inter_node_bus_efficiency": "no record sends traffic across nodes where it is not hidden behind compute",
+    "intra_node_bus_efficiency": "no record's intra-node communication is exposed (it is hidden behind compute)",
+    "attention_efficiency": "no record spends measurable time in attention",
+    "matmul_efficiency": "no record spends measurable time in matmuls",
+    "allocator_fragmentation": "no record measured reserved or device memory (peak_memory_kind allocated only sees tensors)",
+    "cuda_context_bytes": "no record measured device memory (peak_memory_kind device)",
+}
 
 
-@dataclass
-class CalibrationRecord:
+# ------------------------------------------------------------------------ records
+
+
+class CalibrationRecord(BaseModel):
+    """One measured run: what ran and what was measured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = 1
+    # What ran
     model: dict[str, Any]
-    gpu: dict[str, Any]
-    num_gpus: int
-    gpus_per_node: int
+    gpu: dict[str, Any]  # the resolved GPUSpec dict the plan was made for (its efficiencies are priors)
+    num_gpus: int = Field(..., ge=1)
+    gpus_per_node: int = Field(..., ge=1)
     parallelism: dict[str, int]
-    mesh_order: list[str]
-    seq_len: int
-    local_batch_size: int
-    grad_accum_steps: int
-    layer_modes: list[str]
-    cp_impl: str
-    executor: str
-    step_time_s: float
-    peak_memory_bytes: float | None = None
-    source: str = ""
+    mesh_order: list[str] = Field(default_factory=lambda: ["dp_replicate", "dp_shard", "cp", "tp"])
+    seq_len: int = Field(..., ge=1)
+    local_batch_size: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    layer_modes: list[Literal["none", "selective", "full"]] | Literal["none", "selective", "full"]
+    cp_impl: Literal["none", "allgather-kv", "ring-allgather", "ring-alltoall"] = "none"
+    executor: Literal["autoplan", "torchtitan"] = "autoplan"
+    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    reduce_dtype: Literal["bfloat16", "float32"] = "float32"
+    loss_chunk_tokens: int | None = Field(None, ge=1)  # None: the executor profile's
+    # What was measured
+    step_time_s: float = Field(..., gt=0)
+    peak_memory_bytes: float | None = Field(None, gt=0)
+    peak_memory_kind: Literal["allocated", "reserved", "device"] | None = None
+    tokens_per_second_per_gpu: float | None = None
+    mfu: float | None = None
+    device_name: str | None = None  # what actually ran (e.g. torch.cuda.get_device_name)
+    source: str = ""  # who/what produced the record ("runtime.train", "synthetic: ...")
+    notes: str = ""
 
-    def config(self) -> tuple[ModelSpec, ClusterSpec, TrainConfig]:
+    @field_validator("parallelism")
+    @classmethod
+    def _degrees(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = set(value) - {"dp_replicate", "dp_shard", "cp", "tp", "pp"}
+        if unknown:
+            raise ValueError(f"unknown degree {sorted(unknown)[0]!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CalibrationRecord":
+        if self.peak_memory_bytes is not None and self.peak_memory_kind is None:
+            raise ValueError("peak_memory_kind is required with peak_memory_bytes: allocated "
+                             "(torch.cuda.max_memory_allocated), reserved (max_memory_reserved) or device (NVML)")
+        world = math.prod(self.parallelism.values())
+        if world != self.num_gpus:
+            raise ValueError(f"parallelism degrees multiply to {world}, num_gpus is {self.num_gpus}")
+        return self
+
+    # -- cost-model inputs
+    def specs(self) -> tuple[ModelSpec, ClusterSpec, TrainConfig, ExecutorProfile]:
+        from cost_models.config import Precision
+
         model = ModelSpec.from_dict(self.model)
         gpu = GPUSpec.from_dict(self.gpu)
-        par = Parallelism(**{k: v for k, v in self.parallelism.items() if k != "pp"})
-        cfg = TrainConfig(par, self.seq_len, self.local_batch_size, self.grad_accum_steps,
-                          ACPolicy(tuple(self.layer_modes)), self.cp_impl, tuple(self.mesh_order))
-        return model, ClusterSpec(gpu, self.num_gpus, self.gpus_per_node), cfg
+        modes = self.layer_modes
+        modes = tuple([modes] * model.n_layers) if isinstance(modes, str) else tuple(modes)
+        if len(modes) != model.n_layers:
+            raise SpecError(f"layer_modes has {len(modes)} entries for a model of {model.n_layers} layers")
+        precision = (Precision.fp32() if self.param_dtype == "float32"
+                     else Precision(grad_reduce_bytes=2 if self.reduce_dtype == "bfloat16" else 4))
+        cfg = TrainConfig(Parallelism(**self.parallelism), self.seq_len, self.local_batch_size,
+                          self.grad_accum_steps, ACPolicy(modes), self.cp_impl, tuple(self.mesh_order), precision)
+        executor = resolve_executor(self.executor)
+        if self.loss_chunk_tokens is not None and self.executor == "autoplan":
+            executor = executor.with_overrides(loss_chunk_tokens=self.loss_chunk_tokens)
+        return model, ClusterSpec(gpu, self.num_gpus, self.gpus_per_node), cfg, executor
+
+    @property
+    def label(self) -> str:
+        degrees = ",".join(f"{k}={v}" for k, v in self.parallelism.items() if v > 1 and k != "pp") or "single"
+        modes = self.layer_modes if isinstance(self.layer_modes, str) else (
+            self.layer_modes[0] if len(set(self.layer_modes)) == 1 else "mixed")
+        seq = f"{self.seq_len // 1024}k" if self.seq_len % 1024 == 0 else str(self.seq_len)
+        return f"{self.num_gpus}x {degrees} seq={seq} ac={modes}"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "record") -> "CalibrationRecord":
-        if "plan" in data and "measured" in data:  # what runtime.train --record writes
-            return record_from_plan_and_measurement(data["plan"], data["measured"], source=data.get("device_name", ""))
-        missing = [f for f in ("model", "gpu", "parallelism", "seq_len", "step_time_s") if f not in data]
-        if missing:
-            raise SpecError(f"{where}: missing field {missing[0]!r}")
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Any, where: str = "record") -> "CalibrationRecord":
+        """A record dict, or what ``runtime.train --record`` writes ({plan, measured, ...})."""
+        if not isinstance(data, dict):
+            raise SpecError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        if "plan" in data and "measured" in data:
+            try:
+                return record_from_plan_and_measurement(
+                    data["plan"], data["measured"], source=data.get("source") or "runtime.train",
+                    device_name=data.get("device_name"))
+            except (SpecError, ValueError) as error:
+                raise SpecError(f"{where}: {error}") from None
+        try:
+            record = cls.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise SpecError(f"{where}: {'field ' + loc + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}") from None
+        try:
+            record.specs()
+        except (SpecError, TypeError, ValueError) as error:
+            raise SpecError(f"{where}: {str(error).splitlines()[0]}") from None
+        return record
 
 
-def record_from_plan_and_measurement(plan: Any, measured: dict[str, Any], source: str = "") -> CalibrationRecord:
-    """A record from a plan (Plan or its dict) and a run summary (runtime.train.summarize_run)."""
+def record_from_plan_and_measurement(plan: Any, measured: dict[str, Any], source: str = "runtime.train",
+                                     device_name: str | None = None, notes: str = "") -> CalibrationRecord:
+    """A record from the plan that ran (Plan or its dict) and the run's summary.
+
+    ``measured`` has ``step_time_s``, ``peak_memory_bytes`` (may be None),
+    ``tokens_per_second_per_gpu`` and ``mfu``. ``peak_memory_kind`` says what the peak
+    is; it defaults to ``allocated`` (the runtime reports torch.cuda.max_memory_allocated).
+    A ``peak_memory_reserved_bytes`` entry, when present, is used instead, as ``reserved``.
+    """
     from .plan import Plan
 
     plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
-    if plan.cluster_spec() is None:
-        raise SpecError("record: the plan has no hardware.gpu (plan it with autoplan first)")
+    cluster = plan.cluster_spec()
+    if cluster is None:
+        raise SpecError("record: the plan has no hardware.gpu (make it with `autoplan plan` first)")
+    if not isinstance(measured, dict):
+        raise SpecError("record: the measurement must be a mapping with step_time_s")
+    step = measured.get("step_time_s")
+    if not isinstance(step, (int, float)) or not step > 0:
+        raise SpecError(f"record: measured step_time_s={step!r} must be a positive number")
     model = plan.model_spec()
-    if not measured.get("step_time_s"):
-        raise SpecError("record: the measurement has no step_time_s")
+    peak, kind = measured.get("peak_memory_bytes"), measured.get("peak_memory_kind", "allocated")
+    if measured.get("peak_memory_reserved_bytes"):
+        peak, kind = measured["peak_memory_reserved_bytes"], "reserved"
+    modes = list(plan.activation_checkpoint.layer_modes(model.n_layers))
     return CalibrationRecord(
-        model=model.to_dict(), gpu=plan.hardware["gpu"], num_gpus=plan.parallelism.world_size,
-        gpus_per_node=plan.cluster_spec().gpus_per_node, parallelism=plan.parallelism.model_dump(),
+        model=model.to_dict(), gpu=cluster.gpu.to_dict(), num_gpus=plan.parallelism.world_size,
+        gpus_per_node=cluster.gpus_per_node, parallelism=plan.parallelism.model_dump(),
         mesh_order=list(plan.mesh_order), seq_len=plan.seq_len, local_batch_size=plan.local_batch_size,
-        grad_accum_steps=plan.grad_accum_steps, layer_modes=list(plan.activation_checkpoint.layer_modes(model.n_layers)),
-        cp_impl=plan.cp_impl, executor=plan.executor, step_time_s=float(measured["step_time_s"]),
-        peak_memory_bytes=measured.get("peak_memory_bytes"), source=source)
+        grad_accum_steps=plan.grad_accum_steps,
+        layer_modes=modes[0] if len(set(modes)) == 1 else modes,
+        cp_impl=plan.cp_impl, executor=plan.executor, param_dtype=plan.precision.param_dtype,
+        reduce_dtype=plan.precision.reduce_dtype, loss_chunk_tokens=plan.loss_chunk_tokens,
+        step_time_s=float(step), peak_memory_bytes=float(peak) if peak else None,
+        peak_memory_kind=kind if peak else None,
+        tokens_per_second_per_gpu=measured.get("tokens_per_second_per_gpu"), mfu=measured.get("mfu"),
+        device_name=device_name, source=source, notes=notes)
 
 
-def load_records(paths: list[str]) -> list[CalibrationRecord]:
-    records = []
+def load_records(paths: Iterable[str | Path]) -> list[CalibrationRecord]:
+    """Records from JSON-lines files or files holding one JSON list."""
+    records: list[CalibrationRecord] = []
     for path in paths:
         try:
             text = Path(path).read_text()
         except FileNotFoundError:
             raise SpecError(f"calibrate: {path}: file not found") from None
+        except (IsADirectoryError, UnicodeDecodeError) as error:
+            raise SpecError(f"calibrate: {path}: cannot read records ({type(error).__name__})") from None
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise SpecError(f"calibrate: {path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+            records += [CalibrationRecord.from_dict(item, f"{path}: record {i}") for i, item in enumerate(items, 1)]
+            continue
         for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
+            if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                records.append(CalibrationRecord.from_dict(json.loads(line), f"{path}:{number}"))
+                data = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SpecError(f"calibrate: {path}:{number}: not JSON ({error.msg})") from None
+            records.append(CalibrationRecord.from_dict(data, f"{path}:{number}"))
     if not records:
-        raise SpecError("calibrate: no records found")
+        raise SpecError("calibrate: no records found in " + ", ".join(map(str, paths)))
     return records
 
 
-# ------------------------------------------------------------------------ the fit
+def write_records(records: Iterable[CalibrationRecord], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text("".join(r.model_dump_json(exclude_defaults=False) + "\n" for r in records))
+    return path
 
 
-def _apply(record: CalibrationRecord, values: dict[str, float]) -> tuple[ModelSpec, ClusterSpec, TrainConfig, ExecutorProfile]:
-    model, cluster, cfg = record.config()
-    gpu = cluster.gpu.with_overrides(**{k: v for k, v in values.items() if k in TIME_PARAMS})
-    executor = resolve_executor(record.executor)
-    if "allocator_fragmentation" in values:
-        executor = executor.with_overrides(allocator_fragmentation=values["allocator_fragmentation"])
+# ------------------------------------------------------------------------ the model
+
+
+def _with_values(record: CalibrationRecord, values: dict[str, float]):
+    model, cluster, cfg, executor = record.specs()
+    gpu = cluster.gpu.with_overrides(**{k: v for k, v in values.items() if k in GPU_PARAMS})
+    executor_values = {k: v for k, v in values.items() if k in EXECUTOR_PARAMS}
+    if "cuda_context_bytes" in executor_values:
+        executor_values["cuda_context_bytes"] = int(round(executor_values["cuda_context_bytes"]))
+    if executor_values:
+        executor = executor.with_overrides(**executor_values)
     return model, ClusterSpec(gpu, cluster.num_gpus, cluster.gpus_per_node), cfg, executor
+
+
+def predict(record: CalibrationRecord, values: dict[str, float] | None = None) -> tuple[float, float | None]:
+    """(step time, peak memory of the record's kind) the cost model predicts with ``values``."""
+    model, cluster, cfg, executor = _with_values(record, values or {})
+    step = estimate_step(model, cluster, cfg, executor)
+    if record.peak_memory_bytes is None:
+        return step.step_time_s, None
+    memory = step.memory
+    if record.peak_memory_kind == "allocated":
+        return step.step_time_s, memory.tensor_peak_bytes
+    if record.peak_memory_kind == "reserved":
+        return step.step_time_s, memory.tensor_peak_bytes * (1 + executor.allocator_fragmentation)
+    return step.step_time_s, memory.peak_bytes
 
 
 def residuals(records: list[CalibrationRecord], values: dict[str, float]) -> list[float]:
     """log(predicted / measured) for every step time and every measured peak memory."""
     out = []
     for record in records:
-        model, cluster, cfg, executor = _apply(record, values)
-        out.append(math.log(estimate_step(model, cluster, cfg, executor).step_time_s / record.step_time_s))
-        if record.peak_memory_bytes:
-            out.append(math.log(estimate_memory(model, cfg, executor).peak_bytes / record.peak_memory_bytes))
+        time_s, memory = predict(record, values)
+        out.append(math.log(time_s / record.step_time_s))
+        if memory is not None:
+            out.append(math.log(memory / record.peak_memory_bytes))
     return out
 
 
-def _to_unbounded(value: float, name: str) -> float:
-    if name == "allocator_fragmentation":
-        return math.log(max(value, 1e-6))
+@dataclass
+class RecordError:
+    """Relative errors (predicted / measured - 1) of one record before and after the fit."""
+
+    label: str
+    step_time_before: float
+    step_time_after: float
+    memory_before: float | None = None
+    memory_after: float | None = None
+
+
+def record_errors(records: list[CalibrationRecord], before: dict[str, float], after: dict[str, float]
+                  ) -> list[RecordError]:
+    out = []
+    for record in records:
+        t0, m0 = predict(record, before)
+        t1, m1 = predict(record, after)
+        measured_m = record.peak_memory_bytes
+        out.append(RecordError(record.label, t0 / record.step_time_s - 1, t1 / record.step_time_s - 1,
+                               None if m0 is None else m0 / measured_m - 1,
+                               None if m1 is None else m1 / measured_m - 1))
+    return out
+
+
+# ------------------------------------------------------------------------ the fit
+
+
+def _to_z(value: float, name: str) -> float:
+    if name == "cuda_context_bytes":
+        return math.log(max(value, 1.0))
     value = min(max(value, 1e-6), 1 - 1e-6)
-    return math.log(value / (1 - value))  # logit: efficiencies live in (0, 1)
+    return math.log(value / (1 - value))  # logit: efficiencies and fragmentation live in (0, 1)
 
 
-def _from_unbounded(z: float, name: str) -> float:
-    return math.exp(z) if name == "allocator_fragmentation" else 1 / (1 + math.exp(-z))
+def _from_z(z: float, name: str) -> float:
+    if name == "cuda_context_bytes":
+        return math.exp(min(z, 60.0))
+    return 1 / (1 + math.exp(-max(min(z, 40.0), -40.0)))
+
+
+def _dvalue_dz(value: float, name: str) -> float:
+    return value if name == "cuda_context_bytes" else value * (1 - value)
 
 
 def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (tiny dense systems)."""
+    """Gaussian elimination with partial pivoting (systems of at most six unknowns)."""
     n = len(rhs)
     a = [row[:] + [rhs[i]] for i, row in enumerate(matrix)]
     for col in range(n):
         pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
         a[col], a[pivot] = a[pivot], a[col]
         if abs(a[col][col]) < 1e-300:
-            raise ZeroDivisionError
+            raise ZeroDivisionError("singular normal equations")
         for r in range(n):
             if r != col:
                 factor = a[r][col] / a[col][col]
@@ -157,67 +353,48 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     return [a[i][n] / a[i][i] for i in range(n)]
 
 
-@dataclass
-class Calibration:
-    gpu: str
-    prior: dict[str, float]
-    fitted: dict[str, float]
-    not_identifiable: list[str]
-    rms_before: float
-    rms_after: float
-    records: int
-    per_record: list[dict[str, float]] = field(default_factory=list)
-
-    def to_yaml(self) -> str:
-        data = {"gpu": self.gpu, "fitted": self.fitted, "prior": self.prior, "not_identifiable": self.not_identifiable,
-                "records": self.records, "rms_error_before": self.rms_before, "rms_error_after": self.rms_after,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        return yaml.safe_dump(data, sort_keys=False)
+def _inverse_diagonal(jtj: list[list[float]]) -> list[float]:
+    """Diagonal of (J^T J)^-1, computed on the unit-diagonal scaling (with a tiny ridge)."""
+    n = len(jtj)
+    scale = [math.sqrt(jtj[i][i]) for i in range(n)]
+    corr = [[jtj[i][j] / (scale[i] * scale[j]) + (1e-12 if i == j else 0.0) for j in range(n)] for i in range(n)]
+    out = []
+    for i in range(n):
+        unit = [1.0 if k == i else 0.0 for k in range(n)]
+        try:
+            out.append(_solve(corr, unit)[i] / jtj[i][i])
+        except ZeroDivisionError:
+            out.append(math.inf)
+    return out
 
 
 def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else 0.0
 
 
-def fit_calibration(records: list[CalibrationRecord], params: tuple[str, ...] = ALL_PARAMS,
-                    iterations: int = 40) -> Calibration:
-    if not records:
-        raise SpecError("calibrate: no records")
-    gpus = {r.gpu.get("name") for r in records}
-    if len(gpus) != 1:
-        raise SpecError(f"calibrate: records mix GPUs {sorted(gpus)}; fit one GPU kind at a time")
-    gpu = GPUSpec.from_dict(records[0].gpu)
-    executor = resolve_executor(records[0].executor)
-    prior = {name: (getattr(gpu, name) if name in TIME_PARAMS else executor.allocator_fragmentation) for name in params}
-    if not any(r.peak_memory_bytes for r in records):
-        params = tuple(p for p in params if p not in MEMORY_PARAMS)
-    z = [_to_unbounded(prior[p], p) for p in params]
+def _jacobian(fun, z: list[float], base: list[float], indices: list[int], step: float = 1e-4) -> list[list[float]]:
+    """Forward-difference columns d residual / d z_i for the given indices."""
+    columns = []
+    for i in indices:
+        shifted = z[:]
+        shifted[i] += step
+        columns.append([(a - b) / step for a, b in zip(fun(shifted), base)])
+    return columns
 
-    def values_of(zs):
-        return {p: _from_unbounded(v, p) for p, v in zip(params, zs)}
 
-    def jacobian(zs, base):
-        columns = []
-        for i in range(len(zs)):
-            step = 1e-4
-            shifted = zs[:]
-            shifted[i] += step
-            columns.append([(a - b) / step for a, b in zip(residuals(records, values_of(shifted)), base)])
-        return columns
-
-    current = residuals(records, values_of(z))
-    before = _rms(current)
-    columns = jacobian(z, current)
-    # A parameter whose column is ~0 does not affect any record: keep its prior.
-    active = [i for i, col in enumerate(columns) if max(abs(c) for c in col) > 1e-6]
+def _levenberg_marquardt(fun, z: list[float], active: list[int], max_iterations: int = 60
+                         ) -> tuple[list[float], list[float], int]:
+    current = fun(z)
+    cost = sum(r * r for r in current)
     damping = 1e-3
-    for _ in range(iterations):
-        columns = jacobian(z, current)
-        jtj = [[sum(a * b for a, b in zip(columns[i], columns[j])) for j in active] for i in active]
-        jtr = [sum(a * r for a, r in zip(columns[i], current)) for i in active]
+    iterations = 0
+    for iterations in range(1, max_iterations + 1):
+        columns = _jacobian(fun, z, current, active)
+        jtj = [[sum(a * b for a, b in zip(ci, cj)) for cj in columns] for ci in columns]
+        jtr = [sum(a * r for a, r in zip(ci, current)) for ci in columns]
         improved = False
-        for _attempt in range(8):
-            system = [[v + (damping * jtj[k][k] if k == m else 0.0) for m, v in enumerate(row)]
+        for _ in range(12):
+            system = [[v + (damping * (jtj[k][k] + 1e-12) if k == m else 0.0) for m, v in enumerate(row)]
                       for k, row in enumerate(jtj)]
             try:
                 delta = _solve(system, [-v for v in jtr])
@@ -226,97 +403,342 @@ def fit_calibration(records: list[CalibrationRecord], params: tuple[str, ...] = 
                 continue
             trial = z[:]
             for k, i in enumerate(active):
-                trial[i] += delta[k]
-            trial_res = residuals(records, values_of(trial))
-            if _rms(trial_res) < _rms(current):
-                z, current, damping, improved = trial, trial_res, max(damping / 3, 1e-9), True
+                trial[i] += max(min(delta[k], 3.0), -3.0)  # a trust region in logit units
+            trial_residuals = fun(trial)
+            trial_cost = sum(r * r for r in trial_residuals)
+            if trial_cost < cost:
+                gain = cost - trial_cost
+                z, current, cost = trial, trial_residuals, trial_cost
+                damping = max(damping / 3, 1e-9)
+                improved = True
                 break
             damping *= 10
-        if not improved or max((abs(d) for d in delta), default=0.0) < 1e-7:
+        if not improved or gain <= 1e-12 * max(cost, 1e-30) or max(abs(d) for d in delta) < 1e-8:
             break
-    fitted = values_of(z)
-    not_identifiable = [params[i] for i in range(len(params)) if i not in active]
-    per_record = [{"step_time_error_before": b, "step_time_error_after": a}
-                  for b, a in zip(_time_errors(records, prior), _time_errors(records, fitted))]
-    return Calibration(gpu.name, prior, fitted, not_identifiable, before, _rms(current), len(records), per_record)
+    return z, current, iterations
 
 
-def _time_errors(records, values) -> list[float]:
-    out = []
-    for record in records:
-        model, cluster, cfg, executor = _apply(record, values)
-        out.append(estimate_step(model, cluster, cfg, executor).step_time_s / record.step_time_s - 1)
-    return out
+@dataclass
+class Calibration:
+    """Fitted parameters for one GPU kind (and one executor's memory terms)."""
+
+    gpu: str
+    executor: str
+    prior: dict[str, float]
+    fitted: dict[str, float]  # only the parameters the records identified
+    not_identifiable: dict[str, str]  # parameter -> why it kept its prior
+    std_errors: dict[str, float] = field(default_factory=dict)  # of the fitted values
+    rms_error_before: float = 0.0  # RMS of log(predicted / measured), all residuals
+    rms_error_after: float = 0.0
+    records: int = 0
+    per_record: list[RecordError] = field(default_factory=list)
+    iterations: int = 0
+    created: str = ""
+
+    @property
+    def values(self) -> dict[str, float]:
+        """Every parameter: fitted where identified, else its prior."""
+        return {**self.prior, **self.fitted}
+
+    # Back-compat names
+    @property
+    def rms_before(self) -> float:
+        return self.rms_error_before
+
+    @property
+    def rms_after(self) -> float:
+        return self.rms_error_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu,
+            "fitted": {k: float(v) for k, v in self.fitted.items() if k in GPU_PARAMS},
+            "executor": {"name": self.executor,
+                         **{k: float(v) for k, v in self.fitted.items() if k in EXECUTOR_PARAMS}},
+            "prior": {k: float(v) for k, v in self.prior.items()},
+            "std_errors": {k: float(v) for k, v in self.std_errors.items()},
+            "not_identifiable": dict(self.not_identifiable),
+            "records": self.records,
+            "rms_error_before": float(self.rms_error_before),
+            "rms_error_after": float(self.rms_error_after),
+            "created": self.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
 
 
-# ------------------------------------------------------------------------ files & CLI
+def _prior_values(gpu: GPUSpec, executor: ExecutorProfile, params: tuple[str, ...]) -> dict[str, float]:
+    preset = GPU_PRESETS.get(gpu.name, gpu)
+    return {p: float(getattr(preset if p in GPU_PARAMS else executor, p)) for p in params}
 
 
-def load_calibration(path: str | Path) -> dict[str, Any]:
+def fit_calibration(records: list[CalibrationRecord], params: Iterable[str] = DEFAULT_PARAMS,
+                    prior: dict[str, float] | None = None, max_iterations: int = 60) -> Calibration:
+    """Least-squares fit of ``params`` to the records, starting from the priors.
+
+    Priors: ``prior`` where given, else the GPU preset of that name (the records' own
+    GPU dict for a GPU that is no preset) and the records' executor profile.
+    """
+    params = tuple(dict.fromkeys(params))
+    unknown = [p for p in params if p not in KNOWN_PARAMS]
+    if unknown:
+        raise SpecError(f"calibrate: unknown parameter {unknown[0]!r}; fit any of {', '.join(KNOWN_PARAMS)}")
+    if not records:
+        raise SpecError("calibrate: no records to fit")
+    gpus = sorted({str(r.gpu.get("name")) for r in records})
+    if len(gpus) != 1:
+        raise SpecError(f"calibrate: records mix GPUs {gpus}; fit one GPU kind at a time")
+    executors = sorted({r.executor for r in records})
+    if len(executors) != 1 and any(p in EXECUTOR_PARAMS for p in params):
+        raise SpecError(f"calibrate: records mix executors {executors}; memory terms belong to one executor "
+                        "(fit them separately)")
+    gpu = GPUSpec.from_dict(records[0].gpu)
+    executor = resolve_executor(records[0].executor)
+    priors = _prior_values(gpu, executor, params)
+    for name, value in (prior or {}).items():
+        if name in priors:
+            priors[name] = float(value)
+
+    z0 = [_to_z(priors[p], p) for p in params]
+
+    def values_of(zs: list[float]) -> dict[str, float]:
+        return {p: _from_z(v, p) for p, v in zip(params, zs)}
+
+    def fun(zs: list[float]) -> list[float]:
+        return residuals(records, values_of(zs))
+
+    base = fun(z0)
+    rms_before = _rms(base)
+    not_identifiable: dict[str, str] = {}
+    initial_columns = _jacobian(fun, z0, base, list(range(len(params))))
+    for i, column in enumerate(initial_columns):
+        if max((abs(c) for c in column), default=0.0) < 1e-7:
+            not_identifiable[params[i]] = "no record's prediction depends on it: " + _NOT_SEEN_HINT[params[i]]
+    active = [i for i in range(len(params)) if params[i] not in not_identifiable]
+
+    # Fit; drop the worst-determined parameter while any is determined worse than
+    # MAX_RELATIVE_STD_ERROR, and refit the rest from the priors.
+    z, current, iterations, std_errors = z0[:], base, 0, {}
+    while active:
+        z, current, iterations = _levenberg_marquardt(fun, z0[:], active, max_iterations)
+        columns = _jacobian(fun, z, current, active)
+        jtj = [[sum(a * b for a, b in zip(ci, cj)) for cj in columns] for ci in columns]
+        dof = len(current) - len(active)
+        scatter = max(math.sqrt(sum(r * r for r in current) / dof) if dof > 0 else 0.0, NOISE_FLOOR)
+        inverse = _inverse_diagonal(jtj)
+        values = values_of(z)
+        relative = {}
+        for k, i in enumerate(active):
+            name = params[i]
+            se = scatter * math.sqrt(max(inverse[k], 0.0)) * _dvalue_dz(values[name], name)
+            std_errors[name] = se
+            relative[i] = se / values[name] if values[name] > 0 else math.inf
+        worst = max(active, key=lambda i: (relative[i], i))
+        if relative[worst] <= MAX_RELATIVE_STD_ERROR:
+            break
+        partner = _most_collinear(columns, active, worst)
+        detail = f"; confounded with {params[partner]}" if partner is not None else ""
+        not_identifiable[params[worst]] = (
+            f"determined only to +-{min(relative[worst], 99.99) * 100:.0f}% by these records{detail}")
+        std_errors.pop(params[worst], None)
+        active.remove(worst)
+    if not active:
+        z, current = z0[:], base
+    values = values_of(z)
+    fitted = {params[i]: values[params[i]] for i in active}
+    per_record = record_errors(records, priors, {**priors, **fitted})
+    return Calibration(gpu=gpu.name, executor=executor.name, prior=priors, fitted=fitted,
+                       not_identifiable={p: not_identifiable[p] for p in params if p in not_identifiable},
+                       std_errors={p: std_errors[p] for p in fitted}, rms_error_before=rms_before,
+                       rms_error_after=_rms(current), records=len(records), per_record=per_record,
+                       iterations=iterations, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _most_collinear(columns: list[list[float]], active: list[int], target: int) -> int | None:
+    k = active.index(target)
+    norm = lambda c: math.sqrt(sum(x * x for x in c)) or 1e-300
+    best, best_cos = None, 0.5
+    for m, i in enumerate(active):
+        if i == target:
+            continue
+        cos = abs(sum(a * b for a, b in zip(columns[k], columns[m]))) / (norm(columns[k]) * norm(columns[m]))
+        if cos > best_cos:
+            best, best_cos = i, cos
+    return best
+
+
+# ------------------------------------------------------------------------ files
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file written by ``autoplan calibrate``."""
+    where = f"--calibration {path}"
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise SpecError(f"--calibration {path}: file not found") from None
+        raise SpecError(f"{where}: file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError):
+        raise SpecError(f"{where}: not a YAML file") from None
     if not isinstance(data, dict) or not isinstance(data.get("fitted"), dict):
-        raise SpecError(f"--calibration {path}: no 'fitted' mapping (write it with autoplan calibrate)")
-    unknown = set(data["fitted"]) - set(ALL_PARAMS)
-    if unknown:
-        raise SpecError(f"--calibration {path}: unknown parameter {sorted(unknown)[0]!r}")
-    return data
+        raise SpecError(f"{where}: no 'fitted' mapping (write the file with `autoplan calibrate`)")
+    executor_section = data.get("executor") or {}
+    if not isinstance(executor_section, dict):
+        raise SpecError(f"{where}: 'executor' must be a mapping of executor parameters")
+    executor_name = executor_section.get("name") or data.get("executor_name") or "autoplan"
+    fitted: dict[str, float] = {}
+    for section, entries in (("fitted", data["fitted"]),
+                             ("executor", {k: v for k, v in executor_section.items() if k != "name"})):
+        for name, value in entries.items():
+            if name not in KNOWN_PARAMS:
+                raise SpecError(f"{where}: {section}.{name}: unknown parameter (known: {', '.join(KNOWN_PARAMS)})")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise SpecError(f"{where}: {section}.{name}={value!r} must be a number")
+            if name == "cuda_context_bytes" and value < 0:
+                raise SpecError(f"{where}: {section}.{name}={value!r} must be >= 0")
+            if name != "cuda_context_bytes" and not 0 < value <= 1:
+                raise SpecError(f"{where}: {section}.{name}={value!r} must be in (0, 1]")
+            fitted[name] = float(value)
+    gpu = data.get("gpu")
+    if gpu is not None and not isinstance(gpu, str):
+        raise SpecError(f"{where}: gpu must be a GPU name")
+    return Calibration(gpu=gpu or "", executor=str(executor_name), prior=dict(data.get("prior") or {}),
+                       fitted=fitted, not_identifiable=dict(data.get("not_identifiable") or {}),
+                       std_errors=dict(data.get("std_errors") or {}),
+                       rms_error_before=float(data.get("rms_error_before") or 0.0),
+                       rms_error_after=float(data.get("rms_error_after") or 0.0),
+                       records=int(data.get("records") or 0), created=str(data.get("created") or ""))
 
 
-def apply_calibration(gpu: GPUSpec, executor: ExecutorProfile, calibration: dict[str, Any]
+def apply_calibration(gpu: GPUSpec, executor: ExecutorProfile, calibration: Calibration | dict[str, Any]
                       ) -> tuple[GPUSpec, ExecutorProfile]:
-    fitted = calibration["fitted"]
-    gpu = gpu.with_overrides(**{k: float(v) for k, v in fitted.items() if k in TIME_PARAMS})
-    if "allocator_fragmentation" in fitted:
-        executor = executor.with_overrides(allocator_fragmentation=float(fitted["allocator_fragmentation"]))
+    """The GPU with fitted efficiencies; the executor with fitted memory terms.
+
+    Memory terms are applied only to the executor they were fitted for.
+    """
+    if isinstance(calibration, dict):  # the file's mapping, or a bare {param: value}
+        fitted = {**(calibration.get("fitted") or {}),
+                  **{k: v for k, v in (calibration.get("executor") or {}).items() if k != "name"}} \
+            if "fitted" in calibration else dict(calibration)
+        executor_name = (calibration.get("executor") or {}).get("name", executor.name) \
+            if isinstance(calibration.get("executor"), dict) else executor.name
+    else:
+        fitted, executor_name = calibration.fitted, calibration.executor or executor.name
+    gpu = gpu.with_overrides(**{k: float(v) for k, v in fitted.items() if k in GPU_PARAMS})
+    if executor_name == executor.name:
+        overrides = {k: v for k, v in fitted.items() if k in EXECUTOR_PARAMS}
+        if "cuda_context_bytes" in overrides:
+            overrides["cuda_context_bytes"] = int(round(overrides["cuda_context_bytes"]))
+        if overrides:
+            executor = executor.with_overrides(**overrides)
     return gpu, executor
 
 
-def calibrated(gpu: GPUSpec, executor_name: str, path: str) -> tuple[GPUSpec, ExecutorProfile]:
-    data = load_calibration(path)
-    if data.get("gpu") and data["gpu"] != gpu.name:
-        raise SpecError(f"--calibration {path}: fitted for {data['gpu']}, planning for {gpu.name}")
-    return apply_calibration(gpu, resolve_executor(executor_name), data)
+def calibrated(gpu: GPUSpec, executor_name: str | None, path: str | Path) -> tuple[GPUSpec, ExecutorProfile]:
+    """What ``autoplan --calibration FILE`` plans with."""
+    calibration = load_calibration(path)
+    if calibration.gpu and calibration.gpu != gpu.name:
+        raise SpecError(f"--calibration {path}: fitted for {calibration.gpu}, planning for {gpu.name} "
+                        f"(pass --gpu {calibration.gpu} or calibrate {gpu.name})")
+    return apply_calibration(gpu, resolve_executor(executor_name), calibration)
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:+.1f}%"
+
+
+def error_table(errors: list[RecordError]) -> str:
+    width = max([len("record")] + [len(e.label) for e in errors])
+    lines = [f"  {'record':<{width}}  {'time before':>11}  {'time after':>10}  {'mem before':>10}  {'mem after':>9}"]
+    for e in errors:
+        lines.append(f"  {e.label:<{width}}  {_pct(e.step_time_before):>11}  {_pct(e.step_time_after):>10}  "
+                     f"{_pct(e.memory_before):>10}  {_pct(e.memory_after):>9}")
+    mean = lambda xs: sum(abs(x) for x in xs) / len(xs) if xs else None
+    mem_b = [e.memory_before for e in errors if e.memory_before is not None]
+    mem_a = [e.memory_after for e in errors if e.memory_after is not None]
+    lines.append(f"  {'mean |error|':<{width}}  {_pct(mean([e.step_time_before for e in errors])).lstrip('+'):>11}  "
+                 f"{_pct(mean([e.step_time_after for e in errors])).lstrip('+'):>10}  "
+                 f"{_pct(mean(mem_b)).lstrip('+'):>10}  {_pct(mean(mem_a)).lstrip('+'):>9}")
+    return "\n".join(lines)
+
+
+def _holdout_fraction(text: str) -> float:
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
+def split_holdout(records: list[CalibrationRecord], fraction: float, seed: int
+                  ) -> tuple[list[CalibrationRecord], list[CalibrationRecord]]:
+    """(fit, held out): a seeded shuffle, at least one record held out when fraction > 0."""
+    if fraction <= 0:
+        return records, []
+    shuffled = records[:]
+    random.Random(seed).shuffle(shuffled)
+    count = max(1, int(round(len(records) * fraction)))
+    if count >= len(records):
+        raise SpecError(f"calibrate: --holdout {fraction} of {len(records)} records leaves none to fit")
+    return shuffled[count:], shuffled[:count]
 
 
 def handle(args) -> int:
     records = load_records(args.records)
-    held_out: list[CalibrationRecord] = []
-    if args.holdout:
-        rng = random.Random(args.seed)
-        shuffled = records[:]
-        rng.shuffle(shuffled)
-        count = max(1, int(round(len(records) * args.holdout)))
-        held_out, records = shuffled[:count], shuffled[count:]
-        if not records:
-            raise SpecError("calibrate: --holdout leaves no records to fit")
-    result = fit_calibration(records)
-    print(f"fitted {result.records} records for {result.gpu}: rms log-error {result.rms_before:.3f} -> "
-          f"{result.rms_after:.3f}")
-    for name, value in result.fitted.items():
-        print(f"  {name:<28}{result.prior[name]:8.3f} -> {value:8.3f}")
-    for name in result.not_identifiable:
-        print(f"  {name}: not identifiable from these records (kept at its prior)")
+    skipped = [r for r in records if (r.device_name or "").lower() == "cpu"]
+    records = [r for r in records if r not in skipped]
+    if skipped:
+        print(f"note: skipped {len(skipped)} record(s) measured on cpu (timings do not calibrate a GPU)")
+    if not records:
+        raise SpecError("calibrate: no GPU-measured records left to fit")
+    params = tuple(p.strip() for p in args.params.split(",") if p.strip()) if args.params else DEFAULT_PARAMS
+    fit_records, held_out = split_holdout(records, args.holdout, args.seed)
+    result = fit_calibration(fit_records, params)
+    print(f"fitted {result.records} record(s) for {result.gpu} ({result.executor}): "
+          f"rms log-error {result.rms_error_before:.3f} -> {result.rms_error_after:.3f}")
+    for name in params:
+        if name in result.fitted:
+            scale, unit = (2**20, " MiB") if name == "cuda_context_bytes" else (1, "")
+            print(f"  {name:<27}{result.prior[name] / scale:9.3f} -> {result.fitted[name] / scale:8.3f}"
+                  f" +- {result.std_errors[name] / scale:.3f}{unit}")
+        else:
+            print(f"  {name:<27}{result.prior[name]:9.3f}    kept: not identifiable from these records "
+                  f"({result.not_identifiable[name]})")
+    if args.verbose:
+        print("fit records (relative error, predicted / measured - 1):")
+        print(error_table(result.per_record))
     if held_out:
-        before = _time_errors(held_out, result.prior)
-        after = _time_errors(held_out, result.fitted)
-        print(f"held-out records ({len(held_out)}): step-time error before -> after")
-        for b, a in zip(before, after):
-            print(f"  {b * 100:+7.1f}% -> {a * 100:+7.1f}%")
-        print(f"  mean |error| {sum(map(abs, before)) / len(before) * 100:.1f}% -> "
-              f"{sum(map(abs, after)) / len(after) * 100:.1f}%")
+        print(f"held-out records ({len(held_out)}, seed {args.seed}): relative error, predicted / measured - 1")
+        print(error_table(record_errors(held_out, result.prior, result.values)))
     if args.out:
-        Path(args.out).write_text(result.to_yaml())
+        result.save(args.out)
         print(f"wrote {args.out}")
     return 0
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("calibrate", help="fit efficiencies and memory reserve to measured records")
-    parser.add_argument("records", nargs="+", metavar="RECORDS.jsonl")
-    parser.add_argument("--out", default="calibration.yaml")
-    parser.add_argument("--holdout", type=float, default=0.0, help="fraction of records held out for checking")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = subparsers.add_parser(
+        "calibrate", help="fit GPU efficiencies and memory terms to measured run records",
+        description="Fit the cost model's efficiencies (and allocator fragmentation) to measured runs. "
+                    "RECORDS are JSON-lines files (or JSON lists) written by `autoplan run --record`.")
+    parser.add_argument("records", nargs="+", metavar="RECORDS")
+    parser.add_argument("--out", default="calibration.yaml", help="calibration file to write (default calibration.yaml)")
+    parser.add_argument("--holdout", type=_holdout_fraction, default=0.0,
+                        help="fraction of records held out of the fit and used to check it, e.g. 0.25")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    parser.add_argument("--params", default=None,
+                        help=f"comma-separated parameters to fit (default {','.join(DEFAULT_PARAMS)}; "
+                             "also cuda_context_bytes)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="also print the per-record errors of the fit set")
     parser.set_defaults(func=handle)
