@@ -108,6 +108,20 @@ class CalibrationRecord(BaseModel):
     source: str = ""  # who/what produced the record ("runtime.train", "synthetic: ...")
     notes: str = ""
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_preset(cls, value: Any) -> Any:
+        from cost_models.specs import resolve_model
+
+        return resolve_model(value).to_dict() if isinstance(value, str) else value
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _gpu_preset(cls, value: Any) -> Any:
+        from cost_models.specs import resolve_gpu
+
+        return resolve_gpu(value).to_dict() if isinstance(value, str) else value
+
     @field_validator("parallelism")
     @classmethod
     def _degrees(cls, value: dict[str, int]) -> dict[str, int]:
@@ -121,6 +135,8 @@ class CalibrationRecord(BaseModel):
         if self.peak_memory_bytes is not None and self.peak_memory_kind is None:
             raise ValueError("peak_memory_kind is required with peak_memory_bytes: allocated "
                              "(torch.cuda.max_memory_allocated), reserved (max_memory_reserved) or device (NVML)")
+        if self.parallelism.get("cp", 1) > 1 and self.cp_impl == "none":
+            self.cp_impl = "allgather-kv"  # as the plan document defaults it
         world = math.prod(self.parallelism.values())
         if world != self.num_gpus:
             raise ValueError(f"parallelism degrees multiply to {world}, num_gpus is {self.num_gpus}")
@@ -172,7 +188,7 @@ class CalibrationRecord(BaseModel):
             loc = ".".join(str(p) for p in first["loc"])
             raise SpecError(f"{where}: {'field ' + loc + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}") from None
         try:
-            record.specs()
+            predict(record)  # the cost model can price it (specs valid, layout runnable)
         except (SpecError, TypeError, ValueError) as error:
             raise SpecError(f"{where}: {str(error).splitlines()[0]}") from None
         return record
@@ -354,17 +370,21 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
 
 
 def _inverse_diagonal(jtj: list[list[float]]) -> list[float]:
-    """Diagonal of (J^T J)^-1, computed on the unit-diagonal scaling (with a tiny ridge)."""
+    """Diagonal of (J^T J)^-1, computed on the unit-diagonal scaling (with a tiny ridge).
+
+    A zero column (a parameter nothing depends on) has an infinite variance.
+    """
     n = len(jtj)
-    scale = [math.sqrt(jtj[i][i]) for i in range(n)]
-    corr = [[jtj[i][j] / (scale[i] * scale[j]) + (1e-12 if i == j else 0.0) for j in range(n)] for i in range(n)]
-    out = []
-    for i in range(n):
-        unit = [1.0 if k == i else 0.0 for k in range(n)]
+    live = [i for i in range(n) if jtj[i][i] > 0]
+    scale = {i: math.sqrt(jtj[i][i]) for i in live}
+    corr = [[jtj[i][j] / (scale[i] * scale[j]) + (1e-12 if i == j else 0.0) for j in live] for i in live]
+    out = [math.inf] * n
+    for k, i in enumerate(live):
+        unit = [1.0 if m == k else 0.0 for m in range(len(live))]
         try:
-            out.append(_solve(corr, unit)[i] / jtj[i][i])
+            out[i] = _solve(corr, unit)[k] / jtj[i][i]
         except ZeroDivisionError:
-            out.append(math.inf)
+            pass
     return out
 
 
@@ -542,10 +562,16 @@ def fit_calibration(records: list[CalibrationRecord], params: Iterable[str] = DE
         worst = max(active, key=lambda i: (relative[i], i))
         if relative[worst] <= MAX_RELATIVE_STD_ERROR:
             break
+        name = params[worst]
         partner = _most_collinear(columns, active, worst)
         detail = f"; confounded with {params[partner]}" if partner is not None else ""
-        not_identifiable[params[worst]] = (
-            f"determined only to +-{min(relative[worst], 99.99) * 100:.0f}% by these records{detail}")
+        if name != "cuda_context_bytes" and not 1e-3 < values[name] < 1 - 1e-3:
+            reason = f"ran to its bound ({values[name]:.2g}): the records and the model disagree about it"
+        elif relative[worst] > 10:
+            reason = "these records do not determine it"
+        else:
+            reason = f"determined only to +-{relative[worst] * 100:.0f}% by these records"
+        not_identifiable[name] = reason + detail
         std_errors.pop(params[worst], None)
         active.remove(worst)
     if not active:
@@ -715,6 +741,9 @@ def handle(args) -> int:
         else:
             print(f"  {name:<27}{result.prior[name]:9.3f}    kept: not identifiable from these records "
                   f"({result.not_identifiable[name]})")
+    if result.rms_error_after > 0.1:
+        print(f"warning: after the fit the model still misses these records by {result.rms_error_after:.0%} (rms); "
+              "check the records (right plan, steady-state steps, GPU) before trusting the calibration")
     if args.verbose:
         print("fit records (relative error, predicted / measured - 1):")
         print(error_table(result.per_record))

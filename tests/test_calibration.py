@@ -108,6 +108,23 @@ def test_fit_recovers_chosen_parameters_under_noise():
         assert abs(fit.fitted[name] - truth) < 4 * fit.std_errors[name] + 1e-9, name
 
 
+def test_reserve_bytes_fit_when_asked(monkeypatch):
+    from cost_models.executors import EXECUTOR_PROFILES
+    from cost_models.specs import MiB
+
+    true_context = 900 * MiB  # the profile's prior is 600 MiB
+    with monkeypatch.context() as patch:
+        patch.setitem(EXECUTOR_PROFILES, "autoplan",
+                      EXECUTOR_PROFILES["autoplan"].with_overrides(cuda_context_bytes=true_context))
+        records = synthetic_records(seed=1)
+    fit = fit_calibration(records, params=tuple(TRUTH) + ("cuda_context_bytes",))
+    assert fit.prior["cuda_context_bytes"] == 600 * MiB
+    # The reserve is ~1-5% of these peaks, so 2% noise leaves it loosely determined
+    # (standard error ~150 MiB); the truth must lie within 4 of them.
+    assert abs(fit.fitted["cuda_context_bytes"] - true_context) < 4 * fit.std_errors["cuda_context_bytes"]
+    assert fit.fitted["matmul_efficiency"] == pytest.approx(TRUTH["matmul_efficiency"], rel=TOLERANCE["matmul_efficiency"])
+
+
 def test_noise_free_fit_is_exact():
     fit = fit_calibration(synthetic_records(noise=0.0, seed=0))
     for name, truth in TRUTH.items():
