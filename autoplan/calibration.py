@@ -557,6 +557,7 @@ def fit_calibration(records: list[CalibrationRecord], params: Iterable[str] = DE
         for k, i in enumerate(active):
             name = params[i]
             se = scatter * math.sqrt(max(inverse[k], 0.0)) * _dvalue_dz(values[name], name)
+            se = math.inf if math.isnan(se) else se  # a parameter pinned at its bound (inf x 0)
             std_errors[name] = se
             relative[i] = se / values[name] if values[name] > 0 else math.inf
         worst = max(active, key=lambda i: (relative[i], i))
@@ -734,13 +735,13 @@ def handle(args) -> int:
     print(f"fitted {result.records} record(s) for {result.gpu} ({result.executor}): "
           f"rms log-error {result.rms_error_before:.3f} -> {result.rms_error_after:.3f}")
     for name in params:
+        scale, unit = (2**20, " MiB") if name == "cuda_context_bytes" else (1, "")
         if name in result.fitted:
-            scale, unit = (2**20, " MiB") if name == "cuda_context_bytes" else (1, "")
             print(f"  {name:<27}{result.prior[name] / scale:9.3f} -> {result.fitted[name] / scale:8.3f}"
                   f" +- {result.std_errors[name] / scale:.3f}{unit}")
         else:
-            print(f"  {name:<27}{result.prior[name]:9.3f}    kept: not identifiable from these records "
-                  f"({result.not_identifiable[name]})")
+            print(f"  {name:<27}{result.prior[name] / scale:9.3f}{unit}    kept: not identifiable from these "
+                  f"records ({result.not_identifiable[name]})")
     if result.rms_error_after > 0.1:
         print(f"warning: after the fit the model still misses these records by {result.rms_error_after:.0%} (rms); "
               "check the records (right plan, steady-state steps, GPU) before trusting the calibration")
