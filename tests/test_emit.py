@@ -1,103 +1,495 @@
-"""Launch scripts: values parsed back equal the plan's; keys exist in torchtitan; shellcheck-clean."""
+"""Launch scripts: run them with stand-in torchrun/srun/scontrol and check that what reaches
+the launcher equals the plan; parse the TOML back; check every torchtitan key exists in
+torchtitan; shellcheck every generated script."""
 
+import dataclasses
+import importlib.metadata
 import importlib.util
 import json
+import os
 import shlex
 import shutil
+import stat
 import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from autoplan.emit import emit, write_bundle
-from autoplan.emit.torchtitan import cli_overrides
+from autoplan.emit import TARGETS, emit, write_bundle
+from autoplan.emit.torchtitan import cli_overrides, toml_sections_v01
+from autoplan.errors import UsageError
 from autoplan.plan import Plan
-from cost_models.config import ACPolicy
-from autoplan.plan import ActivationCheckpointDoc
 from cost_models.specs import resolve_gpu, resolve_model
 
 DATA = Path(__file__).resolve().parents[1] / "autoplan" / "data"
+KEYS_03 = json.loads((DATA / "torchtitan_keys_0.3.0.json").read_text())
+KEYS_01 = json.loads((DATA / "torchtitan_keys_0.1.0.json").read_text())
+BASH = shutil.which("bash")
 
 
-def make_plan(world=64, per_node=8, modes=None, model="llama3-8b", **degrees):
-    spec = resolve_model(model)
+def make_plan(degrees=None, per_node=8, model="llama3-8b", ac=None, cp_impl=None, seq_len=262144,
+              local_batch_size=1, grad_accum_steps=2, **extra):
     degrees = degrees or {"dp_shard": 4, "cp": 8, "tp": 2}
-    ac = ActivationCheckpointDoc.from_policy(ACPolicy(tuple(modes))) if modes else ActivationCheckpointDoc(mode="full")
-    plan = Plan(seq_len=262144, local_batch_size=1, grad_accum_steps=2, parallelism=degrees, model=spec.to_dict(),
+    spec = resolve_model(model) if isinstance(model, str) else model
+    if ac is None:
+        ac = {"mode": "full"}
+    elif isinstance(ac, list):
+        ac = {"mode": "mixed", "layers": ac}
+    if cp_impl is None:
+        cp_impl = "ring-alltoall" if degrees.get("cp", 1) > 1 else "none"
+    return Plan(seq_len=seq_len, local_batch_size=local_batch_size, grad_accum_steps=grad_accum_steps,
+                parallelism=degrees, model=spec.to_dict(),
                 hardware={"gpu": resolve_gpu("h100").to_dict(), "gpus_per_node": per_node},
-                activation_checkpoint=ac, cp_impl="ring-alltoall" if degrees.get("cp", 1) > 1 else "none")
-    assert plan.parallelism.world_size == world
-    return plan
+                activation_checkpoint=ac, cp_impl=cp_impl, **extra)
 
 
-def _torchrun_flags(text):
-    line = next(l for l in text.splitlines() if "torchrun " in l and not l.startswith("#"))
-    return dict(tok.split("=", 1) for tok in shlex.split(line.replace("${", "{")) if tok.startswith("--") and "=" in tok)
+# ----------------------------------------------------------------------- running the scripts
+
+FAKE_LAUNCHER = """#!/usr/bin/env bash
+# Records how it was called: one argument per line, then the environment it saw.
+printf '%s\\n' "$@" > "$RECORD_DIR/$(basename "$0").args"
+env > "$RECORD_DIR/$(basename "$0").env"
+"""
+FAKE_SRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$RECORD_DIR/srun.args"
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[[ "$1 $2" == "show hostnames" ]] || exit 2
+for node in gpu-node-07 gpu-node-08 gpu-node-09; do echo "$node"; done
+"""
 
 
-def test_torchrun_multi_node_and_single_node():
-    flags = _torchrun_flags(emit(make_plan(), "torchrun")["torchrun.sh"])
-    assert flags["--nnodes"] == "8" and flags["--nproc-per-node"] == "8" and flags["--rdzv-backend"] == "c10d"
-    single = emit(make_plan(world=8, dp_shard=8), "torchrun")["torchrun.sh"]
-    assert "--standalone" in single and "--nproc-per-node=8" in single
+@pytest.fixture
+def fakes(tmp_path):
+    """A bin/ folder with stand-in torchrun, srun and scontrol; returns a runner."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    for name, text in (("torchrun", FAKE_LAUNCHER), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+    def run(script, *args, cwd=None, env=None, check=True):
+        full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD_DIR": str(record), "HOME": str(tmp_path)}
+        full_env.update(env or {})
+        result = subprocess.run([BASH, str(script), *args], cwd=cwd or tmp_path, env=full_env,
+                                capture_output=True, text=True)
+        if check:
+            assert result.returncode == 0, result.stderr
+        calls = {}
+        for name in ("torchrun", "srun"):
+            if (record / f"{name}.args").exists():
+                calls[name] = (record / f"{name}.args").read_text().splitlines()
+        if (record / "torchrun.env").exists():
+            calls["env"] = dict(line.split("=", 1) for line in (record / "torchrun.env").read_text().splitlines()
+                                if "=" in line)
+        return result, calls
+
+    return run
 
 
-def test_slurm_header_matches_plan():
-    text = emit(make_plan(), "slurm")["slurm.sbatch"]
-    directives = dict(line[len("#SBATCH "):].split("=", 1) for line in text.splitlines() if line.startswith("#SBATCH"))
-    assert directives["--nodes"] == "8" and directives["--gpus-per-node"] == "8"
-    assert directives["--ntasks-per-node"] == "1"
-    assert "srun" in text and "scontrol show hostnames" in text
+def flag_values(args):
+    """torchrun's '--name=value' flags as a dict (up to the module flag '-m')."""
+    head = args[:args.index("-m")]
+    return {a.split("=", 1)[0]: (a.split("=", 1)[1] if "=" in a else True) for a in head}
 
 
-def test_torchtitan_toml_round_trips_and_keys_exist():
-    plan = make_plan(modes=["full"] * 10 + ["none"] * 22)
-    text = emit(plan, "torchtitan")["torchtitan_v0.1.toml"]
-    doc = tomllib.loads(text)
-    assert doc["parallelism"]["data_parallel_shard_degree"] == 4
-    assert doc["parallelism"]["context_parallel_degree"] == 8
-    assert doc["parallelism"]["tensor_parallel_degree"] == 2
-    assert doc["parallelism"]["context_parallel_rotate_method"] == "alltoall"
-    assert doc["training"]["seq_len"] == 262144
-    assert doc["training"]["global_batch_size"] == 1 * 2 * 4  # local x accum x dp
-    assert doc["activation_checkpoint"]["mode"] == "full"  # closest to the per-layer mix
-    assert "torchtitan applies one mode" in text
-    keys = json.loads((DATA / "torchtitan_keys_0.1.0.json").read_text())
-    for section, values in doc.items():
-        for key in values:
-            assert key in keys[section], f"[{section}] {key} is not a torchtitan 0.1 key"
+needs_bash = pytest.mark.skipif(BASH is None, reason="bash not installed")
 
 
-def test_torchtitan_cli_keys_exist_in_its_config_classes():
+@needs_bash
+def test_torchrun_single_node_runs_runtime_train_on_the_plan_beside_it(tmp_path, fakes):
+    plan = make_plan({"dp_shard": 8})
+    out = tmp_path / "out dir"
+    emit(plan, "torchrun", out)
+    _, calls = fakes(out / "torchrun.sh", "--steps", "3")
+    args = calls["torchrun"]
+    assert flag_values(args) == {"--standalone": True, "--nproc-per-node": "8"}
+    assert args[args.index("-m"):] == ["-m", "runtime.train", "--plan", str(out / "plan.yaml"), "--steps", "3"]
+    assert Plan.load(out / "plan.yaml") == plan
+    assert calls["env"]["OMP_NUM_THREADS"] == "8"
+
+
+@needs_bash
+def test_torchrun_multi_node_uses_c10d_rendezvous(tmp_path, fakes):
+    plan = make_plan()  # 64 GPUs, 8 per node
+    emit(plan, "torchrun", tmp_path)
+    _, calls = fakes(tmp_path / "torchrun.sh", env={"MASTER_ADDR": "10.0.0.1"})
+    assert flag_values(calls["torchrun"]) == {
+        "--nnodes": "8", "--nproc-per-node": "8", "--rdzv-backend": "c10d",
+        "--rdzv-endpoint": "10.0.0.1:29500", "--rdzv-id": "autoplan"}
+    # Without MASTER_ADDR the script stops with a message instead of launching.
+    (tmp_path / "record" / "torchrun.args").unlink()
+    result, calls = fakes(tmp_path / "torchrun.sh", check=False)
+    assert result.returncode != 0 and "MASTER_ADDR" in result.stderr and "torchrun" not in calls
+
+
+@needs_bash
+def test_torchrun_nodes_follow_gpus_per_node(tmp_path, fakes):
+    plan = make_plan({"dp_shard": 4, "tp": 4}, per_node=4)  # 16 GPUs as 4 nodes of 4
+    emit(plan, "torchrun", tmp_path)
+    _, calls = fakes(tmp_path / "torchrun.sh", env={"MASTER_ADDR": "h", "MASTER_PORT": "1234", "RDZV_ID": "r"})
+    flags = flag_values(calls["torchrun"])
+    assert flags["--nnodes"] == "4" and flags["--nproc-per-node"] == "4" and flags["--rdzv-endpoint"] == "h:1234"
+
+
+@needs_bash
+def test_plan_path_with_spaces_and_quotes_reaches_torchrun_verbatim(tmp_path, fakes):
+    plan = make_plan({"dp_shard": 8})
+    weird = "my plans/it's $(rm -rf ~) `x` \"q\".yaml"
+    text = emit(plan, "torchrun", plan_path=weird)["torchrun.sh"]
+    assert f"PLAN={shlex.quote(weird)}" in text
+    script = tmp_path / "launch.sh"
+    script.write_text(text)
+    _, calls = fakes(script)
+    assert calls["torchrun"][calls["torchrun"].index("--plan") + 1] == weird
+
+
+@needs_bash
+def test_slurm_script_header_and_launch(tmp_path, fakes):
     plan = make_plan()
-    script = emit(plan, "torchtitan")["torchtitan_v0.3.sh"]
-    keys = json.loads((DATA / "torchtitan_keys_0.3.0.json").read_text())
-    if importlib.util.find_spec("torchtitan") is not None:  # check against the installed classes
-        import dataclasses
+    emit(plan, "slurm", tmp_path)
+    text = (tmp_path / "slurm.sbatch").read_text()
+    directives = dict(line[len("#SBATCH "):].split("=", 1) for line in text.splitlines()
+                      if line.startswith("#SBATCH"))
+    assert directives == {"--job-name": "autoplan-llama3-8b", "--nodes": "8", "--ntasks-per-node": "1",
+                          "--gpus-per-node": "8", "--cpus-per-task": "64", "--time": "24:00:00",
+                          "--output": "%x-%j.out"}
+    assert text.splitlines()[1].startswith("#SBATCH")  # directives before any command
+    env = {"SLURM_JOB_NODELIST": "gpu-node-[07-09]", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    _, calls = fakes(tmp_path / "slurm.sbatch", "--steps", "5", env=env)
+    assert calls["srun"][0] == "--kill-on-bad-exit=1" and calls["srun"][1] == "torchrun"
+    args = calls["torchrun"]
+    assert flag_values(args) == {"--nnodes": "8", "--nproc-per-node": "8", "--rdzv-backend": "c10d",
+                                 "--rdzv-endpoint": "gpu-node-07:29742", "--rdzv-id": "4242"}
+    assert args[args.index("-m"):] == ["-m", "runtime.train", "--plan", str(tmp_path / "plan.yaml"), "--steps", "5"]
+    assert calls["env"]["MASTER_ADDR"] == "gpu-node-07"
+    assert calls["env"]["OMP_NUM_THREADS"] == "8"
+    assert calls["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" == calls["env"]["NCCL_ASYNC_ERROR_HANDLING"]
+    assert "NCCL_IB_DISABLE" not in calls["env"]
+
+
+def test_slurm_options_and_bad_values():
+    plan = make_plan({"dp_shard": 8})
+    from autoplan.emit.slurm import slurm_script
+    text = slurm_script(plan, "p.yaml", time_limit="2-00:00:00", cpus_per_task=96)
+    assert "#SBATCH --time=2-00:00:00" in text and "#SBATCH --cpus-per-task=96" in text
+    assert "#SBATCH --nodes=1" in text and "export OMP_NUM_THREADS=12" in text
+    with pytest.raises(UsageError, match="--time"):
+        slurm_script(plan, "p.yaml", time_limit="1 day; rm -rf /")
+
+
+# ----------------------------------------------------------------------- torchtitan 0.3
+
+
+def titan_args(calls):
+    """The torchtitan.train arguments the stand-in torchrun received."""
+    args = calls["torchrun"]
+    return args[args.index("-m") + 2:]
+
+
+def override_pairs(args):
+    pairs, rest = {}, []
+    i = 0
+    while i < len(args):
+        if args[i].startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            pairs[args[i]] = args[i + 1]
+            i += 2
+        else:
+            rest.append(args[i])
+            i += 1
+    return pairs, rest
+
+
+@needs_bash
+def test_torchtitan_03_launch_carries_the_plan(tmp_path, fakes):
+    plan = make_plan({"dp_replicate": 2, "dp_shard": 4, "cp": 4, "tp": 2}, local_batch_size=2, grad_accum_steps=3,
+                     seq_len=131072, ac={"mode": "selective"}, cp_impl="ring-allgather")
+    emit(plan, "torchtitan", tmp_path)
+    _, calls = fakes(tmp_path / "torchtitan_v0.3.sh", "--training.steps", "9", env={"MASTER_ADDR": "m"})
+    assert flag_values(calls["torchrun"])["--nnodes"] == "8"
+    pairs, rest = override_pairs(titan_args(calls))
+    assert pairs == {
+        "--module": "llama3", "--config": "llama3_8b",
+        "--parallelism.data_parallel_replicate_degree": "2", "--parallelism.data_parallel_shard_degree": "4",
+        "--parallelism.tensor_parallel_degree": "2", "--parallelism.context_parallel_degree": "4",
+        "--training.seq_len": "131072", "--training.local_batch_size": "2",
+        "--training.global_batch_size": str(2 * 3 * 2 * 4),  # local x accum x dp_replicate x dp_shard
+        "--training.mixed_precision_param": "bfloat16", "--training.mixed_precision_reduce": "float32",
+        "--training.max_norm": "1.0", "--lr_scheduler.warmup_steps": "10",
+        "--training.steps": "9",  # the user's override, passed through
+    }
+    assert rest == ["activation-checkpoint:selective"]
+
+
+@pytest.mark.parametrize("ac, expected", [
+    ({"mode": "none"}, "none"), ({"mode": "full"}, "full"), ({"mode": "selective"}, "selective"),
+    (["full"] * 10 + ["none"] * 22, "full"), (["selective"] * 5 + ["none"] * 27, "selective"),
+    (["full"] * 1 + ["selective"] * 31, "full"),
+])
+def test_ac_modes_map_to_torchtitan(ac, expected):
+    files = emit(make_plan(ac=ac), "torchtitan")
+    script = files["torchtitan_v0.3.sh"]
+    assert script.rstrip().endswith(f'"$@" activation-checkpoint:{expected}')
+    assert tomllib.loads(files["torchtitan_v0.1.toml"])["activation_checkpoint"]["mode"] == expected
+    mixed = isinstance(ac, list)
+    for text in files.values():
+        assert ("torchtitan has no per-layer mix" in text) == mixed
+
+
+def test_half_full_mix_suggests_torchtitan_01_layer_option():
+    text = emit(make_plan(ac=["full"] * 8 + ["none"] * 24), "torchtitan")["torchtitan_v0.1.toml"]
+    assert 'selective_ac_option = "4" checkpoints one block in every 4' in text
+
+
+@pytest.mark.parametrize("cp_impl, rotate, note_03, note_01", [
+    ("ring-allgather", "allgather", None, None),
+    ("ring-alltoall", "alltoall", "no rotate-method option", None),
+    ("allgather-kv", "allgather", "allgather-kv (all-gather K/V) has no torchtitan equivalent",
+     "allgather-kv (all-gather K/V) has no torchtitan equivalent"),
+])
+def test_cp_impl_maps_to_rotate_method(cp_impl, rotate, note_03, note_01):
+    files = emit(make_plan(cp_impl=cp_impl), "torchtitan")
+    assert tomllib.loads(files["torchtitan_v0.1.toml"])["parallelism"]["context_parallel_rotate_method"] == rotate
+    script = files["torchtitan_v0.3.sh"]
+    assert "rotate_method" not in script.replace("set_rotate_method", "")  # 0.3 has no such key
+    for text, note in ((script, note_03), (files["torchtitan_v0.1.toml"], note_01)):
+        comments = "\n".join(l for l in text.splitlines() if l.startswith("#"))
+        if note:
+            assert note in comments
+        else:
+            assert "rotate" not in comments.replace("--rdzv", "") and "all-gather K/V" not in comments
+
+
+# ----------------------------------------------------------------------- torchtitan 0.1 TOML
+
+
+def test_torchtitan_01_toml_round_trips():
+    plan = make_plan({"dp_replicate": 2, "dp_shard": 2, "cp": 8, "tp": 2}, model="llama3-70b", local_batch_size=1,
+                     grad_accum_steps=4, optimizer={"lr": 1.5e-4, "weight_decay": 0.05, "betas": (0.9, 0.99),
+                                                    "warmup_steps": 100, "max_norm": 0.5, "total_steps": 1000})
+    doc = tomllib.loads(emit(plan, "torchtitan")["torchtitan_v0.1.toml"])
+    assert doc == {
+        "job": {"description": "autoplan plan for llama3-70b", "dump_folder": "./outputs"},
+        "model": {"name": "llama3", "flavor": "70B"},
+        "optimizer": {"name": "AdamW", "lr": 1.5e-4, "weight_decay": 0.05, "beta1": 0.9, "beta2": 0.99},
+        "lr_scheduler": {"warmup_steps": 100},
+        "training": {"local_batch_size": 1, "global_batch_size": 1 * 4 * 2 * 2, "seq_len": 262144,
+                     "max_norm": 0.5, "mixed_precision_param": "bfloat16", "mixed_precision_reduce": "float32",
+                     "steps": 1000},
+        "parallelism": {"data_parallel_replicate_degree": 2, "data_parallel_shard_degree": 2,
+                        "tensor_parallel_degree": 2, "context_parallel_degree": 8,
+                        "context_parallel_rotate_method": "alltoall"},
+        "activation_checkpoint": {"mode": "full", "selective_ac_option": "op"},
+    }
+
+
+@pytest.mark.parametrize("model, flavor, config", [
+    ("llama3-8b", "8B", "llama3_8b"), ("llama3-70b", "70B", "llama3_70b"), ("llama3.1-405b", "405B", "llama3_405b"),
+])
+def test_models_map_to_torchtitan_by_shape(model, flavor, config):
+    files = emit(make_plan({"dp_shard": 8, "tp": 8}, model=model), "torchtitan")
+    assert tomllib.loads(files["torchtitan_v0.1.toml"])["model"]["flavor"] == flavor
+    assert f'CONFIG="${{CONFIG:-{config}}}"' in files["torchtitan_v0.3.sh"]
+    assert flavor in KEYS_01["llama3_flavors"] and config in KEYS_03["llama3_configs"]
+
+
+def test_a_renamed_model_with_a_known_shape_maps_too(tmp_path):
+    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+              "_name_or_path": "meta-llama/Llama-3.1-8B"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    files = emit(make_plan(model=resolve_model(str(tmp_path / "config.json"))), "torchtitan")
+    assert tomllib.loads(files["torchtitan_v0.1.toml"])["model"]["flavor"] == "8B"
+
+
+@needs_bash
+def test_unknown_model_shape_needs_a_config_and_says_so(tmp_path, fakes):
+    plan = make_plan({"dp_shard": 2}, model="debug", seq_len=256)  # not torchtitan's debugmodel shape
+    files = emit(plan, "torchtitan", tmp_path)
+    assert tomllib.loads(files["torchtitan_v0.1.toml"])["model"]["flavor"] == "custom"
+    assert "matches no torchtitan llama3 model" in files["torchtitan_v0.1.toml"]
+    result, calls = fakes(tmp_path / "torchtitan_v0.3.sh", check=False)
+    assert result.returncode != 0 and "set CONFIG" in result.stderr and "torchrun" not in calls
+    _, calls = fakes(tmp_path / "torchtitan_v0.3.sh", env={"CONFIG": "my_debug"})
+    assert override_pairs(titan_args(calls))[0]["--config"] == "my_debug"
+
+
+def test_mesh_order_and_bf16_reduce_are_noted():
+    plan = make_plan(mesh_order=["dp_replicate", "cp", "dp_shard", "tp"], precision={"reduce_dtype": "bfloat16"})
+    for text in emit(plan, "torchtitan").values():
+        assert "torchtitan's mesh is always dp_replicate/dp_shard/cp/tp" in text
+        assert "reduces gradients in float32 only" in text
+
+
+# ----------------------------------------------------------------------- keys exist in torchtitan
+
+
+def _installed_torchtitan():
+    if importlib.util.find_spec("torchtitan") is None:
+        return None
+    try:
+        return importlib.metadata.version("torchtitan")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _keys_03():
+    """Section -> keys, from torchtitan's own classes when 0.3 is importable, else the checked-in list."""
+    version = _installed_torchtitan()
+    if version and version.startswith("0.3"):
+        from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
         from torchtitan.config.configs import ParallelismConfig, TrainingConfig
-        keys = {"parallelism": [f.name for f in dataclasses.fields(ParallelismConfig)],
+        return {"parallelism": [f.name for f in dataclasses.fields(ParallelismConfig)],
                 "training": [f.name for f in dataclasses.fields(TrainingConfig)],
-                "activation_checkpoint_subcommands": keys["activation_checkpoint_subcommands"]}
-    for flag, value in cli_overrides(plan):
+                "lr_scheduler": [f.name for f in dataclasses.fields(LRSchedulersContainer.Config)]}, "installed"
+    return KEYS_03, "checked-in list"
+
+
+def _keys_01():
+    version = _installed_torchtitan()
+    if version and version.startswith("0.1"):
+        from torchtitan.config_manager import JobConfig
+        return {f.name: [g.name for g in dataclasses.fields(f.default_factory)]
+                for f in dataclasses.fields(JobConfig)}, "installed"
+    return KEYS_01, "checked-in list"
+
+
+@pytest.mark.parametrize("plan", [make_plan(), make_plan({"dp_shard": 8}, optimizer={"total_steps": 10}),
+                                  make_plan(ac=["full"] * 16 + ["none"] * 16, cp_impl="allgather-kv")])
+def test_every_torchtitan_03_key_exists(plan):
+    keys, source = _keys_03()
+    for flag, _ in cli_overrides(plan):
         section, key = flag[2:].split(".", 1)
-        assert key in keys[section], f"{flag} is not a torchtitan 0.3 key"
-        assert f"{flag} {shlex.quote(value)}" in script
-    assert "activation-checkpoint:full" in script
-    assert any(script.rstrip().endswith(sub) for sub in keys["activation_checkpoint_subcommands"])
+        assert key in keys[section], f"{flag} is not a torchtitan 0.3 key ({source})"
+    script = emit(plan, "torchtitan")["torchtitan_v0.3.sh"]
+    subcommand = script.rstrip().rsplit(" ", 1)[-1]
+    assert subcommand in KEYS_03["activation_checkpoint_subcommands"]
+    config = next(l for l in script.splitlines() if l.startswith("CONFIG="))
+    assert config.split(":-", 1)[1].rstrip('}"') in KEYS_03["llama3_configs"]
 
 
-def test_paths_are_quoted(tmp_path):
-    plan = make_plan(world=8, dp_shard=8)
-    text = emit(plan, "torchrun", plan_path="my plans/it's.yaml")["torchrun.sh"]
-    assert "PLAN='my plans/it'\"'\"'s.yaml'" in text
+@pytest.mark.parametrize("plan", [make_plan(), make_plan({"dp_shard": 8}, optimizer={"total_steps": 10})])
+def test_every_torchtitan_01_key_exists(plan):
+    keys, source = _keys_01()
+    doc = tomllib.loads(emit(plan, "torchtitan")["torchtitan_v0.1.toml"])
+    assert doc == {s: {k: v for k, v in values.items()} for s, values in toml_sections_v01(plan).items()}
+    for section, values in doc.items():
+        assert section in keys, f"[{section}] is not a torchtitan 0.1 section ({source})"
+        for key in values:
+            assert key in keys[section], f"[{section}] {key} is not a torchtitan 0.1 key ({source})"
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
-@pytest.mark.parametrize("world, degrees", [(8, {"dp_shard": 8}), (64, {"dp_shard": 4, "cp": 8, "tp": 2})])
-def test_generated_shell_is_shellcheck_clean(tmp_path, world, degrees):
-    written = write_bundle(make_plan(world=world, **degrees), tmp_path)
-    scripts = [p for p in written if p.suffix in (".sh", ".sbatch")]
-    assert len(scripts) == 3
-    result = subprocess.run(["shellcheck", "--shell=bash", *map(str, scripts)], capture_output=True, text=True)
+def test_checked_in_key_lists_say_where_they_came_from():
+    for keys, version in ((KEYS_03, "0.3.0"), (KEYS_01, "0.1.0")):
+        assert f"torchtitan {version} wheel from PyPI" in keys["_source"]
+    assert "data_parallel_shard_degree" in KEYS_03["parallelism"]
+    assert "context_parallel_rotate_method" not in KEYS_03["parallelism"]  # gone in 0.3
+    assert "context_parallel_rotate_method" in KEYS_01["parallelism"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tyro") is None or not (_installed_torchtitan() or "").startswith("0.3"),
+                    reason="torchtitan 0.3 and tyro not installed")
+def test_torchtitan_03_cli_parses_with_its_own_classes():
+    """Parse the emitted overrides with tyro over torchtitan's real config classes."""
+    from typing import Any
+
+    import tyro
+    from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+    from torchtitan.config import ConfigManager
+    from torchtitan.config.configs import ParallelismConfig, TrainingConfig
+    from torchtitan.config.manager import custom_registry
+    from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig, FullAC, SelectiveAC
+
+    @dataclasses.dataclass(kw_only=True)
+    class Section:
+        training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+        parallelism: ParallelismConfig = dataclasses.field(default_factory=ParallelismConfig)
+        lr_scheduler: LRSchedulersContainer.Config = dataclasses.field(default_factory=LRSchedulersContainer.Config)
+        activation_checkpoint: ActivationCheckpointingConfig = dataclasses.field(default_factory=SelectiveAC.Config)
+
+    ConfigManager()  # registers torchtitan's tyro rules
+    plan = make_plan()
+    args: list[Any] = [word for flag, value in cli_overrides(plan) for word in (flag, value)] + ["activation-checkpoint:full"]
+    parsed = tyro.cli(Section, args=args, registry=custom_registry)
+    assert parsed.parallelism.context_parallel_degree == 8 and parsed.training.seq_len == 262144
+    assert parsed.training.global_batch_size == 8 and isinstance(parsed.activation_checkpoint, FullAC.Config)
+
+
+# ----------------------------------------------------------------------- general
+
+
+def test_bundle_writes_the_plan_and_every_script(tmp_path):
+    plan = make_plan()
+    written = write_bundle(plan, tmp_path)
+    assert sorted(p.name for p in written) == sorted(["plan.yaml", "torchrun.sh", "slurm.sbatch",
+                                                      "torchtitan_v0.3.sh", "torchtitan_v0.1.toml"])
+    assert all(p.exists() for p in written) and Plan.load(tmp_path / "plan.yaml") == plan
+    for path in written:
+        if path.suffix in (".sh", ".sbatch"):
+            assert path.stat().st_mode & stat.S_IXUSR
+            assert path.read_text().splitlines()[0] == "#!/usr/bin/env bash"
+            assert "set -euo pipefail" in path.read_text().splitlines()
+
+
+def test_without_out_dir_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = emit(make_plan(), "slurm")
+    assert list(files) == ["slurm.sbatch"] and list(tmp_path.iterdir()) == []
+    assert "PLAN=plan.yaml" in files["slurm.sbatch"]
+
+
+def test_bad_target_and_partial_nodes_are_usage_errors():
+    with pytest.raises(UsageError, match=r"^--target 'k8s': use one of torchrun, slurm, torchtitan$"):
+        emit(make_plan(), "k8s")
+    plan = make_plan({"dp_shard": 12}, per_node=8)
+    with pytest.raises(UsageError, match="12 GPUs are not a whole number of nodes of 8"):
+        emit(plan, "torchrun")
+
+
+def evil_plan():
+    spec = dataclasses.replace(resolve_model("debug"), name="evil\nrm -rf ~ # $(touch pwned) 'q' \"dq\"")
+    return make_plan({"dp_shard": 2}, model=spec, seq_len=256)
+
+
+@needs_bash
+def test_model_names_cannot_inject_shell_or_toml(tmp_path, fakes):
+    plan = evil_plan()
+    files = {}
+    for target in TARGETS:
+        files.update(emit(plan, target, tmp_path))
+    for name, text in files.items():
+        for line in text.splitlines():
+            assert not line.startswith("rm "), (name, line)
+    assert tomllib.loads(files["torchtitan_v0.1.toml"])["job"]["description"] == f"autoplan plan for {plan.model['name']}"
+    assert "#SBATCH --job-name=autoplan-evil-rm-rf-touch-pwned-q-dq" in files["slurm.sbatch"]
+    fakes(tmp_path / "torchrun.sh")
+    assert not (tmp_path / "pwned").exists()
+
+
+SHELL_PLANS = {
+    "single-node": lambda: make_plan({"dp_shard": 8}),
+    "multi-node": lambda: make_plan(),
+    "mixed-ac-allgather-kv": lambda: make_plan(ac=["full"] * 4 + ["selective"] * 28, cp_impl="allgather-kv",
+                                               mesh_order=["dp_replicate", "cp", "dp_shard", "tp"]),
+    "unknown-model-evil-name": evil_plan,
+}
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck not installed (apt-get install -y shellcheck)")
+@pytest.mark.parametrize("name", list(SHELL_PLANS))
+def test_generated_shell_is_shellcheck_clean(tmp_path, name):
+    plan = SHELL_PLANS[name]()
+    scripts = [p for p in write_bundle(plan, tmp_path) if p.suffix in (".sh", ".sbatch")]
+    printed = tmp_path / "printed.sh"  # the form `autoplan emit` prints, with a user's plan path
+    printed.write_text(emit(plan, "torchrun", plan_path="my plans/it's.yaml")["torchrun.sh"])
+    scripts.append(printed)
+    assert len(scripts) == 4
+    result = subprocess.run(["shellcheck", "--shell=bash", "--severity=style", *map(str, scripts)],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

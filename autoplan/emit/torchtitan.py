@@ -1,45 +1,117 @@
-"""Carry a plan into torchtitan's own configuration.
+"""Carry a plan into torchtitan's own configuration, in two forms.
 
-Two forms, with key names taken from torchtitan's released wheels (lists checked in
-under autoplan/data/, verified by tests/test_emit.py):
-- torchtitan 0.3 (PyPI 0.3.0): ``python -m torchtitan.train --module llama3 --config
-  <registry fn>`` plus ``--parallelism.*`` / ``--training.*`` overrides and a tyro
-  subcommand ``activation-checkpoint:{none,selective,full}``.
-- the TOML job file of the 0.1 line (PyPI 0.1.0; sections [job], [model], [training],
-  [parallelism], [activation_checkpoint]), the closest released form of the 2024 TOML.
+Key names come from torchtitan's released wheels (lists under autoplan/data/, made by
+tools/torchtitan_keys.py and checked by tests/test_emit.py):
+
+- torchtitan 0.3 (PyPI 0.3.0): ``torchrun ... -m torchtitan.train --module llama3
+  --config <config_registry function>`` plus ``--parallelism.*`` / ``--training.*``
+  overrides and the tyro subcommand ``activation-checkpoint:{none,selective,full}``.
+- the TOML job file (``--job.config_file``) of the 0.1 line: sections [job], [model],
+  [training], [parallelism], [activation_checkpoint], ... PyPI has no 2024 release with
+  code (0.0.2, April 2024, is an empty placeholder), so 0.1.0 (June 2025) is the oldest
+  TOML form that can be checked; it already moved the degrees from [training] /
+  [experimental] into [parallelism].
+
+What torchtitan cannot express is said in a comment beside the closest setting: the
+per-layer AC mix, the all-gather-KV CP variant, the rotate method in 0.3, a mesh order
+other than its fixed dp_replicate/dp_shard/cp/tp, bf16 gradient reduction.
 """
 
 from __future__ import annotations
 
+import json
 from shlex import quote
 
-from ..plan import Plan
-from .torchrun import gpus_per_node
+from cost_models.config import DEFAULT_MESH_ORDER
 
-ROTATE = {"ring-allgather": "allgather", "ring-alltoall": "alltoall", "allgather-kv": "allgather", "none": "allgather"}
-FLAVORS = {"llama3-8b": "8B", "llama3-70b": "70B", "llama3.1-405b": "405B", "debug": "debugmodel"}
-REGISTRY = {"llama3-8b": "llama3_8b", "llama3-70b": "llama3_70b", "llama3.1-405b": "llama3_405b",
-            "debug": "llama3_debugmodel"}
+from ..plan import Plan
+from .common import comment, layout, rendezvous_args, summary
+
+# cp_impl -> torchtitan's rotate method (0.1 context_parallel_rotate_method values).
+ROTATE = {"ring-allgather": "allgather", "ring-alltoall": "alltoall", "allgather-kv": "allgather",
+          "none": "allgather"}
+# AC mode names are the same words in both versions: 0.1 mode = "none"|"selective"|"full",
+# 0.3 subcommands activation-checkpoint:none|selective|full.
+AC_NAMES = {"none": "none", "selective": "selective", "full": "full"}
+
+# torchtitan's llama3 models by shape (dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab):
+# 0.1 flavor and 0.3 config_registry function. ffn_dim follows torchtitan's rule
+# multiple_of * ceil(ffn_dim_multiplier * 8 dim / 3 / multiple_of): 8B 1.3/1024 -> 14336,
+# 70B 1.3/4096 -> 28672, 405B 1.2/4096 -> 53248; vocab is the Llama 3 tokenizer's 128256.
+TORCHTITAN_LLAMA3 = (
+    ((4096, 32, 32, 8, 14336, 128256), "8B", "llama3_8b"),
+    ((8192, 80, 64, 8, 28672, 128256), "70B", "llama3_70b"),
+    ((16384, 126, 128, 8, 53248, 128256), "405B", "llama3_405b"),
+)
+
+
+def torchtitan_model(plan: Plan) -> tuple[str, str] | None:
+    """(0.1 flavor, 0.3 config function) of the torchtitan llama3 model with the plan's shape."""
+    spec = plan.model_spec()
+    shape = (spec.dim, spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.ffn_dim, spec.vocab_size)
+    for known, flavor, function in TORCHTITAN_LLAMA3:
+        if shape == known:
+            return flavor, function
+    return None
+
+
+def _shape(plan: Plan) -> str:
+    spec = plan.model_spec()
+    return (f"dim={spec.dim} n_layers={spec.n_layers} n_heads={spec.n_heads} n_kv_heads={spec.n_kv_heads} "
+            f"ffn_dim={spec.ffn_dim} vocab={spec.vocab_size}")
 
 
 def ac_mode(plan: Plan) -> tuple[str, str | None]:
-    """torchtitan has no per-layer mix: the closest mode, and a note when it differs."""
-    modes = set(plan.activation_checkpoint.layer_modes(plan.model_spec().n_layers))
+    """torchtitan applies one AC mode to every block: the closest one, and a note when it differs."""
+    layers = plan.activation_checkpoint.layer_modes(plan.model_spec().n_layers)
+    modes = set(layers)
     if len(modes) == 1:
-        return next(iter(modes)), None
+        return AC_NAMES[next(iter(modes))], None
     closest = "full" if "full" in modes else "selective"
-    return closest, (f"the plan mixes AC modes per layer ({sorted(modes)}); torchtitan applies one mode to "
-                     f"every block, so this uses '{closest}' (more memory-safe, slower)")
+    counts = ", ".join(f"{m}={layers.count(m)}" for m in ("full", "selective", "none") if m in modes)
+    return closest, (f"the plan mixes AC modes per layer ({counts}); torchtitan has no per-layer mix and "
+                     f"applies one mode to every block: '{closest}' (uses less memory than the plan, runs slower)")
 
 
 def global_batch_size(plan: Plan) -> int:
+    """Sequences per optimizer step: local x grad accumulation x data-parallel ranks (not cp, not tp)."""
     p = plan.parallelism
     return plan.local_batch_size * plan.grad_accum_steps * p.dp_replicate * p.dp_shard
 
 
+def notes(plan: Plan, version: str) -> list[str]:
+    """What this torchtitan version cannot express exactly, one line each."""
+    out = []
+    _, ac_note = ac_mode(plan)
+    if ac_note:
+        out.append(ac_note)
+    if plan.parallelism.cp > 1:
+        if plan.cp_impl == "allgather-kv":
+            out.append("cp_impl allgather-kv (all-gather K/V) has no torchtitan equivalent: torchtitan's SDPA "
+                       "context parallel is a ring; its allgather rotation is the closest")
+        if version == "0.3" and plan.cp_impl == "ring-alltoall":
+            out.append("cp_impl ring-alltoall: torchtitan 0.3 has no rotate-method option and runs PyTorch's "
+                       "default (allgather); alltoall needs torch.distributed.tensor.experimental._attention"
+                       ".set_rotate_method('alltoall') in a custom entry point")
+    if tuple(plan.mesh_order) != DEFAULT_MESH_ORDER:
+        out.append(f"mesh_order {'/'.join(plan.mesh_order)}: torchtitan's mesh is always "
+                   f"{'/'.join(DEFAULT_MESH_ORDER)} (outermost first), so groups may span other links than predicted")
+    if plan.precision.reduce_dtype != "float32":
+        out.append(f"precision.reduce_dtype {plan.precision.reduce_dtype}: torchtitan reduces gradients in "
+                   "float32 only")
+    if torchtitan_model(plan) is None:
+        out.append(f"model {plan.model.get('name', '?')} ({_shape(plan)}) matches no torchtitan llama3 model: "
+                   "add a flavor with this shape")
+    return out
+
+
+# ------------------------------------------------------------------------ torchtitan 0.3
+
+
 def cli_overrides(plan: Plan) -> list[tuple[str, str]]:
+    """``--section.key value`` pairs for torchtitan 0.3's tyro CLI."""
     p = plan.parallelism
-    return [
+    overrides = [
         ("--parallelism.data_parallel_replicate_degree", str(p.dp_replicate)),
         ("--parallelism.data_parallel_shard_degree", str(p.dp_shard)),
         ("--parallelism.tensor_parallel_degree", str(p.tp)),
@@ -49,65 +121,99 @@ def cli_overrides(plan: Plan) -> list[tuple[str, str]]:
         ("--training.global_batch_size", str(global_batch_size(plan))),
         ("--training.mixed_precision_param", plan.precision.param_dtype),
         ("--training.mixed_precision_reduce", "float32"),
+        ("--training.max_norm", repr(float(plan.optimizer.max_norm))),
+        ("--lr_scheduler.warmup_steps", str(plan.optimizer.warmup_steps)),
     ]
+    if plan.optimizer.total_steps:
+        overrides.append(("--training.steps", str(plan.optimizer.total_steps)))
+    return overrides
 
 
 def launch_script_v03(plan: Plan) -> str:
-    per_node = gpus_per_node(plan)
-    nodes = max(1, plan.parallelism.world_size // per_node)
-    name = plan.model.get("name", "")
-    registry = REGISTRY.get(name, "llama3_8b")
-    mode, note = ac_mode(plan)
+    nodes, per_node = layout(plan)
+    mode, _ = ac_mode(plan)
+    model = torchtitan_model(plan)
     lines = ["#!/usr/bin/env bash",
-             "# torchtitan 0.3: the plan's degrees, sequence and batch as CLI overrides.",
+             comment(f"autoplan: {summary(plan)}"),
+             "# torchtitan 0.3: the plan's degrees, sequence, batch and AC as overrides of a llama3 config.",
+             "# Usage: bash torchtitan_v0.3.sh [more torchtitan overrides, e.g. --training.steps 100]",
+             "# The optimizer and data come from the --config function (edit CONFIG to choose another).",
              "set -euo pipefail"]
-    if name not in REGISTRY:
-        lines.append(f"# model {quote(name)} has no torchtitan preset here: edit CONFIG to your registry entry.")
-    if plan.cp_impl == "allgather-kv":
-        lines.append("# cp_impl allgather-kv: torchtitan's context parallel is its own ring implementation.")
-    if note:
-        lines.append("# " + note)
-    launcher = (f"torchrun --standalone --nproc-per-node={per_node}" if nodes == 1 else
-                f"torchrun --nnodes={nodes} --nproc-per-node={per_node} --rdzv-backend=c10d "
-                '--rdzv-endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}"')
-    lines.append(f'CONFIG="${{CONFIG:-{registry}}}"')
-    args = " \\\n    ".join(f"{key} {quote(value)}" for key, value in cli_overrides(plan))
-    lines.append(f'{launcher} -m torchtitan.train --module llama3 --config "${{CONFIG}}" \\\n    {args} \\\n'
-                 f'    "$@" activation-checkpoint:{mode}')
+    lines += [comment(note) for note in notes(plan, "0.3")]
+    if model is None:
+        lines.append('CONFIG="${CONFIG:?set CONFIG to a torchtitan llama3 config_registry function for this model}"')
+    else:
+        lines.append(f'CONFIG="${{CONFIG:-{model[1]}}}"')
+    if nodes > 1:
+        lines += [f"# {nodes} nodes: run this script on each of them with the same MASTER_ADDR (the first node).",
+                  ': "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"',
+                  'MASTER_PORT="${MASTER_PORT:-29500}"',
+                  'RDZV_ID="${RDZV_ID:-autoplan-torchtitan}"']
+    launcher = rendezvous_args(nodes, per_node, '"${MASTER_ADDR}:${MASTER_PORT}"', '"${RDZV_ID}"')
+    args = [f"{flag} {quote(value)}" for flag, value in cli_overrides(plan)]
+    # tyro: the parent's flags (and the user's, "$@") before the subcommand that selects the AC policy.
+    lines.append("exec torchrun " + " ".join(launcher) + ' -m torchtitan.train --module llama3 --config "${CONFIG}" \\')
+    lines += [f"    {arg} \\" for arg in args]
+    lines.append(f'    "$@" activation-checkpoint:{mode}')
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value) -> str:
+# ------------------------------------------------------------------------ torchtitan 0.1 TOML
+
+
+def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
         return str(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        return repr(value)
+    # A JSON string is a valid TOML basic string (same escapes: \" \\ \n \t \uXXXX).
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def toml_sections_v01(plan: Plan) -> dict[str, dict[str, object]]:
     p = plan.parallelism
     mode, _ = ac_mode(plan)
-    name = plan.model.get("name", "")
+    model = torchtitan_model(plan)
+    name = plan.model.get("name", "model")
+    training: dict[str, object] = {
+        "local_batch_size": plan.local_batch_size, "global_batch_size": global_batch_size(plan),
+        "seq_len": plan.seq_len, "max_norm": float(plan.optimizer.max_norm),
+        "mixed_precision_param": plan.precision.param_dtype, "mixed_precision_reduce": "float32"}
+    if plan.optimizer.total_steps:
+        training["steps"] = plan.optimizer.total_steps
+    beta1, beta2 = plan.optimizer.betas
     return {
         "job": {"description": f"autoplan plan for {name}", "dump_folder": "./outputs"},
-        "model": {"name": "llama3", "flavor": FLAVORS.get(name, "8B")},
-        "training": {"local_batch_size": plan.local_batch_size, "global_batch_size": global_batch_size(plan),
-                     "seq_len": plan.seq_len, "max_norm": plan.optimizer.max_norm,
-                     "mixed_precision_param": plan.precision.param_dtype, "mixed_precision_reduce": "float32"},
+        "model": {"name": "llama3", "flavor": model[0] if model else "custom"},
+        "optimizer": {"name": "AdamW", "lr": float(plan.optimizer.lr),
+                      "weight_decay": float(plan.optimizer.weight_decay),
+                      "beta1": float(beta1), "beta2": float(beta2)},
+        "lr_scheduler": {"warmup_steps": plan.optimizer.warmup_steps},
+        "training": training,
         "parallelism": {"data_parallel_replicate_degree": p.dp_replicate,
                         "data_parallel_shard_degree": p.dp_shard, "tensor_parallel_degree": p.tp,
                         "context_parallel_degree": p.cp,
                         "context_parallel_rotate_method": ROTATE[plan.cp_impl]},
+        # selective_ac_option "op": per-op selective AC, what the plan's 'selective' means.
         "activation_checkpoint": {"mode": mode, "selective_ac_option": "op"},
     }
 
 
-def toml_v01(plan: Plan) -> str:
-    _, note = ac_mode(plan)
-    lines = ["# torchtitan 0.1 job file written by autoplan"]
-    if note:
-        lines.append("# " + note)
+def toml_v01(plan: Plan, file_name: str = "torchtitan_v0.1.toml") -> str:
+    nodes, per_node = layout(plan)
+    launcher = " ".join(rendezvous_args(nodes, per_node, "$MASTER_ADDR:$MASTER_PORT", "autoplan"))
+    lines = ["# torchtitan 0.1 job file written by autoplan",
+             comment(summary(plan)),
+             f"# run: torchrun {launcher} -m torchtitan.train --job.config_file {file_name}"]
+    lines += [comment(note) for note in notes(plan, "0.1")]
+    layers = plan.activation_checkpoint.layer_modes(plan.model_spec().n_layers)
+    n_full = layers.count("full")
+    if set(layers) == {"full", "none"} and len(layers) % n_full == 0:
+        lines.append(comment(f"alternative: mode = \"selective\" with selective_ac_option = "
+                             f"\"{len(layers) // n_full}\" checkpoints one block in every {len(layers) // n_full} fully: "
+                             f"as many full blocks ({n_full}) as the plan"))
     for section, values in toml_sections_v01(plan).items():
         lines.append(f"\n[{section}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
