@@ -1,7 +1,7 @@
 """Carry a plan into torchtitan's own configuration, in two forms.
 
 Key names come from torchtitan's released wheels (lists under autoplan/data/, made by
-tools/torchtitan_keys.py and checked by tests/test_emit.py):
+autoplan/data/torchtitan_keys.py and checked by tests/test_emit.py):
 
 - torchtitan 0.3 (PyPI 0.3.0): ``torchrun ... -m torchtitan.train --module llama3
   --config <config_registry function>`` plus ``--parallelism.*`` / ``--training.*``

@@ -1,7 +1,7 @@
 """Extract torchtitan's configuration key names from an unpacked wheel (names only).
 
     pip download --no-deps torchtitan==0.3.0 -d /tmp/tt && cd /tmp/tt && unzip -q torchtitan-0.3.0-*.whl
-    python tools/torchtitan_keys.py /tmp/tt 0.3.0 > autoplan/data/torchtitan_keys_0.3.0.json
+    python autoplan/data/torchtitan_keys.py /tmp/tt 0.3.0 > autoplan/data/torchtitan_keys_0.3.0.json
 
 Reads the source with ``ast`` (nothing is imported or copied): the dataclass field names
 of each config section, the activation-checkpoint tyro subcommands (0.3), the llama3
@@ -54,7 +54,7 @@ def keys_0_1(root: Path) -> dict:
         "_source": "torchtitan 0.1.0 wheel from PyPI (June 2025; the earliest release with code: 0.0.2 of "
                    "April 2024 is an empty placeholder). torchtitan/config_manager.py: JobConfig fields = TOML "
                    "sections, their dataclass fields = keys; models/llama3/__init__.py: llama3_configs flavors. "
-                   "Field names only, extracted with tools/torchtitan_keys.py.",
+                   "Field names only, extracted with autoplan/data/torchtitan_keys.py.",
         "_launch": "torchrun ... -m torchtitan.train --job.config_file FILE.toml",
         "llama3_flavors": _dict_keys(root / "torchtitan/models/llama3/__init__.py", "llama3_configs"),
         **dict(sorted(sections.items())),
@@ -77,7 +77,7 @@ def keys_0_3(root: Path) -> dict:
                    "(LRSchedulersContainer.Config), distributed/activation_checkpoint.py (the tyro subcommands "
                    "of Trainer.Config.activation_checkpoint), models/llama3/config_registry.py (--config "
                    "functions); config/manager.py reads --module/--config. Field names only, extracted with "
-                   "tools/torchtitan_keys.py.",
+                   "autoplan/data/torchtitan_keys.py.",
         "_launch": "torchrun ... -m torchtitan.train --module llama3 --config FUNCTION --section.key value ... "
                    "activation-checkpoint:MODE",
         "activation_checkpoint_subcommands": sorted(subcommands),
