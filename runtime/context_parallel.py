@@ -48,63 +48,82 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def _reduce_kv(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    if grad.shape[1] == kv_heads:
-        return grad
-    batch, heads, length, dim = grad.shape
-    return grad.view(batch, kv_heads, heads // kv_heads, length, dim).sum(2)
+def _attend_chunks(q, k, v, chunk_ids: list[int], out, lse) -> None:
+    """Fill ``out``/``lse`` for query chunks ``chunk_ids`` against the whole K/V."""
+    chunk = q.shape[2] // len(chunk_ids)
+    for i, g in enumerate(chunk_ids):
+        rows = slice(i * chunk, (i + 1) * chunk)
+        acc, acc_lse = None, None
+        for start, stop, causal in _blocks(g, chunk):
+            # The CPU flash kernel does GQA natively (fewer K/V heads than Q heads).
+            ob, lb = CPU_FLASH(q[:, :, rows], k[:, :, start:stop], v[:, :, start:stop], 0.0, causal)
+            if acc is None:
+                acc, acc_lse = ob, lb
+            else:
+                merged = torch.logaddexp(acc_lse, lb)
+                acc = (acc * torch.exp(acc_lse - merged).unsqueeze(-1).to(acc.dtype)
+                       + ob * torch.exp(lb - merged).unsqueeze(-1).to(ob.dtype))
+                acc_lse = merged
+        out[:, :, rows] = acc
+        lse[:, :, rows] = acc_lse
 
 
-class ChunkedCausalAttention(torch.autograd.Function):
-    """Query chunks (global indices ``chunk_ids``) against the whole-sequence K/V."""
+@torch.library.custom_op("autoplan::cp_attention", mutates_args=())
+def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_ids: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query chunks (global indices ``chunk_ids``, equal length, in this order along
+    q's sequence dim) against the whole-sequence K/V (B x Hkv x S x hd), exactly causal.
 
-    @staticmethod
-    def forward(ctx, q, k, v, chunk_ids: tuple[int, ...]):
-        chunk = q.shape[2] // len(chunk_ids)
-        outs, lses = [], []
-        for i, g in enumerate(chunk_ids):
-            qi = q[:, :, i * chunk:(i + 1) * chunk]
-            blocks = _blocks(g, chunk)
-            out, lse = None, None
-            for start, stop, causal in blocks:
-                kb = _expand_kv(k[:, :, start:stop], q.shape[1])
-                vb = _expand_kv(v[:, :, start:stop], q.shape[1])
-                ob, lb = CPU_FLASH(qi, kb, vb, 0.0, causal)
-                if out is None:
-                    out, lse = ob, lb
-                else:
-                    merged = torch.logaddexp(lse, lb)
-                    out = (out * torch.exp(lse - merged).unsqueeze(-1).to(out.dtype)
-                           + ob * torch.exp(lb - merged).unsqueeze(-1).to(ob.dtype))
-                    lse = merged
-            outs.append(out)
-            lses.append(lse)
-        out = torch.cat(outs, dim=2)
-        lse = torch.cat(lses, dim=2)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.chunk_ids = chunk_ids
-        return out
+    Returns the output (B x H x T x hd, laid out B x T x H x hd in memory like the flash
+    kernels, so ``wo``'s input is a view) and its fp32 log-sum-exp (B x H x T). One op,
+    so selective checkpointing saves the merged output once.
+    """
+    out, lse = _cp_attention_empty(q)
+    _attend_chunks(q, k, v, list(chunk_ids), out, lse)
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        chunk = q.shape[2] // len(ctx.chunk_ids)
-        heads = q.shape[1]
-        dq = torch.zeros_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        for i, g in enumerate(ctx.chunk_ids):
-            rows = slice(i * chunk, (i + 1) * chunk)
-            for start, stop, causal in _blocks(g, chunk):
-                kb = _expand_kv(k[:, :, start:stop], heads)
-                vb = _expand_kv(v[:, :, start:stop], heads)
-                gq, gk, gv = CPU_FLASH_BACKWARD(grad_out[:, :, rows].contiguous(), q[:, :, rows], kb, vb,
-                                                out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
-                                                0.0, causal)
-                dq[:, :, rows] += gq
-                dk[:, :, start:stop] += _reduce_kv(gk, k.shape[1])
-                dv[:, :, start:stop] += _reduce_kv(gv, v.shape[1])
-        return dq, dk, dv, None
+
+def _cp_attention_empty(q):
+    batch, heads, tokens, dim = q.shape
+    out = torch.empty_permuted((batch, heads, tokens, dim), (0, 2, 1, 3), dtype=q.dtype, device=q.device)
+    lse = q.new_empty((batch, heads, tokens), dtype=torch.promote_types(q.dtype, torch.float32))
+    return out, lse
+
+
+@cp_attention.register_fake
+def _(q, k, v, chunk_ids):
+    return _cp_attention_empty(q)
+
+
+def _cp_attention_setup(ctx, inputs, output):
+    q, k, v, chunk_ids = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.chunk_ids = list(chunk_ids)
+
+
+def _cp_attention_backward(ctx, grad_out, grad_lse):
+    """Each block's flash backward with the MERGED output and log-sum-exp gives the
+    gradient of the global softmax (as in ring attention's backward)."""
+    q, k, v, out, lse = ctx.saved_tensors
+    chunk = q.shape[2] // len(ctx.chunk_ids)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i, g in enumerate(ctx.chunk_ids):
+        rows = slice(i * chunk, (i + 1) * chunk)
+        for start, stop, causal in _blocks(g, chunk):
+            gq, gk, gv = CPU_FLASH_BACKWARD(grad_out[:, :, rows], q[:, :, rows], k[:, :, start:stop],
+                                            v[:, :, start:stop], out[:, :, rows], lse[:, :, rows], 0.0, causal)
+            dq[:, :, rows] += gq
+            dk[:, :, start:stop] += gk
+            dv[:, :, start:stop] += gv
+    return dq, dk, dv, None
+
+
+cp_attention.register_autograd(_cp_attention_backward, setup_context=_cp_attention_setup)
+
+
+def chunked_causal_attention(q, k, v, chunk_ids) -> torch.Tensor:
+    return cp_attention(q, k, v, list(chunk_ids))[0]
 
 
 def _blocks(g: int, chunk: int) -> list[tuple[int, int, bool]]:
@@ -156,4 +175,4 @@ class AllGatherKVAttention:
         chunk_ids = head_tail_chunks(self.cp_rank, self.cp)
         if q.is_cuda:
             return chunked_attention_lower_right(q, k_full, v_full, chunk_ids)
-        return ChunkedCausalAttention.apply(q.contiguous(), k_full, v_full, chunk_ids)
+        return chunked_causal_attention(q, k_full, v_full, chunk_ids)

@@ -3,18 +3,35 @@
 Module names follow torchtitan (tok_embeddings, layers.N.attention.wq, ...), so the
 tensor-parallel plan and checkpoints read naturally.
 
-What autograd saves per block (no activation checkpointing), with T tokens on this rank,
-d model dim, d_q = heads x head_dim, d_kv = kv_heads x head_dim, f FFN dim - the
-memory model in cost_models/memory.py is written against this list:
-- attention_norm / ffn_norm (``RMSNormFunction``): the input (T x d) and rstd (T, fp32);
-- wq, wk, wv: their shared input, the normed x (T x d);
-- attention: q after RoPE (T x d_q), and K, V as SDPA sees them: expanded to the query
-  heads by ``repeat_interleave`` (T x d_q each; the unexpanded ones are not kept) - or,
-  under all-gather context parallel, the gathered K and V of the whole sequence at
-  kv-head width - plus the output (T x d_q) and its log-sum-exp (heads x T, fp32);
-- wo: the re-laid-out attention output (T x d_q);
-- w1, w3: the normed h (T x d); SiLU: w1's output (T x f); the product: SiLU's output
-  and w3's output (T x f each); w2: the product (T x f).
+What one block keeps for backward (measured by ``runtime/saved_tensors.py`` and checked
+by tests/test_runtime_saved.py), on one rank with ``T`` tokens (``local_batch x seq_len /
+cp``), ``S = local_batch x seq_len`` (the whole sequence), ``d`` model dim, ``d_q = H x
+head_dim``, ``d_kv = H_kv x head_dim``, ``f`` FFN dim, ``H`` heads, ``b`` bytes per
+activation element (the compute dtype); rstd and log-sum-exp are fp32 (4 bytes):
+
+``none``, tp = cp = 1 -- ``T [b (4d + 2d_q + 2d_kv + 4f) + 4 (2 + H)]``:
+  block input x (saved by attention_norm, T x d) and rstd (T); the normed x shared by
+  wq/wk/wv (T x d); q after RoPE (T x d_q); K after RoPE and V at kv-head width (T x
+  d_kv each: SDPA's ``enable_gqa``; on CUDA in fp32 they are expanded to d_q); the SDPA
+  output (T x d_q; the flash kernels lay it out B x T x H x hd, so ``wo``'s input is a
+  view of it, not a copy) and its log-sum-exp (H x T); h (ffn_norm input, T x d) and
+  rstd; the normed h (T x d); w1 out, silu out, w3 out, their product (T x f each).
+  RoPE's cos/sin tables are shared by all blocks and made once per forward.
+``none`` with all-gather CP -- ``b (4Td + 2Td_q + 2S d_kv + 4Tf) + 4T (2 + H)``:
+  as above, but K and V are the gathered ones of the whole sequence (S x d_kv each).
+``none`` with TP (sequence parallel) -- T is the tokens of the TP group:
+  ``b (2Td/tp + 2Td + 2Td_q/tp + 2Td_kv/tp + 4Tf/tp) + 4T (2 + H)/tp`` (norm inputs and rstd are
+  sequence-sharded; the all-gathered norm outputs feeding the column-parallel matmuls
+  are full T x d; heads and FFN columns are split). With CP too, replace the attention
+  terms as above: ``2Td_q/tp + 2S d_kv/tp``.
+``selective`` (save outputs of matmuls and attention ops, recompute the rest) --
+  ``T [b (3d + 2d_q + 2d_kv + 2f) + 4H]``: the block input x (kept by the checkpoint),
+  wq/wk/wv outputs (d_q + 2 d_kv), the attention output + lse, wo and w2 outputs (d
+  each), w1 and w3 outputs (f each). Under CP the same per local token (the custom
+  ``autoplan::cp_attention`` op is one saved op; the K/V all-gather is re-run in
+  backward). Under TP: ``T [b (d/tp + (d_q + 2d_kv)/tp + d_q/tp + 2d + 2f/tp) + 4H/tp]``
+  -- wo's and w2's matmul outputs are saved before their reduce-scatter, at full d.
+``full`` -- ``b T d`` (``b T d / tp`` under TP): only the block input.
 """
 
 from __future__ import annotations
@@ -83,11 +100,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain causal SDPA; q: B x H x T x hd, k/v: B x Hkv x T x hd (GQA by expansion)."""
-    if k.shape[1] != q.shape[1]:
+    """Plain causal SDPA; q: B x H x T x hd, k/v: B x Hkv x T x hd.
+
+    GQA is native (``enable_gqa``) on the CPU flash kernel and on CUDA's flash kernel
+    (fp16 / bf16), so K and V stay at kv-head width; elsewhere (CUDA fp32, which runs the
+    memory-efficient kernel) K and V are expanded with ``repeat_interleave`` first.
+    """
+    if k.shape[1] != q.shape[1] and not native_gqa(q):
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def native_gqa(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16)
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -18,7 +18,8 @@ from .model import Transformer
 def _selective_save_ops() -> set:
     aten = torch.ops.aten
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default,
-           aten._scaled_dot_product_flash_attention_for_cpu.default}
+           aten._scaled_dot_product_flash_attention_for_cpu.default,
+           torch.ops.autoplan.cp_attention.default}  # the portable CP attention (one op)
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_scaled_mm"):
         op = getattr(aten, name, None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.context_parallel import ChunkedCausalAttention, head_tail_chunks, reorder_gathered, shard_sequence
+from runtime.context_parallel import chunked_causal_attention, head_tail_chunks, reorder_gathered, shard_sequence
 from runtime.data import DataError, TokenSource
 from runtime.model import RMSNormFunction
 from runtime_helpers import run_plan, write_plan
@@ -30,7 +30,7 @@ def test_portable_cp_attention_is_exact_in_fp64(cp, heads, kv_heads):
     for rank in range(cp):  # every rank's view; K/V as the all-gather delivers them
         q_local = shard_sequence(q.detach(), rank, cp, dim=2).requires_grad_()
         k_full, v_full = k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
-        out = ChunkedCausalAttention.apply(q_local, k_full, v_full, head_tail_chunks(rank, cp))
+        out = chunked_causal_attention(q_local, k_full, v_full, head_tail_chunks(rank, cp))
         assert (out - shard_sequence(reference, rank, cp, dim=2)).abs().max() < 1e-12
         gq, gk, gv = torch.autograd.grad(out, (q_local, k_full, v_full), shard_sequence(grad_out, rank, cp, dim=2))
         assert (gq - shard_sequence(dq, rank, cp, dim=2)).abs().max() < 1e-12
