@@ -16,11 +16,9 @@ tokens on this GPU (``local_batch x seq_len / cp``), ``a`` bytes per activation 
 
 - ``none``: norm inputs ``2 d`` (sequence-sharded under TP) + fp32 rstd, the norm
   outputs that feed the column-parallel matmuls ``2 d`` (gathered under SP), q after
-  RoPE, K and V as attention keeps them (GQA-expanded to ``d_q`` each by the plain path;
-  the whole sequence at ``d_kv`` under all-gather CP), the attention output + its fp32
-  log-sum-exp, the re-laid-out attention
-  output that feeds ``wo`` (``d_q``), and the SwiGLU tensors w1 out, silu out, w3 out,
-  their product (``4 f``);
+  RoPE, K and V at kv-head width (the whole sequence under all-gather CP), the
+  attention output (``wo``'s input is a view of it) + its fp32 log-sum-exp, and the
+  SwiGLU tensors w1 out, silu out, w3 out, their product (``4 f``);
 - ``selective``: the block input + every matmul output (q, k, v, wo, w1, w3, w2) + the
   attention output and lse; the element-wise ops are recomputed;
 - ``full``: the block input only.
@@ -159,20 +157,16 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
     tokens = cfg.tokens_per_gpu
     d, dq, dkv, f, heads = model.dim, model.q_dim, model.kv_dim, model.ffn_dim, model.n_heads
     sp_gathered = d if (tp == 1 or executor.sp_saves_gathered_matmul_input) else d / tp
-    # What attention saves of K and V: under all-gather CP, the gathered K/V of the whole
-    # sequence at kv-head width (runtime/context_parallel.py expands GQA heads per block,
-    # transiently); otherwise SDPA saves the GQA-expanded K and V (repeat_interleave to
-    # the query heads in runtime/model.py), i.e. d_q wide each.
-    if cfg.cp_impl == "allgather-kv":
-        kv_saved = a * tokens * cp * 2 * dkv / tp
-    else:
-        kv_saved = a * tokens * 2 * dq / tp
+    # What attention keeps of K and V (runtime/model.py): kv-head width (SDPA's native
+    # GQA), for the whole sequence under all-gather CP.
+    kv_tokens = tokens * cp if cfg.cp_impl == "allgather-kv" else tokens
+    kv_saved = a * kv_tokens * 2 * dkv / tp
     norm_in = a * tokens * d / tp + FP32 * tokens / tp  # input + rstd
     attention_out = a * tokens * dq / tp + FP32 * tokens * heads / tp  # out + lse
 
     none = (2 * norm_in + 2 * a * tokens * sp_gathered
             + a * tokens * dq / tp + kv_saved  # q, k, v after RoPE
-            + attention_out + a * tokens * dq / tp  # wo input (re-laid-out copy)
+            + attention_out  # wo's input is a view of the attention output
             + 4 * a * tokens * f / tp)
     block_input = a * tokens * d / tp
     # Rowwise (wo, w2) outputs are partial sums over the full sequence before the

@@ -55,12 +55,12 @@ def test_adamw_state_bytes_under_fsdp8():
 
 
 def test_layer_activation_bytes_no_ac_by_hand():
-    tokens, d, f, heads = 8192, 4096, 14336, 32
+    tokens, d, dkv, f, heads = 8192, 4096, 1024, 14336, 32
     cfg = TrainConfig(Parallelism(dp_shard=8), seq_len=tokens)
     saved = layer_memory(L8B, cfg, resolve_executor("autoplan")).saved
-    # norm in/out; q, attention out, wo input; k and v as SDPA saves them: expanded to the
-    # 32 query heads by repeat_interleave (GQA), so d wide each; four SwiGLU tensors
-    bf16 = 2 * tokens * (2 * d + 2 * d + 3 * d + 2 * d + 4 * f)
+    # norm in/out; q and the attention output (wo's input is a view of it); k and v at
+    # kv-head width (SDPA's native GQA); four SwiGLU tensors
+    bf16 = 2 * tokens * (2 * d + 2 * d + 2 * d + 2 * dkv + 4 * f)
     fp32 = 4 * tokens * (2 + heads)  # two rstd + attention lse
     assert saved["none"] == pytest.approx(bf16 + fp32)
     assert saved["full"] == pytest.approx(2 * tokens * d)
