@@ -80,9 +80,13 @@ def load(path: Path, model, optimizer) -> dict:
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     if "torch" in state:
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))

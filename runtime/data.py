@@ -1,5 +1,6 @@
 """Token streams: deterministic synthetic tokens, or a memory-mapped file of token ids.
 
+A file is read in order and wraps around at its end; it must hold at least one step.
 Each step draws ``global_batch = local_batch x dp`` sequences of ``seq_len + 1`` tokens;
 data-parallel rank ``i`` takes rows ``[i b, (i+1) b)``. Labels are the inputs shifted by
 one, cut from the full sequence BEFORE context parallel shards it, so every CP rank's
@@ -21,16 +22,18 @@ class DataError(ValueError):
 class TokenSource:
     """Sequences of ``seq_len + 1`` tokens, indexed by a global sample number."""
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, path: str | None = None):
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, path: str | None = None,
+                 sequences_per_step: int = 1):
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.seed = seed
         self.tokens = None
         if path is not None:
             self.tokens = _open_tokens(Path(path))
-            if len(self.tokens) < seq_len + 1:
-                raise DataError(f"--data {path}: {len(self.tokens)} tokens, fewer than one sequence of "
-                                f"seq_len + 1 = {seq_len + 1}")
+            needed = sequences_per_step * (seq_len + 1)
+            if len(self.tokens) < needed:
+                raise DataError(f"--data {path}: {len(self.tokens)} tokens, fewer than one step needs "
+                                f"({sequences_per_step} sequences of seq_len + 1 = {seq_len + 1}: {needed} tokens)")
             top = int(self.tokens.max()) if len(self.tokens) else 0
             if top >= vocab_size:
                 raise DataError(f"--data {path}: token id {top} >= the model's vocab_size {vocab_size}")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+
+# torch 2.13 warns on every slice of a flattened dim (mesh["dp_shard_cp"]); slicing is
+# still the documented way to get the 2-D (dp_replicate, dp_shard_cp) mesh for HSDP.
+warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
@@ -48,3 +53,34 @@ def build_mesh(dims: ParallelDims, device_type: str, mesh_order: list[str] | tup
 
 def _in_order(order: tuple[str, ...], names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(n for n in order if n in names)
+
+
+def replicate_shard_mesh(mesh, shard_dims: tuple[str, ...] = ("dp_shard", "cp")):
+    """The 2-D (dp_replicate, dp_shard_cp) mesh HSDP needs, for any mesh order.
+
+    Slicing it from the root works only when dp_replicate is outside the sharded dims
+    in ``mesh_order``; otherwise the same ranks are regrouped into a new mesh (all ranks
+    call this in the same order, so the new process groups agree).
+    """
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+
+    shard_name = "dp_shard_cp" if len(shard_dims) > 1 else shard_dims[0]
+    try:
+        return mesh[("dp_replicate", shard_name)]
+    except (KeyError, RuntimeError, ValueError):
+        pass
+    order = mesh.mesh_dim_names
+    # Keep every dim's ranks increasing (process groups order ranks by global rank and
+    # DTensor places shards by mesh coordinate; they agree only then): merged and
+    # remaining dims follow the root's order.
+    shard_dims = tuple(n for n in order if n in shard_dims)
+    rest = tuple(n for n in order if n != "dp_replicate" and n not in shard_dims)
+    ranks = mesh.mesh.permute([order.index(n) for n in ("dp_replicate", *shard_dims, *rest)])
+    replicate = ranks.shape[0]
+    shard = 1
+    for size in ranks.shape[1:1 + len(shard_dims)]:
+        shard *= size
+    ranks = ranks.reshape(replicate, shard, -1).contiguous()
+    regrouped = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("dp_replicate", shard_name, "rest"))
+    return regrouped[("dp_replicate", shard_name)]

@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .context_parallel import AllGatherKVAttention
-from .mesh import ParallelDims
+from .mesh import ParallelDims, replicate_shard_mesh
 from .model import Transformer
 
 # Ops whose outputs 'selective' checkpointing keeps (the rest of the block is recomputed).
@@ -104,11 +104,11 @@ def apply_fsdp(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, param_d
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    names = []
+    shard_dims = ("dp_shard", "cp") if shard_over_cp else ("dp_shard",)
     if dims.dp_replicate > 1:
-        names.append("dp_replicate")
-    names.append("dp_shard_cp" if shard_over_cp else "dp_shard")
-    fsdp_mesh = mesh[tuple(names)] if len(names) > 1 else mesh[names[0]]
+        fsdp_mesh = replicate_shard_mesh(mesh, shard_dims)
+    else:
+        fsdp_mesh = mesh["dp_shard_cp" if shard_over_cp else "dp_shard"]
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in model.layers.values():
         fully_shard(block, mesh=fsdp_mesh, mp_policy=mp, reshard_after_forward=True)

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 
 from autoplan.plan import Plan, PlanError
-from cost_models.flops import model_flops_per_token
 
 from . import checkpoint as ckpt
 from .context_parallel import shard_sequence
 from .data import DataError, TokenSource, batch_for_step
+from .metrics import StepMetrics, format_summary, summarize_run  # noqa: F401 (re-exported)
 from .loss import chunked_cross_entropy_sum, parallel_cross_entropy_sum
 from .mesh import LayoutError, ParallelDims, build_mesh
 from .model import Transformer, init_weights
@@ -125,7 +125,12 @@ def _native_cp_micro_step(state: TrainingState, inputs, labels, accum: int, loss
 
 
 def train_step(state: TrainingState, batches) -> dict:
-    """One optimizer step over ``grad_accum_steps`` micro-batches; returns step metrics."""
+    """One optimizer step over ``grad_accum_steps`` micro-batches.
+
+    Returns tensors (loss averaged over dp x cp, identical on every rank; the total grad
+    norm) and the learning rate used; nothing here reads a value back to the host, so a
+    step can be traced under FakeTensorMode.
+    """
     plan = state.plan
     accum = plan.grad_accum_steps
     total = torch.zeros((), device=state.device)
@@ -142,15 +147,16 @@ def train_step(state: TrainingState, batches) -> dict:
             loss = micro_loss(state, inputs, labels, positions) / accum
             with loss_ctx:
                 loss.backward()
-        total += loss.detach().to_local() if hasattr(loss, "to_local") else loss.detach()
+        total += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), plan.optimizer.max_norm, foreach=False)
+    lr = state.scheduler.get_last_lr()[0]
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     dist.all_reduce(total, op=dist.ReduceOp.AVG, group=state.mesh["dp_cp"].get_group())
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return {"loss": float(total), "grad_norm": float(grad_norm), "lr": state.scheduler.get_last_lr()[0]}
+    return {"loss": total, "grad_norm": grad_norm, "lr": lr}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -173,9 +179,54 @@ def _init_distributed(device_arg: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _peak_flops(plan: Plan, device: torch.device) -> float | None:
-    gpu = plan.hardware.get("gpu") if device.type == "cuda" else None
-    return float(gpu["bf16_flops_per_s"]) if gpu else None
+def train_loop(plan: Plan, mesh, dims: ParallelDims, device: torch.device, source: TokenSource, steps: int,
+               seed: int = 0, metrics_path: str | None = None, checkpoint_dir: str | None = None,
+               checkpoint_every: int = 0, resume: bool = False, shard_over_cp: bool = True) -> list[dict]:
+    """Train ``plan`` on an existing mesh up to step ``steps``; returns the step records."""
+    state = build_training_state(plan, mesh, dims, device, seed, shard_over_cp=shard_over_cp)
+    if resume and checkpoint_dir:
+        _resume(state, checkpoint_dir)
+    dp_rank, dp = mesh["dp"].get_local_rank(), dims.dp_replicate * dims.dp_shard
+    log = StepMetrics(plan, device, dist.get_world_size(), metrics_path, write=dist.get_rank() == 0)
+    try:
+        for step in range(state.step, steps):
+            batches = [batch_for_step(source, step * plan.grad_accum_steps + m, plan.local_batch_size, dp_rank, dp)
+                       for m in range(plan.grad_accum_steps)]
+            _synchronize(device)
+            began = time.perf_counter()
+            raw = train_step(state, batches)
+            raw = {key: float(value) for key, value in raw.items()}  # waits for the step
+            _synchronize(device)
+            log.record(step + 1, raw, time.perf_counter() - began)
+            if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                ckpt.save(checkpoint_dir, step + 1, state.model, state.optimizer,
+                          {"step": step + 1, "scheduler": state.scheduler.state_dict(), "rng": ckpt.rng_state(),
+                           "data_position": (step + 1) * plan.grad_accum_steps})
+    finally:
+        log.close()
+    return log.records
+
+
+def _resume(state: TrainingState, checkpoint_dir: str) -> None:
+    found = ckpt.latest(checkpoint_dir)
+    if found is None:
+        if any(Path(checkpoint_dir).glob("step-*")):
+            raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {checkpoint_dir} "
+                                       "(only partial ones); delete them or start without --resume")
+        return  # nothing saved yet: start from step 0
+    trainer = ckpt.load(found, state.model, state.optimizer)
+    try:
+        state.scheduler.load_state_dict(trainer["scheduler"])
+        ckpt.set_rng_state(trainer["rng"])
+        state.step = int(trainer["step"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ckpt.CheckpointError(f"checkpoint {found} cannot be loaded (trainer state lacks {error}); "
+                                   "delete it or point --checkpoint-dir elsewhere") from None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run(args) -> dict:
@@ -184,58 +235,18 @@ def run(args) -> dict:
     p = plan.parallelism
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world)  # checked before any collective
-    source = TokenSource(spec.vocab_size, plan.seq_len, args.seed, args.data)
-    if plan.seq_len % (2 * p.cp) or (p.tp > 1 and (plan.local_batch_size * plan.seq_len // p.cp) % p.tp):
-        raise LayoutError(f"seq_len={plan.seq_len} must split into 2 x cp chunks (and tokens per rank by tp)")
+    if plan.seq_len % (2 * p.cp) or (p.tp > 1 and (plan.seq_len // p.cp) % p.tp):
+        raise LayoutError(f"seq_len={plan.seq_len} must split into 2 x cp = {2 * p.cp} equal chunks "
+                          f"(and each rank's {plan.seq_len // p.cp} tokens by tp={p.tp})")
+    sequences_per_step = plan.local_batch_size * p.dp_replicate * p.dp_shard * plan.grad_accum_steps
+    source = TokenSource(spec.vocab_size, plan.seq_len, args.seed, args.data, sequences_per_step)
     device = _init_distributed(args.device)
     mesh = build_mesh(dims, device.type, plan.mesh_order)
-    state = build_training_state(plan, mesh, dims, device, args.seed,
-                                 shard_over_cp=not args.debug_fsdp_over_dp_shard_only)
-    start_step = 0
-    if args.resume and args.checkpoint_dir:
-        found = ckpt.latest(args.checkpoint_dir)
-        if found is None and any(Path(args.checkpoint_dir).glob("step-*")):
-            raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {args.checkpoint_dir}")
-        if found is not None:
-            trainer = ckpt.load(found, state.model, state.optimizer)
-            state.scheduler.load_state_dict(trainer["scheduler"])
-            ckpt.set_rng_state(trainer["rng"])
-            start_step = state.step = trainer["step"]
-    rank = dist.get_rank()
-    dp_rank = state.mesh["dp"].get_local_rank()
-    dp = dims.dp_replicate * dims.dp_shard
-    metrics_file = open(args.metrics, "a") if (args.metrics and rank == 0) else None
-    flops_per_token = model_flops_per_token(spec, plan.seq_len)
-    peak = _peak_flops(plan, device)
-    records = []
-    try:
-        for step in range(start_step, args.steps):
-            batches = [batch_for_step(source, step * plan.grad_accum_steps + m, plan.local_batch_size, dp_rank, dp)
-                       for m in range(plan.grad_accum_steps)]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            metrics = train_step(state, batches)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - began
-            tokens_per_gpu = plan.global_batch_tokens / world / elapsed
-            metrics.update(step=step + 1, step_time_s=elapsed, tokens_per_second_per_gpu=tokens_per_gpu,
-                           mfu=(flops_per_token * tokens_per_gpu / peak) if peak else None,
-                           peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
-            records.append(metrics)
-            if metrics_file:
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-            if args.checkpoint_dir and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-                ckpt.save(args.checkpoint_dir, step + 1, state.model, state.optimizer,
-                          {"step": step + 1, "scheduler": state.scheduler.state_dict(), "rng": ckpt.rng_state(),
-                           "data_position": (step + 1) * plan.grad_accum_steps})
-    finally:
-        if metrics_file:
-            metrics_file.close()
+    records = train_loop(plan, mesh, dims, device, source, args.steps, args.seed, args.metrics,
+                         args.checkpoint_dir, args.checkpoint_every, args.resume,
+                         shard_over_cp=not args.debug_fsdp_over_dp_shard_only)
     summary = summarize_run(plan, records)
-    if rank == 0:
+    if dist.get_rank() == 0:
         print(format_summary(plan, summary))
         if args.record:
             with open(args.record, "a") as out:
@@ -246,34 +257,10 @@ def run(args) -> dict:
     return summary
 
 
-def summarize_run(plan: Plan, records: list[dict]) -> dict:
-    """Steady-state measurement: the first step (warm-up, lazy optimizer state) is dropped."""
-    steady = records[1:] or records
-    if not steady:
-        return {"steps": 0}
-    mean = lambda key: (sum(r[key] for r in steady) / len(steady)) if steady[0].get(key) is not None else None
-    peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes") is not None]
-    return {"steps": len(records), "final_loss": records[-1]["loss"], "step_time_s": mean("step_time_s"),
-            "tokens_per_second_per_gpu": mean("tokens_per_second_per_gpu"), "mfu": mean("mfu"),
-            "peak_memory_bytes": max(peaks) if peaks else None}
-
-
-def format_summary(plan: Plan, summary: dict) -> str:
-    predicted = plan.predicted.model_dump() if plan.predicted else {}
-    lines = [f"{'':<28}{'measured':>16}{'predicted':>16}"]
-    for key, unit in (("peak_memory_bytes", "GiB"), ("step_time_s", "s"), ("tokens_per_second_per_gpu", ""),
-                      ("mfu", "")):
-        measured, expected = summary.get(key), predicted.get(key)
-        scale = 2**30 if unit == "GiB" else 1
-        fmt = lambda v: "n/a" if v is None else (f"{v / scale:.3f}" if key != "tokens_per_second_per_gpu" else f"{v:,.0f}")
-        lines.append(f"{key:<28}{fmt(measured):>16}{fmt(expected):>16}")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m runtime.train", description=__doc__)
     parser.add_argument("--plan", required=True)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="train up to this step (a resumed run continues)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--metrics", default=None, help="JSONL, one object per step (rank 0)")

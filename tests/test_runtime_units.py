@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from runtime.context_parallel import chunked_causal_attention, head_tail_chunks, reorder_gathered, shard_sequence
 from runtime.data import DataError, TokenSource
 from runtime.model import RMSNormFunction
-from runtime_helpers import run_plan, write_plan
+from runtime_helpers import free_port, run_plan, write_plan
 
 
 @pytest.mark.parametrize("cp", [2, 4])
@@ -61,8 +61,10 @@ def test_token_file_and_too_short_file(tmp_path):
     source = TokenSource(vocab_size=128, seq_len=31, path=str(path))
     assert torch.equal(source.sample(1), torch.from_numpy(ids[32:64].astype(np.int64)))
     (tmp_path / "short.bin").write_bytes(ids[:10].tobytes())
-    with pytest.raises(DataError, match="fewer than one sequence"):
+    with pytest.raises(DataError, match="fewer than one step needs"):
         TokenSource(vocab_size=128, seq_len=31, path=str(tmp_path / "short.bin"))
+    with pytest.raises(DataError, match=r"fewer than one step needs \(64 sequences"):
+        TokenSource(vocab_size=128, seq_len=31, path=str(path), sequences_per_step=64)
 
 
 @pytest.mark.timeout(300)
@@ -79,23 +81,42 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert first + second == straight  # exact equality, not approximately
 
 
-@pytest.mark.timeout(120)
+def _run_single(plan, tmp_path, *extra, world: int = 1):
+    """One plain process (no torchrun), so the exit code is runtime.train's own."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world), RANK="0", MASTER_PORT=str(free_port()))
+    return subprocess.run([sys.executable, "-m", "runtime.train", "--plan", str(plan), "--device", "cpu", *extra],
+                          capture_output=True, text=True, timeout=100, env=env)
+
+
+def _one_clear_line(result, text):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1 and text in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.timeout(240)
 def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     plan = write_plan(tmp_path / "plan.yaml", {"dp_shard": 4}, local_batch_size=1)
-    code, _, err = run_plan(plan, 2, 2, tmp_path)
+    _one_clear_line(_run_single(plan, tmp_path, world=2), "= 4, but 2 processes were started")
+    code, _, err = run_plan(plan, 2, 2, tmp_path, timeout=100)  # under torchrun: fails, no hang
     assert code != 0 and "= 4, but 2 processes were started" in err
     ids = np.arange(10, dtype=np.uint16)
     (tmp_path / "short.bin").write_bytes(ids.tobytes())
     plan1 = write_plan(tmp_path / "one.yaml", {}, local_batch_size=1)
-    code, _, err = run_plan(plan1, 1, 2, tmp_path, extra=["--data", str(tmp_path / "short.bin")])
-    assert code != 0 and "fewer than one sequence" in err
+    _one_clear_line(_run_single(plan1, tmp_path, "--data", str(tmp_path / "short.bin")), "fewer than one step needs")
     broken = tmp_path / "ckpt" / "step-3"
     broken.mkdir(parents=True)
     (broken / "COMPLETE").write_text("3")
     (broken / "trainer_state.json").write_text("{not json")
-    code, _, err = run_plan(plan1, 1, 4, tmp_path, extra=["--checkpoint-dir", str(tmp_path / "ckpt"), "--resume"])
-    assert code != 0 and "cannot be loaded" in err
-    assert "Traceback" not in err.split("runtime.train: error:")[0][-200:] or "runtime.train: error:" in err
+    _one_clear_line(_run_single(plan1, tmp_path, "--checkpoint-dir", str(tmp_path / "ckpt"), "--resume"),
+                    "cannot be loaded")
+    partial = tmp_path / "ckpt2" / "step-4.tmp"
+    partial.mkdir(parents=True)
+    _one_clear_line(_run_single(plan1, tmp_path, "--checkpoint-dir", str(tmp_path / "ckpt2"), "--resume"),
+                    "no complete checkpoint")
 
 
 @pytest.mark.timeout(180)
