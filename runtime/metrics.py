@@ -68,7 +68,8 @@ def summarize_run(plan: Plan, records: list[dict]) -> dict:
     """Steady-state measurement: the first step (warm-up, lazy optimizer state) is dropped.
 
     Keys: steps, final_loss, step_time_s, tokens_per_second_per_gpu, mfu,
-    peak_memory_bytes (max allocated; None off GPU), peak_memory_kind.
+    peak_memory_bytes (max allocated; None off GPU), peak_memory_kind,
+    peak_memory_reserved_bytes (max reserved; None off GPU).
     """
     steady = records[1:] or records
     if not steady:
@@ -79,9 +80,12 @@ def summarize_run(plan: Plan, records: list[dict]) -> dict:
         return sum(values) / len(values) if values else None
 
     peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes") is not None]
+    reserved = [r["peak_memory_reserved_bytes"] for r in records if r.get("peak_memory_reserved_bytes") is not None]
     return {"steps": len(records), "final_loss": records[-1]["loss"], "step_time_s": mean("step_time_s"),
             "tokens_per_second_per_gpu": mean("tokens_per_second_per_gpu"), "mfu": mean("mfu"),
-            "peak_memory_bytes": max(peaks) if peaks else None, "peak_memory_kind": "allocated"}
+            "peak_memory_bytes": max(peaks) if peaks else None, "peak_memory_kind": "allocated",
+            # the caching allocator's reserve: what calibration fits fragmentation from
+            "peak_memory_reserved_bytes": max(reserved) if reserved else None}
 
 
 def format_summary(plan: Plan, summary: dict) -> str:
