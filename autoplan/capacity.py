@@ -20,7 +20,7 @@ from cost_models.specs import GPUSpec, ModelSpec, resolve_gpu, resolve_model
 
 from .errors import UsageError
 from .planner import PlanRequest, PlanResult, make_plan
-from .units import format_duration, format_tokens, parse_seq_len, parse_train_tokens
+from .units import format_duration, format_tokens, int_argument, parse_seq_len, parse_train_tokens
 
 DEFAULT_MAX_GPUS = 4096
 
@@ -219,17 +219,6 @@ def handle(args) -> int:
     return 0 if result.fewest_gpus else 1
 
 
-def _int(flag: str):
-    def parse(text: str) -> int:
-        import argparse
-        try:
-            return int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    parse.__name__ = flag
-    return parse
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "capacity", help="fewest GPUs for a target sequence length, and neighbouring cluster sizes",
@@ -239,9 +228,9 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=None, help="preset (default llama3-8b) or a Hugging Face config.json")
     parser.add_argument("--target-seqlen", required=True, help="e.g. 256k, 1M, 262144 (k = 1024)")
     parser.add_argument("--gpu", default=None, help="GPU preset (default h100-sxm-80gb)")
-    parser.add_argument("--max-gpus", type=_int("--max-gpus"), default=DEFAULT_MAX_GPUS,
+    parser.add_argument("--max-gpus", type=int_argument("--max-gpus"), default=DEFAULT_MAX_GPUS,
                         help=f"largest cluster to consider (default {DEFAULT_MAX_GPUS})")
-    parser.add_argument("--gpus-per-node", type=_int("--gpus-per-node"), default=None,
+    parser.add_argument("--gpus-per-node", type=int_argument("--gpus-per-node"), default=None,
                         help="default: the GPU preset's node size")
     parser.add_argument("--train-tokens", default=None, help="token budget for time-to-train, e.g. 1T, 300B (decimal)")
     parser.add_argument("--executor", choices=["autoplan", "torchtitan"], default="autoplan")

@@ -39,7 +39,7 @@ from cost_models.specs import GPUSpec, ModelSpec, SpecError, resolve_gpu, resolv
 from .errors import UsageError
 from .fix import parse_fix
 from .planner import PlanRequest, PlanResult, make_plan
-from .units import format_tokens, parse_seq_len
+from .units import format_tokens, int_argument, parse_seq_len
 
 KNOBS = ("cp", "gpus", "seqlen", "gpu")
 FAMILIES: dict[str, Callable[[Parallelism], bool]] = {
@@ -542,17 +542,6 @@ def handle(args) -> int:
     return 0
 
 
-def _int(flag: str):
-    def parse(text: str) -> int:
-        import argparse
-        try:
-            return int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    parse.__name__ = flag
-    return parse
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep", help="vary one knob (cp, gpus, seqlen, gpu) or draw the seq_len vs tokens/s frontier",
@@ -562,9 +551,9 @@ def register(subparsers) -> None:
     parser.add_argument("--values", default=None, help="comma-separated, e.g. 1,2,4,8 or 32k,128k,1M or h100,h200")
     parser.add_argument("--model", default=None, help="preset (default llama3-8b) or a Hugging Face config.json")
     parser.add_argument("--gpu", default=None, help="GPU preset (default h100-sxm-80gb)")
-    parser.add_argument("--gpus", type=_int("--gpus"), default=None,
+    parser.add_argument("--gpus", type=int_argument("--gpus"), default=None,
                         help="GPU count (default: one node of 8; for --knob cp with pinned degrees, their product)")
-    parser.add_argument("--gpus-per-node", type=_int("--gpus-per-node"), default=None)
+    parser.add_argument("--gpus-per-node", type=int_argument("--gpus-per-node"), default=None)
     parser.add_argument("--fix", default=None, help="pin knobs, e.g. dp_shard=8,tp=1")
     parser.add_argument("--target-seqlen", default=None,
                         help="report tokens/s and MFU at this length (default: each point's longest)")
@@ -573,5 +562,5 @@ def register(subparsers) -> None:
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="draw the charts (needs autoplan[plot])")
     parser.add_argument("--out", default=None, metavar="FILE", help="write the table/csv/json here")
-    parser.add_argument("--jobs", type=_int("--jobs"), default=None, help="worker processes (default: CPUs, at most 8)")
+    parser.add_argument("--jobs", type=int_argument("--jobs"), default=None, help="worker processes (default: CPUs, at most 8)")
     parser.set_defaults(func=handle)

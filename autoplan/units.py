@@ -89,3 +89,17 @@ def format_duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.1f} s"
+
+
+def int_argument(flag: str):
+    """argparse ``type=`` for integer flags (``capacity``, ``sweep``): a one-line error
+    naming the value; range checks stay with the command."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    parse.__name__ = flag
+    return parse
