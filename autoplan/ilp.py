@@ -174,7 +174,6 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
     if objective == "max-seqlen":
         prob += pulp.lpSum(priced[i].candidate.seq_len * x[i] for i in indices)
     elif objective == "min-gpus":
-        prob.sense = pulp.LpMinimize
         prob += pulp.lpSum(priced[i].candidate.num_gpus * x[i] for i in indices)
     else:
         terms = []

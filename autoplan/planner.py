@@ -11,7 +11,7 @@ Objectives:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from cost_models.config import AC_MODES, ACPolicy, Parallelism
@@ -179,8 +179,7 @@ def _fewest_fitting_gpus(request: PlanRequest, allowed: tuple[str, ...], target:
 def _estimate(request: PlanRequest, candidate: Candidate, counts: dict[str, int]) -> StepEstimate:
     cfg = candidate.train_config()
     ac = ACPolicy.mix(request.model.n_layers, counts.get("full", 0), counts.get("selective", 0))
-    cfg = type(cfg)(cfg.parallelism, cfg.seq_len, cfg.local_batch_size, cfg.grad_accum_steps, ac, cfg.cp_impl,
-                    cfg.mesh_order, cfg.precision)
+    cfg = replace(cfg, ac=ac)
     cluster = ClusterSpec(request.gpu, candidate.num_gpus, request.gpus_per_node)
     estimate = estimate_step(request.model, cluster, cfg, request.executor)
     if request.memory_capacity_bytes is not None:
@@ -189,7 +188,6 @@ def _estimate(request: PlanRequest, candidate: Candidate, counts: dict[str, int]
 
 
 def _with_capacity(estimate: StepEstimate, capacity: float) -> StepEstimate:
-    from dataclasses import replace
     return replace(estimate, memory_capacity_bytes=capacity, fits=estimate.peak_memory_bytes <= capacity)
 
 
@@ -296,8 +294,7 @@ def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandida
         lines.append(f"try fewer pins than --fix {','.join(f'{k}={v}' for k, v in request.fixed.items())}")
     if target and objective != "min-gpus":
         for factor in (2, 4, 8, 16, 32, 64):
-            more = PlanRequest(**{**request.__dict__, "num_gpus": request.num_gpus * factor, "objective": "throughput",
-                                  "top_k": 0})
+            more = replace(request, num_gpus=request.num_gpus * factor, objective="throughput", top_k=0)
             try:
                 priced_more, _ = _price_all(more, [more.num_gpus], [target])
             except SpecError:
@@ -306,8 +303,8 @@ def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandida
                 lines.append(f"the target fits on {more.num_gpus} GPUs ({factor}x): try --gpus {more.num_gpus} "
                              f"or --objective min-gpus --gpus {more.num_gpus}")
                 break
-        shorter = PlanRequest(**{**request.__dict__, "objective": "max-seqlen", "target_seq_len": None,
-                                 "fixed": {k: v for k, v in request.fixed.items() if k != "seq_len"}, "top_k": 0})
+        shorter = replace(request, objective="max-seqlen", target_seq_len=None, top_k=0,
+                          fixed={k: v for k, v in request.fixed.items() if k != "seq_len"})
         longest = _longest_fitting_seq(shorter, allowed)
         if longest:
             lines.append(f"on {request.num_gpus} GPUs the longest sequence that fits is {format_seq(longest)} "
