@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from cost_models.config import AC_MODES, CP_IMPLS, MESH_DIMS
+from cost_models.config import AC_MODES, CP_IMPLS, DEGREES, MESH_DIMS
+from cost_models.rules import seq_len_violation
 
 from .errors import UsageError
 from .units import parse_seq_len
 
-DEGREE_KNOBS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
-INT_KNOBS = DEGREE_KNOBS + ("local_batch_size", "grad_accum_steps")
+INT_KNOBS = DEGREES + ("local_batch_size", "grad_accum_steps")
 KNOBS = INT_KNOBS + ("cp_impl", "ac", "mesh_order", "seq_len")
 
 
@@ -77,8 +77,8 @@ def parse_fix(text: str) -> dict[str, Any]:
     if cp is not None and cp > 1 and fixed.get("cp_impl") == "none":
         raise UsageError(f"--fix cp={cp} with cp_impl=none: pick one of "
                          f"{', '.join(i for i in CP_IMPLS if i != 'none')}")
-    if cp is not None and cp > 1 and "seq_len" in fixed and fixed["seq_len"] % (2 * cp):
-        raise UsageError(f"--fix seq_len={fixed['seq_len']} with cp={cp}: seq_len must be divisible by "
-                         f"2 x cp = {2 * cp} (head-tail load balancing)")
+    violation = seq_len_violation(fixed["seq_len"], cp) if cp is not None and "seq_len" in fixed else None
+    if violation:
+        raise UsageError(f"--fix seq_len={fixed['seq_len']} with cp={cp}: {violation}")
     fixed.pop("pp", None)
     return fixed

@@ -56,8 +56,15 @@ class PricedCandidate:
         peak = self.memory.peak_tensor_bytes_for_counts(counts["full"], counts["selective"], counts["none"])
         return peak <= self.tensor_budget_bytes
 
+    @property
+    def terms(self) -> TimeTerms:
+        """The time terms; only candidates that can fit (``time`` set) reach the solver."""
+        if self.time is None:
+            raise SolverError(f"{self.candidate.describe()} cannot fit and has no time terms")
+        return self.time
+
     def seconds_per_token(self, counts: dict[str, int]) -> float:
-        return self.time.step_s(counts) / self.tokens_per_gpu_step
+        return self.terms.step_s(counts) / self.tokens_per_gpu_step
 
     def full_ac_peak_tensor_bytes(self) -> float:
         return self.memory.peak_tensor_bytes_for_counts(self.n_layers, 0, 0)
@@ -167,7 +174,7 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
             prob += u[i, m] <= x[i]
         prob += pulp.lpSum(n[i, m] for m in allowed_modes) == L * x[i]
         _memory_constraints(prob, p, x[i], {m: n[i, m] for m in allowed_modes}, {m: u[i, m] for m in allowed_modes}, i)
-        t = p.time
+        t = p.terms
         recompute = pulp.lpSum(t.recompute_s[m] * n[i, m] for m in allowed_modes)
         prob += e[i] >= (t.fsdp_comm_s - t.hiding_compute_s) * x[i] - recompute
     prob += pulp.lpSum(x.values()) == 1
@@ -178,7 +185,7 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
     else:
         terms = []
         for i in indices:
-            t = priced[i].time
+            t = priced[i].terms
             scale = 1e6 / priced[i].tokens_per_gpu_step  # microseconds per token
             micro = (t.base_s * x[i] + e[i]
                      + pulp.lpSum((t.recompute_s[m] + t.recompute_comm_s[m]) * n[i, m] for m in allowed_modes))
@@ -214,7 +221,7 @@ def _prune_by_bounds(priced: list[PricedCandidate], indices: list[int], allowed_
     upper = float("inf")
     for i in indices:
         p = priced[i]
-        t, mt = p.time, p.memory
+        t, mt = p.terms, p.memory
         L = p.n_layers
         room = p.tensor_budget_bytes - (mt.static_bytes + mt.root_unsharded_bytes + mt.forward_block_bytes
                                         + mt.root_activation_bytes + mt.loss_working_bytes)

@@ -19,7 +19,10 @@ from cost_models.config import (
     TrainConfig,
     check_mesh_order,
 )
+from cost_models.executors import EXECUTOR_PROFILES, ExecutorProfile
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
+
+from .report.describe import describe_ac, describe_layout
 
 
 class PlanError(ValueError):
@@ -118,7 +121,11 @@ class Plan(BaseModel):
     optimizer: OptimizerDoc = Field(default_factory=OptimizerDoc)
     model: dict[str, Any]
     hardware: dict[str, Any] = Field(default_factory=dict)
-    executor: Literal["autoplan", "torchtitan"] = "autoplan"
+    executor: str = "autoplan"
+    # The executor profile the plan was priced with (calibrated values included), so
+    # check, emit and run price what the planner priced. Absent: the named preset.
+    executor_profile: dict[str, Any] | None = None
+    calibration: str | None = None  # the calibration file the plan was priced with, if any
     # Tokens per loss chunk in the runtime's chunked cross-entropy (None: one chunk).
     loss_chunk_tokens: int | None = Field(None, ge=1)
     predicted: PredictedDoc | None = None
@@ -142,6 +149,8 @@ class Plan(BaseModel):
             )
         if self.parallelism.cp > 1 and self.cp_impl == "none":
             self.cp_impl = "allgather-kv"
+        if self.executor not in EXECUTOR_PROFILES:
+            raise ValueError(f"executor {self.executor!r}: use one of {', '.join(EXECUTOR_PROFILES)}")
         return self
 
     # Conversions to the cost-model inputs --------------------------------------------
@@ -150,6 +159,21 @@ class Plan(BaseModel):
             return ModelSpec.from_dict(self.model)
         except (SpecError, TypeError) as error:
             raise PlanError(f"plan.model: {error}") from None
+
+    def executor_spec(self) -> ExecutorProfile:
+        """The profile the plan was priced with (its recorded values), else the named preset."""
+        if self.executor_profile is None:
+            return EXECUTOR_PROFILES[self.executor]
+        try:
+            return ExecutorProfile.from_dict(self.executor_profile)
+        except SpecError as error:
+            raise PlanError(f"plan.{error}") from None
+
+    def describe_layout(self) -> str:
+        return describe_layout(self.parallelism.to_spec(), self.cp_impl, self.local_batch_size)
+
+    def describe_ac(self) -> str:
+        return describe_ac(self.activation_checkpoint.layer_modes(self.model_spec().n_layers))
 
     def gpu_spec(self) -> GPUSpec | None:
         if not self.hardware.get("gpu"):

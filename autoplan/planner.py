@@ -15,14 +15,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from cost_models.config import AC_MODES, ACPolicy, Parallelism
-from cost_models.executors import resolve_executor
-from cost_models.report import format_seq
-from cost_models.specs import GiB, ClusterSpec, GPUSpec, ModelSpec, SpecError
+from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorProfile
+from cost_models.specs import ClusterSpec, GiB, GPUSpec, ModelSpec, SpecError
 from cost_models.step import StepEstimate, estimate_step
 
 from .ilp import Choice, PricedCandidate, choose, price
 from .plan import ActivationCheckpointDoc, Plan, PredictedDoc
+from .report.describe import describe_ac, describe_degrees
 from .search import Candidate, Rejection, build_search_space, check_pins, power_of_two_grid
+from .units import format_tokens
 
 OBJECTIVES = ("throughput", "max-seqlen", "min-gpus")
 MAX_SEQ_LEN = 16 * 1024 * 1024
@@ -40,13 +41,14 @@ class PlanRequest:
     objective: str | None = None  # default: throughput with a target, else max-seqlen
     fixed: dict[str, Any] = field(default_factory=dict)
     ac: str = "auto"  # auto | none | selective | full
-    executor: str = "autoplan"
+    executor: ExecutorProfile = EXECUTOR_PROFILES[DEFAULT_EXECUTOR]
     top_k: int = 3
     gpu_source: str = "named"
     time_limit_s: float = 20.0
     memory_capacity_bytes: float | None = None  # overrides the GPU's memory (tests, headroom)
     # Keep only layouts for which this returns True (e.g. a layout family in a sweep).
     layout_filter: Callable[[Parallelism], bool] | None = None
+    calibration: str | None = None  # where the GPU's and executor's calibrated values came from
 
     def resolved_objective(self) -> str:
         objective = self.objective or ("throughput" if self.target_seq_len else "max-seqlen")
@@ -96,14 +98,13 @@ def _gpu_counts(request: PlanRequest, objective: str) -> list[int]:
 
 def _price_all(request: PlanRequest, gpu_counts: list[int], seq_lens: list[int]
                ) -> tuple[list[PricedCandidate], list[Rejection]]:
-    executor = resolve_executor(request.executor)
     fixed = {k: v for k, v in request.fixed.items() if k not in ("ac", "seq_len")}
     space = build_search_space(request.model, request.gpu, gpu_counts, seq_lens, request.gpus_per_node,
                                fixed, request.global_batch_tokens)
     candidates = space.candidates
     if request.layout_filter is not None:
         candidates = [c for c in candidates if request.layout_filter(c.parallelism)]
-    priced = [price(request.model, request.gpu, c, executor, request.gpus_per_node,
+    priced = [price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
                     request.memory_capacity_bytes) for c in candidates]
     return priced, space.rejections
 
@@ -127,11 +128,11 @@ def make_plan(request: PlanRequest) -> PlanResult:
         seq_len = _longest_fitting_seq(request, allowed)
         seq_lens = [seq_len] if seq_len else [MIN_SEQ_LEN]
         gpu_counts = [request.num_gpus]
-    elif objective == "min-gpus":
-        gpu_counts = _fewest_fitting_gpus(request, allowed, target)
-        seq_lens = [target]
     else:
-        gpu_counts, seq_lens = [request.num_gpus], [target]
+        if target is None:  # resolved_objective() requires a target for these objectives
+            raise SpecError(f"--objective {objective} needs --target-seqlen")
+        gpu_counts = _fewest_fitting_gpus(request, allowed, target) if objective == "min-gpus" else [request.num_gpus]
+        seq_lens = [target]
     priced, rejections = _price_all(request, gpu_counts, seq_lens)
     choice = choose(priced, allowed, time_limit_s=request.time_limit_s)
     if choice is None:
@@ -212,8 +213,9 @@ def _alternatives(request: PlanRequest, priced: list[PricedCandidate], choice: C
 
     excluded: list[set[int]] = []
     out = []
-    current = choice
+    current: Choice | None = choice
     for _ in range(request.top_k):
+        assert current is not None
         fam = family(priced[current.index])
         excluded.append({i for i, p in enumerate(priced) if family(p) == fam})
         current = choose(priced, allowed, time_limit_s=request.time_limit_s, excluded=excluded)
@@ -225,27 +227,20 @@ def _alternatives(request: PlanRequest, priced: list[PricedCandidate], choice: C
     return out
 
 
-def _ac_summary(counts: dict[str, int]) -> str:
-    used = {m: n for m, n in counts.items() if n}
-    if len(used) == 1:
-        return next(iter(used))
-    return " + ".join(f"{n} {m}" for m, n in used.items())
-
-
 def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], estimate: StepEstimate,
              alternatives: list[Alternative], rejections: list[Rejection], objective: str) -> Plan:
     model = request.model
     ac = ACPolicy.mix(model.n_layers, counts.get("full", 0), counts.get("selective", 0))
-    executor = resolve_executor(request.executor)
+    executor = request.executor
     p = cand.parallelism
     explanation = [
-        f"objective {objective}: chose dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} cp={p.cp} tp={p.tp}"
-        f" at seq_len {format_seq(cand.seq_len)}, local batch {cand.local_batch_size}, AC {_ac_summary(counts)}",
+        f"objective {objective}: chose {describe_degrees(p)}"
+        f" at seq_len {format_tokens(cand.seq_len)}, local batch {cand.local_batch_size}, AC {describe_ac(counts)}",
         f"predicted {estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU, MFU {estimate.mfu * 100:.1f}%, "
         f"{_bound_by(estimate)}",
     ]
     for alt in alternatives:
-        explanation.append(f"alternative {alt.candidate.describe()} AC {_ac_summary(alt.counts)}: "
+        explanation.append(f"alternative {alt.candidate.describe()} AC {describe_ac(alt.counts)}: "
                            f"{alt.estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU; {alt.bound_by}")
     reasons = Counter(r.reason.split(";")[0] for r in rejections)
     for reason, count in reasons.most_common(3):
@@ -263,8 +258,10 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
                   "gpus_per_node": request.gpus_per_node or min(request.gpu.gpus_per_node, cand.num_gpus),
                   "source": request.gpu_source},
         executor=executor.name,
+        executor_profile=executor.to_dict(),
+        calibration=request.calibration,
         loss_chunk_tokens=executor.loss_chunk_tokens,
-        predicted=PredictedDoc(**estimate.summary(), peak_phase=estimate.memory.peak_phase),
+        predicted=PredictedDoc(**estimate.summary(), peak_phase=estimate.peak_phase),
         alternatives=[{"parallelism": a.candidate.parallelism.as_dict(), "seq_len": a.candidate.seq_len,
                        "local_batch_size": a.candidate.local_batch_size, "cp_impl": a.candidate.cp_impl,
                        "mesh_order": list(a.candidate.mesh_order), "activation_checkpoint": dict(a.counts),
@@ -284,7 +281,7 @@ def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandida
                 + mt.comm_buffer_bytes)
         have = request.memory_capacity_bytes or request.gpu.memory_bytes
         lines.append(f"no layout fits: the closest, {closest.candidate.describe()} at seq_len "
-                     f"{format_seq(closest.candidate.seq_len)}, needs {need / GiB:.1f} GiB of {have / GiB:.1f} "
+                     f"{format_tokens(closest.candidate.seq_len)}, needs {need / GiB:.1f} GiB of {have / GiB:.1f} "
                      f"even with full AC")
     else:
         lines.append("no layout passes the structural rules for this model and GPU count")
@@ -307,7 +304,7 @@ def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandida
                           fixed={k: v for k, v in request.fixed.items() if k != "seq_len"})
         longest = _longest_fitting_seq(shorter, allowed)
         if longest:
-            lines.append(f"on {request.num_gpus} GPUs the longest sequence that fits is {format_seq(longest)} "
+            lines.append(f"on {request.num_gpus} GPUs the longest sequence that fits is {format_tokens(longest)} "
                          f"(--objective max-seqlen)")
     if rejections:
         reasons = Counter(r.reason.split(";")[0] for r in rejections)

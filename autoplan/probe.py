@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cost_models.specs import DEFAULT_GPU, GPU_PRESETS, GB, GPUSpec, GiB, resolve_gpu
+from cost_models.specs import DEFAULT_GPU, GB, GPU_PRESETS, GiB, GPUSpec, resolve_gpu
 
 from .errors import UsageError
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from cost_models.comm import group_tier
-from cost_models.config import DEFAULT_MESH_ORDER, Parallelism, TrainConfig
+from cost_models.config import DEFAULT_MESH_ORDER, MESH_DIMS, Parallelism, TrainConfig
 from cost_models.rules import layout_violations
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
 
-DEGREE_KNOBS = ("dp_replicate", "dp_shard", "cp", "tp")
+from .report.describe import describe_layout
+
 DEFAULT_BATCHES = (1, 2, 4, 8)
 # Larger local batches only add candidates once a micro-batch already holds this many
 # tokens per GPU: matmuls are saturated and per-step overheads amortized well before.
@@ -43,11 +44,7 @@ class Candidate:
                            None, self.cp_impl, self.mesh_order)
 
     def describe(self) -> str:
-        p = self.parallelism
-        text = f"dp_rep={p.dp_replicate} dp_shard={p.dp_shard} cp={p.cp} tp={p.tp}"
-        if p.cp > 1:
-            text += f" {self.cp_impl}"
-        return text + f" b={self.local_batch_size}"
+        return describe_layout(self.parallelism, self.cp_impl, self.local_batch_size)
 
 
 @dataclass(frozen=True)
@@ -65,10 +62,10 @@ class SearchSpace:
 def check_pins(model: ModelSpec, num_gpus: int, fixed: dict[str, Any], gpus_per_node: int | None = None) -> None:
     """Pinned degrees that can never work are a usage error, not an empty search."""
     product = 1
-    for knob in DEGREE_KNOBS:
+    for knob in MESH_DIMS:
         product *= int(fixed.get(knob, 1))
     if num_gpus % product:
-        pins = ",".join(f"{k}={fixed[k]}" for k in DEGREE_KNOBS if k in fixed)
+        pins = ",".join(f"{k}={fixed[k]}" for k in MESH_DIMS if k in fixed)
         raise SpecError(f"--fix {pins}: the pinned degrees multiply to {product}, which does not divide "
                         f"--gpus {num_gpus}")
     tp = int(fixed.get("tp", 1))
@@ -138,7 +135,7 @@ def build_search_space(model: ModelSpec, gpu: GPUSpec, gpu_counts: Iterable[int]
         for degrees in factorizations(num_gpus):
             par = Parallelism(*degrees)
             what = f"{num_gpus} GPUs dp_rep={degrees[0]} dp_shard={degrees[1]} cp={degrees[2]} tp={degrees[3]}"
-            mismatch = [k for k in DEGREE_KNOBS if k in fixed and fixed[k] != par.degree(k)]
+            mismatch = [k for k in MESH_DIMS if k in fixed and fixed[k] != par.degree(k)]
             if mismatch:
                 continue  # the user pinned another value: not a rejection worth listing
             if par.dp_replicate > 1 and par.dp_replicate > cluster.num_nodes and "dp_replicate" not in fixed:

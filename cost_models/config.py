@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from .rules import seq_len_divisor, seq_len_violation
 from .specs import SpecError
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # the dims of the device mesh
+DEGREES = MESH_DIMS + ("pp",)  # every parallel degree of a plan
 DEFAULT_MESH_ORDER = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
 AC_MODES = ("none", "selective", "full")
 CP_IMPLS = ("none", "allgather-kv", "ring-allgather", "ring-alltoall")
@@ -28,7 +30,7 @@ class Parallelism:
     pp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "dp_shard", "cp", "tp", "pp"):
+        for name in DEGREES:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SpecError(f"parallelism {name}={value!r} must be an integer >= 1")
@@ -49,12 +51,16 @@ class Parallelism:
         """Ranks that see different samples."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def seq_len_divisor(self) -> int:
+        """Sequence lengths this layout can split evenly (head-tail CP balancing)."""
+        return seq_len_divisor(self.cp)
+
     def degree(self, dim: str) -> int:
         return getattr(self, dim)
 
     def as_dict(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
-                "cp": self.cp, "tp": self.tp, "pp": self.pp}
+        return {name: getattr(self, name) for name in DEGREES}
 
 
 @dataclass(frozen=True)
@@ -89,13 +95,6 @@ class ACPolicy:
 
     def count(self, mode: str) -> int:
         return sum(1 for m in self.layer_modes if m == mode)
-
-    @property
-    def summary(self) -> str:
-        modes = {m for m in self.layer_modes}
-        if len(modes) == 1:
-            return next(iter(modes))
-        return "mixed(" + ", ".join(f"{m}={self.count(m)}" for m in AC_MODES if self.count(m)) + ")"
 
 
 @dataclass(frozen=True)
@@ -142,13 +141,9 @@ class TrainConfig:
         if self.parallelism.cp > 1 and self.cp_impl == "none":
             raise SpecError("cp_impl='none' with cp > 1: pick allgather-kv, ring-allgather or ring-alltoall")
         check_mesh_order(self.mesh_order)
-        cp = self.parallelism.cp
-        if cp > 1 and self.seq_len % (2 * cp):
-            raise SpecError(
-                f"seq_len={self.seq_len} must be divisible by 2 x cp = {2 * cp} (head-tail load balancing)"
-            )
-        if self.seq_len % self.parallelism.cp:
-            raise SpecError(f"seq_len={self.seq_len} must be divisible by cp={cp}")
+        violation = seq_len_violation(self.seq_len, self.parallelism.cp)
+        if violation:
+            raise SpecError(violation)
 
     @property
     def tokens_per_gpu(self) -> int:

@@ -7,7 +7,8 @@ last block stays gathered, what is counted as reserve) is captured here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 from .specs import GiB, MiB, SpecError
 
@@ -50,6 +51,24 @@ class ExecutorProfile:
     def with_overrides(self, **overrides) -> "ExecutorProfile":
         return replace(self, **overrides)
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "executor_profile") -> "ExecutorProfile":
+        """The inverse of ``to_dict`` (JSON/YAML lists back to tuples); unknown fields are an error."""
+        if not isinstance(data, dict):
+            raise SpecError(f"{where}: expected a mapping of profile fields")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"{where}.{unknown[0]}: unknown executor profile field (known: {', '.join(sorted(known))})")
+        values = {k: _tuples(v) for k, v in data.items()}
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise SpecError(f"{where}: {error}") from None
+
 
 EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
     # This project's runtime (runtime/loss.py): the output projection and the fp32
@@ -65,6 +84,11 @@ EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
                                   fsdp_last_block_resharded=False),
 }
 DEFAULT_EXECUTOR = "autoplan"
+
+
+def _tuples(value: Any) -> Any:
+    """Lists (as JSON and YAML write tuples) back to tuples, recursively; the profile is hashable."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def resolve_executor(name: str | ExecutorProfile | None) -> ExecutorProfile:

@@ -1,13 +1,38 @@
 """Structural rules a layout must satisfy to run at all, each with a readable reason.
 
-The planner rejects violating layouts before its solver and keeps the reason for the
-explanation; the cost model refuses to price them.
+This module owns every feasibility rule: the planner's search space, ``--fix`` pins,
+``TrainConfig`` and the runtime all ask it. The planner rejects violating layouts before
+its solver and keeps the reason for the explanation; the cost model refuses to price them.
 """
 
 from __future__ import annotations
 
-from .config import TrainConfig
+from typing import TYPE_CHECKING
+
 from .specs import ClusterSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from .config import Parallelism, TrainConfig
+
+
+def seq_len_divisor(cp: int) -> int:
+    """Sequence lengths must be multiples of this: 2 x cp chunks for head-tail load
+    balancing (rank r holds chunks r and 2cp-1-r, so causal work is equal per rank)."""
+    return 2 * cp if cp > 1 else 1
+
+
+def seq_len_violation(seq_len: int, cp: int) -> str | None:
+    """Why ``seq_len`` cannot be split over ``cp`` ranks (None when it can)."""
+    divisor = seq_len_divisor(cp)
+    if seq_len % divisor:
+        return f"seq_len must be divisible by 2 x cp = {divisor} (head-tail load balancing); {seq_len} is not"
+    return None
+
+
+def degree_product_violation(parallelism: Parallelism, num_gpus: int) -> str | None:
+    if parallelism.world_size != num_gpus:
+        return f"degrees multiply to {parallelism.world_size}, cluster has {num_gpus} GPUs"
+    return None
 
 
 def layout_violations(model: ModelSpec, cfg: TrainConfig, cluster: ClusterSpec | None = None) -> list[str]:
@@ -25,8 +50,9 @@ def layout_violations(model: ModelSpec, cfg: TrainConfig, cluster: ClusterSpec |
             reasons.append(f"tp={par.tp} spans more than one node ({cluster.gpus_per_node} GPUs per node)")
         if cfg.tokens_per_gpu % par.tp:
             reasons.append(f"tokens per GPU {cfg.tokens_per_gpu} not divisible by tp={par.tp} (sequence parallel)")
-    if par.cp > 1 and cfg.seq_len % (2 * par.cp):
-        reasons.append(f"seq_len={cfg.seq_len} not divisible by 2 x cp={2 * par.cp} (load balancing)")
-    if cluster is not None and par.world_size != cluster.num_gpus:
-        reasons.append(f"degrees multiply to {par.world_size}, cluster has {cluster.num_gpus} GPUs")
+    # seq_len vs cp is checked when the TrainConfig is built (seq_len_violation).
+    if cluster is not None:
+        mismatch = degree_product_violation(par, cluster.num_gpus)
+        if mismatch:
+            reasons.append(mismatch)
     return reasons

@@ -59,6 +59,11 @@ class StepEstimate:
     collectives: list[Collective] = field(default_factory=list)
     memory: MemoryEstimate | None = None
 
+    @property
+    def peak_phase(self) -> str:
+        """The step phase where memory peaks (loss, backward, root_reduce, optimizer)."""
+        return self.memory.peak_phase if self.memory is not None else "unknown"
+
     def summary(self) -> dict:
         return {
             "peak_memory_bytes": self.peak_memory_bytes,

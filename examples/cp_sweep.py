@@ -16,14 +16,9 @@ The same from the command line:
 
 from pathlib import Path
 
-from autoplan.sweep import (
-    SweepSetup,
-    default_frontier_seq_lens,
-    format_table,
-    frontier,
-    plot,
-    sweep,
-)
+from autoplan.report.plots import plot
+from autoplan.report.rows import format_sweep_table
+from autoplan.sweep import SweepSetup, default_frontier_seq_lens, frontier, sweep
 from cost_models.specs import resolve_gpu, resolve_model
 
 HERE = Path(__file__).resolve().parent
@@ -34,13 +29,13 @@ def main() -> None:
     # GPU count left open: it follows the pins, 8 x cp
     setup = SweepSetup(model, gpu, gpus_per_node=8, fixed={"dp_shard": 8, "tp": 1}, target_seq_len=64 * 1024)
     rows = sweep(setup, "cp", [1, 2, 4, 8])
-    print(format_table(rows))
+    print(format_sweep_table(rows))
     cp_png = HERE / "cp_sweep_llama3_8b_h100.png"
     plot(rows, str(cp_png), "llama3-8b on H100 80GB: FSDP degree 8 x CP degree (predicted; tokens/s and MFU at 64k)")
     print(f"wrote {cp_png}\n")
 
     front = frontier(SweepSetup(model, gpu, gpus=64, gpus_per_node=8), default_frontier_seq_lens())
-    print(format_table(front))
+    print(format_sweep_table(front))
     frontier_png = HERE / "frontier_llama3_8b_64xh100.png"
     plot(front, str(frontier_png), "llama3-8b on 64 x H100 80GB: fastest plan of each layout family (predicted)")
     print(f"wrote {frontier_png}")

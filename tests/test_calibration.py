@@ -233,7 +233,7 @@ def test_calibrate_command_and_the_planner_uses_the_file(tmp_path, capsys):
     assert gpu.matmul_efficiency == pytest.approx(calibration.fitted["matmul_efficiency"])
     assert executor.allocator_fragmentation == pytest.approx(calibration.fitted["allocator_fragmentation"])
     # Memory terms fitted for one executor are not applied to another.
-    _, other = calibrated(resolve_gpu("h100"), "torchtitan", out)
+    _, other = calibrated(resolve_gpu("h100"), resolve_executor("torchtitan"), out)
     assert other == resolve_executor("torchtitan")
     assert main(["--gpus", "8", "--target-seqlen", "8k", "--calibration", str(out)]) == 0
     assert "calibration" in capsys.readouterr().out
@@ -245,9 +245,8 @@ def test_calibrate_command_errors_are_one_line(tmp_path, capsys):
     assert "missing.jsonl: file not found" in capsys.readouterr().err
     assert main(["calibrate", str(path), "--params", "matmul_efficiency,bogus", "--out", ""]) == 2
     assert "'bogus'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["calibrate", str(path), "--holdout", "1.5"])
-    capsys.readouterr()
+    assert main(["calibrate", str(path), "--holdout", "1.5"]) == 2
+    assert "--holdout" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("gpu: h100-sxm-80gb\nfitted: {matmul_efficiency: 1.7}\n")
     assert main(["--gpus", "8", "--calibration", str(bad)]) == 2

@@ -3,7 +3,6 @@ step fewer fits for no layout at all (brute force over the search space with ful
 answers grow with the target, neighbouring counts by hand, time-to-train by hand, rows
 that read back equal from CSV and JSON, and one-line errors."""
 
-import argparse
 import json
 
 import pytest
@@ -11,15 +10,13 @@ import pytest
 from autoplan.capacity import (
     CapacityRow,
     capacity,
-    handle,
     neighbour_counts,
-    register,
     time_to_train,
     valid_gpu_counts,
 )
-from autoplan.cli import main
+from autoplan.cli import build_parser, main
+from autoplan.report.rows import read_rows, rows_to_csv
 from autoplan.search import build_search_space
-from autoplan.sweep import read_rows, rows_to_csv
 from cost_models.config import ACPolicy, TrainConfig
 from cost_models.specs import ClusterSpec, resolve_gpu, resolve_model
 from cost_models.step import estimate_step
@@ -118,9 +115,11 @@ def test_rows_carry_time_to_train_and_gpu_hours():
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="autoplan")
-    register(parser.add_subparsers(dest="command"))
-    return parser
+    return build_parser()
+
+
+def handle(args):
+    return args.func(args)
 
 
 def test_csv_and_json_round_trip(capsys):

@@ -4,29 +4,24 @@ force), frontier families keep their constraints and together equal the unconstr
 planner, rows read back equal from CSV and JSON, charts are PNGs, and errors are one
 line."""
 
-import argparse
 import json
 import sys
 
 import pytest
 
-from autoplan.cli import main
+from autoplan.cli import build_parser, main
 from autoplan.planner import PlanRequest, make_plan
+from autoplan.report.plots import PLOT_MISSING
+from autoplan.report.rows import MEMORY_KEYS, read_rows, rows_to_csv, rows_to_json
 from autoplan.search import build_search_space, power_of_two_grid
 from autoplan.sweep import (
     FAMILIES,
     FRONTIER_FIELDS,
-    MEMORY_KEYS,
-    PLOT_MISSING,
     SWEEP_FIELDS,
     SweepSetup,
     _plan,
     frontier,
     grid,
-    read_rows,
-    register,
-    rows_to_csv,
-    rows_to_json,
     sweep,
 )
 from cost_models.config import ACPolicy, TrainConfig
@@ -142,9 +137,7 @@ def test_worker_processes_give_the_same_rows_after_the_parent_has_solved():
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="autoplan")
-    register(parser.add_subparsers(dest="command"))
-    return parser
+    return build_parser()
 
 
 def test_csv_and_json_round_trip(tmp_path):

@@ -6,6 +6,7 @@ import re
 
 from ..errors import UsageError
 from ..plan import Plan
+from ..report.describe import describe_degrees
 from ..units import format_tokens
 
 PLAN_FILE = "plan.yaml"
@@ -33,22 +34,14 @@ def comment(text: object) -> str:
     return "# " + one_line(text)
 
 
-def ac_summary(plan: Plan) -> str:
-    ac = plan.activation_checkpoint
-    if ac.mode != "mixed" or not ac.layers:
-        return ac.mode
-    counts = {mode: ac.layers.count(mode) for mode in ("full", "selective", "none") if mode in ac.layers}
-    return "mixed(" + ", ".join(f"{mode}={n}" for mode, n in counts.items()) + ")"
-
-
 def summary(plan: Plan) -> str:
     """'llama3-8b on 64 GPUs (8 nodes x 8): dp_replicate=1 dp_shard=4 cp=8 tp=2, seq_len 256k, ...'."""
     p = plan.parallelism
     nodes, per_node = layout(plan)
     return (f"{plan.model.get('name', 'model')} on {p.world_size} GPUs ({nodes} node{'s' if nodes > 1 else ''} "
-            f"x {per_node}): dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} cp={p.cp} tp={p.tp}, "
+            f"x {per_node}): {describe_degrees(p.to_spec())}, "
             f"seq_len {format_tokens(plan.seq_len)}, local_batch_size {plan.local_batch_size}, "
-            f"grad_accum_steps {plan.grad_accum_steps}, ac {ac_summary(plan)}, cp_impl {plan.cp_impl}")
+            f"grad_accum_steps {plan.grad_accum_steps}, ac {plan.describe_ac()}, cp_impl {plan.cp_impl}")
 
 
 def rendezvous_args(nodes: int, per_node: int, endpoint: str, rdzv_id: str,

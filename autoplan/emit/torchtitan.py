@@ -25,6 +25,7 @@ from shlex import quote
 from cost_models.config import DEFAULT_MESH_ORDER
 
 from ..plan import Plan
+from ..report.describe import describe_ac
 from .common import comment, layout, rendezvous_args, summary
 
 # cp_impl -> torchtitan's rotate method (0.1 context_parallel_rotate_method values).
@@ -68,8 +69,7 @@ def ac_mode(plan: Plan) -> tuple[str, str | None]:
     if len(modes) == 1:
         return AC_NAMES[next(iter(modes))], None
     closest = "full" if "full" in modes else "selective"
-    counts = ", ".join(f"{m}={layers.count(m)}" for m in ("full", "selective", "none") if m in modes)
-    return closest, (f"the plan mixes AC modes per layer ({counts}); torchtitan has no per-layer mix and "
+    return closest, (f"the plan mixes AC modes per layer ({describe_ac(layers)}); torchtitan has no per-layer mix and "
                      f"applies one mode to every block: '{closest}' (uses less memory than the plan, runs slower)")
 
 

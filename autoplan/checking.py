@@ -1,0 +1,41 @@
+"""A plan's predicted memory against the runtime's traced memory (fake tensors, no GPU)."""
+
+from __future__ import annotations
+
+from .plan import Plan
+
+COMPONENTS = ("params", "optimizer", "grads", "fsdp_unsharded", "activations")
+
+
+def check_plan(plan: Plan) -> dict:
+    """Predicted vs traced tensor bytes per component, and whether the plan fits."""
+    from cost_models.memory import estimate_memory
+    from runtime.trace import trace_plan_memory
+
+    model = plan.model_spec()
+    predicted = estimate_memory(model, plan.train_config(), plan.executor_spec())
+    traced = trace_plan_memory(plan)
+    tensor_predicted = dict(predicted.breakdown_bytes)
+    # Activations on our side = saved activations + working sets + loss tensors.
+    tensor_predicted["activations"] = sum(tensor_predicted.pop(k, 0.0) for k in
+                                          ("activations", "recompute_working", "logits_loss"))
+    non_tensor = tensor_predicted.pop("overhead", 0.0) + tensor_predicted.pop("comm_buffers", 0.0)
+    rows = {name: (tensor_predicted.get(name, 0.0), traced.components.get(name, 0.0)) for name in COMPONENTS}
+    cluster = plan.cluster_spec()
+    capacity = cluster.gpu.memory_bytes if cluster else None
+    # The trace covers forward + backward (see runtime/trace.py); compare like with like
+    # and fit-check the larger of the traced peak and the predicted optimizer phase.
+    predicted_fb = predicted.forward_backward_tensor_peak_bytes
+    optimizer_phase = predicted.phase_tensor_bytes.get("optimizer", 0.0)
+    return {"rows": rows, "predicted_tensor_peak": predicted_fb, "traced_peak": traced.peak_bytes,
+            "optimizer_phase": optimizer_phase, "non_tensor_bytes": non_tensor, "capacity": capacity,
+            "phase": predicted.peak_phase, "error": predicted_fb / traced.peak_bytes - 1}
+
+
+def needed_bytes(result: dict) -> float:
+    """What must fit: the larger of the traced peak and the optimizer phase, plus the reserve."""
+    return max(result["traced_peak"], result["optimizer_phase"]) + result["non_tensor_bytes"]
+
+
+def fits(result: dict) -> bool:
+    return result["capacity"] is None or needed_bytes(result) <= result["capacity"]

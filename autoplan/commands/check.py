@@ -1,0 +1,26 @@
+"""``autoplan check PLAN.yaml``: trace the plan's training step with fake tensors (no GPU)
+and compare its memory with the prediction, component by component."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from ..errors import UsageError
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan_path", metavar="PLAN.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("torch") is None:
+        raise UsageError("autoplan check traces the runtime and needs PyTorch: pip install 'autoplan[runtime]'")
+    from ..checking import check_plan, fits
+    from ..plan import Plan
+    from ..report.plan_text import format_check
+
+    plan = Plan.load(args.plan_path)
+    result = check_plan(plan)
+    print(format_check(result))
+    return 0 if fits(result) else 1

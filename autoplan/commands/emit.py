@@ -1,0 +1,28 @@
+"""``autoplan emit PLAN.yaml --target torchrun|slurm|torchtitan``: launch scripts for a plan."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    from ..emit import TARGETS
+    parser.add_argument("plan_path", metavar="PLAN.yaml")
+    parser.add_argument("--target", choices=TARGETS, required=True)
+    parser.add_argument("--out", default=None, help="folder to write to (default: print)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..emit import emit
+    from ..plan import Plan
+
+    plan = Plan.load(args.plan_path)
+    files = emit(plan, args.target, Path(args.out) if args.out else None, plan_path=args.plan_path)
+    if not args.out:
+        for name, text in files.items():
+            print(f"# ---- {name}")
+            print(text)
+    else:
+        print("wrote " + ", ".join(str(Path(args.out) / name) for name in files))
+    return 0

@@ -1,0 +1,41 @@
+"""``autoplan validate``: the memory model against the runtime's traced memory over a grid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cost_models.specs import GiB
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    from ..validation import ACS, LAYOUTS, MODELS, SEQS
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--ac", default=",".join(ACS))
+    parser.add_argument("--seq", default=",".join(str(s) for s in SEQS))
+    parser.add_argument("--json", default=None, help="also write the rows here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..validation import run_cell
+
+    rows = []
+    print(f"{'model':<6}{'layout':<18}{'AC':<10}{'seq':>7}{'traced GiB':>12}{'predicted':>11}{'error':>8}  phase")
+    for model_key in args.models.split(","):
+        for layout in args.layouts.split(","):
+            for ac in args.ac.split(","):
+                for seq in (int(s) for s in args.seq.split(",")):
+                    row = run_cell(model_key, layout, ac, seq)
+                    rows.append(row)
+                    print(f"{model_key:<6}{layout:<18}{ac:<10}{seq:>7}{row['traced_bytes'] / GiB:>12.2f}"
+                          f"{row['predicted_bytes'] / GiB:>11.2f}{row['error'] * 100:>+7.1f}%  {row['phase']}",
+                          flush=True)
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    outside = [r for r in rows if abs(r["error"]) > 0.05]
+    print(f"\n{len(rows)} cells; worst error {worst['error'] * 100:+.1f}% ({worst['model']} {worst['layout']} "
+          f"{worst['ac']} {worst['seq_len']}); {len(outside)} cells outside 5%")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=1)
+    return 0

@@ -1,0 +1,56 @@
+"""One vocabulary for what a plan is: every printer (plan table, explanations, capacity,
+sweep, launch-script headers, the cost report) describes layouts and activation
+checkpointing with these functions, so the same plan reads the same everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from cost_models.config import AC_MODES, Parallelism
+
+# Layers are laid out full first, then selective, then none (ACPolicy.mix): the
+# description follows that order.
+AC_ORDER = ("full", "selective", "none")
+
+
+def ac_counts(modes: Iterable[str] | Mapping[str, int]) -> dict[str, int]:
+    """Layers per AC mode, in AC_ORDER, from per-layer modes or a {mode: count} map."""
+    if isinstance(modes, Mapping):
+        named = set(modes)
+        counts = {m: int(modes.get(m, 0)) for m in AC_ORDER}
+    else:
+        layers = list(modes)
+        named = set(layers)
+        counts = {m: layers.count(m) for m in AC_ORDER}
+    unknown = named - set(AC_MODES)
+    if unknown:
+        raise ValueError(f"activation checkpoint modes {sorted(unknown)}: use {', '.join(AC_MODES)}")
+    return counts
+
+
+def describe_ac(modes: Iterable[str] | Mapping[str, int]) -> str:
+    """'full' when every layer uses one mode, else '20 full + 12 none'."""
+    used = {m: n for m, n in ac_counts(modes).items() if n}
+    if len(used) == 1:
+        return next(iter(used))
+    if not used:
+        return "none"
+    return " + ".join(f"{n} {m}" for m, n in used.items())
+
+
+def describe_degrees(parallelism: Parallelism) -> str:
+    """'dp_replicate=1 dp_shard=8 cp=4 tp=2' (pp appears once it is not 1)."""
+    p = parallelism
+    text = f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} cp={p.cp} tp={p.tp}"
+    return text + (f" pp={p.pp}" if p.pp > 1 else "")
+
+
+def describe_layout(parallelism: Parallelism, cp_impl: str, local_batch_size: int) -> str:
+    """The short form used in tables and alternatives: 'dp_rep=1 dp_shard=8 cp=4 tp=1 ring-allgather b=1'."""
+    p = parallelism
+    text = f"dp_rep={p.dp_replicate} dp_shard={p.dp_shard} cp={p.cp} tp={p.tp}"
+    if p.pp > 1:
+        text += f" pp={p.pp}"
+    if p.cp > 1:
+        text += f" {cp_impl}"
+    return text + f" b={local_batch_size}"

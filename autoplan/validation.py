@@ -1,0 +1,48 @@
+"""The memory model against the runtime's traced memory, over a grid.
+
+Each cell builds a plan (model, layout, AC, sequence length), traces rank 0's second
+training step with fake tensors (runtime/trace.py) and compares the predicted tensor
+peak (cost_models, executor 'autoplan', no allocator reserve / CUDA context, which are
+not tensors) with the traced peak. Models with many layers are traced with a few
+layers: the prediction is made for the same reduced model, so the comparison is exact,
+and per-layer terms extrapolate linearly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from cost_models.specs import MODEL_PRESETS
+
+LAYOUTS = {
+    "FSDP": ({"dp_shard": 8}, None),
+    "FSDPxTP": ({"dp_shard": 4, "tp": 2}, None),
+    "FSDPxCP": ({"dp_shard": 4, "cp": 2}, None),
+    "TPxCP": ({"tp": 2, "cp": 4}, None),
+    "HSDP": ({"dp_replicate": 2, "dp_shard": 4}, None),
+    "HSDPxCP-cp-outer": ({"dp_replicate": 2, "dp_shard": 2, "cp": 2}, ["dp_replicate", "cp", "dp_shard", "tp"]),
+}
+MODELS = {"1B": ("llama3.2-1b", 2), "8B": ("llama3-8b", 2), "70B": ("llama3-70b", 1)}
+ACS = ("none", "selective", "full")
+SEQS = (4096, 16384, 65536)
+
+
+def run_cell(model_key: str, layout: str, ac: str, seq_len: int) -> dict:
+    from autoplan.plan import ActivationCheckpointDoc, Plan
+    from cost_models.memory import estimate_memory
+    from runtime.trace import trace_plan_memory
+
+    preset, layers = MODELS[model_key]
+    model = replace(MODEL_PRESETS[preset], n_layers=layers)
+    parallelism, order = LAYOUTS[layout]
+    plan = Plan(seq_len=seq_len, parallelism=parallelism, model=model.to_dict(),
+                activation_checkpoint=ActivationCheckpointDoc(mode=ac), loss_chunk_tokens=4096,
+                **({"mesh_order": order} if order else {}))
+    began = time.perf_counter()
+    traced = trace_plan_memory(plan)
+    predicted = estimate_memory(model, plan.train_config(), plan.executor_spec())
+    return {"model": model_key, "layers": layers, "layout": layout, "ac": ac, "seq_len": seq_len,
+            "traced_bytes": traced.peak_bytes, "predicted_bytes": predicted.forward_backward_tensor_peak_bytes,
+            "error": predicted.forward_backward_tensor_peak_bytes / traced.peak_bytes - 1, "phase": predicted.peak_phase,
+            "traced_components": traced.components, "trace_s": time.perf_counter() - began}
