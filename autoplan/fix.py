@@ -1,6 +1,6 @@
 """``--fix dp_shard=8,cp=2,tp=1,...``: pin knobs of the plan; the planner optimizes the rest.
 
-Knobs are the plan's own field names (see shared/design.md):
+Knobs are the plan's own field names:
 
 ============================  ====================================================
 dp_replicate, dp_shard, cp,   mesh degrees (positive integers; pp only 1)

@@ -1,6 +1,7 @@
 """The plan document: what the planner writes and what the runtime and emitters read.
 
-Field names are an interface (see shared/design.md); add fields, rename none.
+Field names are an interface that scripts, the runtime and the emitters read: add fields,
+rename none.
 """
 
 from __future__ import annotations
