@@ -17,7 +17,8 @@ from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorP
 from cost_models.specs import GPUSpec, ModelSpec
 
 from .errors import UsageError
-from .planner import PlanRequest, PlanResult, make_plan
+from .planner import DEFAULT_MEMORY_HEADROOM, PlanRequest, PlanResult, make_plan
+from .units import MemoryHeadroom
 
 DEFAULT_MAX_GPUS = 4096
 
@@ -104,7 +105,7 @@ def _row(result: PlanResult, count: int, per_node: int, target: int, train_token
 
 def capacity(model: ModelSpec, gpu: GPUSpec, target_seq_len: int, max_gpus: int, gpus_per_node: int | None = None,
              train_tokens: int | None = None, executor: ExecutorProfile = EXECUTOR_PROFILES[DEFAULT_EXECUTOR],
-             neighbours: int = 2) -> CapacityResult:
+             neighbours: int = 2, memory_headroom: MemoryHeadroom = DEFAULT_MEMORY_HEADROOM) -> CapacityResult:
     """The fewest GPUs (whole nodes, or 1/2/4 below one node) on which some layout fits
     ``target_seq_len`` (make_plan, objective min-gpus, up to ``max_gpus``), its plan, and
     the fastest plan on neighbouring counts (throughput objective)."""
@@ -118,7 +119,7 @@ def capacity(model: ModelSpec, gpu: GPUSpec, target_seq_len: int, max_gpus: int,
 
     def request(count: int, objective: str, node: int) -> PlanRequest:
         return PlanRequest(model=model, gpu=gpu, num_gpus=count, gpus_per_node=node, target_seq_len=target_seq_len,
-                           objective=objective, executor=executor, top_k=0)
+                           objective=objective, executor=executor, top_k=0, memory_headroom=memory_headroom)
 
     # min-gpus steps through 1, 2, 4 and whole nodes of per_node up to max_gpus
     first = make_plan(request(max_gpus, "min-gpus", per_node))

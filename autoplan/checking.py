@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from .plan import Plan
+from .planner import DEFAULT_MEMORY_HEADROOM
+from .units import MemoryHeadroom
 
 COMPONENTS = ("params", "optimizer", "grads", "fsdp_unsharded", "activations")
 
 
-def check_plan(plan: Plan) -> dict:
-    """Predicted vs traced tensor bytes per component, and whether the plan fits."""
+def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None) -> dict:
+    """Predicted vs traced tensor bytes per component, and whether the plan fits in its
+    usable memory: capacity less ``memory_headroom`` (default: the headroom the plan was
+    made with, else the planner's default)."""
     from cost_models.memory import estimate_memory
     from runtime.trace import trace_plan_memory
 
@@ -22,13 +26,23 @@ def check_plan(plan: Plan) -> dict:
     non_tensor = tensor_predicted.pop("overhead", 0.0) + tensor_predicted.pop("comm_buffers", 0.0)
     rows = {name: (tensor_predicted.get(name, 0.0), traced.components.get(name, 0.0)) for name in COMPONENTS}
     cluster = plan.cluster_spec()
-    capacity = cluster.gpu.memory_bytes if cluster else None
+    capacity = float(cluster.gpu.memory_bytes) if cluster else None
+    usable = None
+    if capacity is not None:
+        if memory_headroom is not None:
+            headroom = memory_headroom.bytes_of(capacity)
+        elif plan.predicted is not None and plan.predicted.memory_headroom_bytes is not None:
+            headroom = plan.predicted.memory_headroom_bytes
+        else:
+            headroom = DEFAULT_MEMORY_HEADROOM.bytes_of(capacity)
+        usable = capacity - headroom
     # The trace covers forward + backward (see runtime/trace.py); compare like with like
     # and fit-check the larger of the traced peak and the predicted optimizer phase.
     predicted_fb = predicted.forward_backward_tensor_peak_bytes
     optimizer_phase = predicted.phase_tensor_bytes.get("optimizer", 0.0)
     return {"rows": rows, "predicted_tensor_peak": predicted_fb, "traced_peak": traced.peak_bytes,
             "optimizer_phase": optimizer_phase, "non_tensor_bytes": non_tensor, "capacity": capacity,
+            "usable": usable,
             "phase": predicted.peak_phase, "error": predicted_fb / traced.peak_bytes - 1}
 
 
@@ -38,4 +52,4 @@ def needed_bytes(result: dict) -> float:
 
 
 def fits(result: dict) -> bool:
-    return result["capacity"] is None or needed_bytes(result) <= result["capacity"]
+    return result["usable"] is None or needed_bytes(result) <= result["usable"]

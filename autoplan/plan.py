@@ -100,6 +100,9 @@ class PredictedDoc(BaseModel):
     peak_memory_bytes: float
     memory_breakdown_bytes: dict[str, float]
     memory_capacity_bytes: float
+    # Capacity less the headroom the plan keeps free (--memory-headroom); plans fit within it.
+    memory_usable_bytes: float | None = None
+    memory_headroom_bytes: float | None = None
     step_time_s: float
     tokens_per_second_per_gpu: float
     mfu: float

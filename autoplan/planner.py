@@ -10,6 +10,7 @@ Objectives:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -21,9 +22,18 @@ from cost_models.step import StepEstimate, estimate_step
 
 from .ilp import Choice, PricedCandidate, choose, price
 from .plan import ActivationCheckpointDoc, Plan, PredictedDoc
-from .report.describe import describe_ac, describe_degrees
+from .report.describe import LAYOUT_FAMILIES, describe_ac, describe_degrees, layout_family
 from .search import Candidate, Rejection, build_search_space, check_pins, power_of_two_grid
-from .units import format_tokens
+from .units import MemoryHeadroom, format_tokens
+
+# 5% of each GPU (4 GiB of an 80 GB H100) stays free unless --memory-headroom says
+# otherwise: the memory model's median error against traced memory is ~1% but single
+# layouts miss by up to ~8%, the caching allocator's reserve varies from run to run, and
+# NCCL's buffers grow with each communicator a job creates.
+DEFAULT_MEMORY_HEADROOM = MemoryHeadroom(fraction=0.05)
+# Plans whose predicted speeds differ by less than this are not told apart by the time
+# model: its leave-one-group-out error on published runs (benchmarks/published_runs.py).
+MODEL_TIME_ACCURACY = 0.10
 
 OBJECTIVES = ("throughput", "max-seqlen", "min-gpus")
 MAX_SEQ_LEN = 16 * 1024 * 1024
@@ -45,10 +55,27 @@ class PlanRequest:
     top_k: int = 3
     gpu_source: str = "named"
     time_limit_s: float = 20.0
-    memory_capacity_bytes: float | None = None  # overrides the GPU's memory (tests, headroom)
+    memory_capacity_bytes: float | None = None  # overrides the GPU's memory (tests)
+    # Memory every plan leaves free: the model is a model, the allocator fragments, NCCL
+    # grows with communicators (see DEFAULT_MEMORY_HEADROOM).
+    memory_headroom: MemoryHeadroom = field(default_factory=lambda: DEFAULT_MEMORY_HEADROOM)
     # Keep only layouts for which this returns True (e.g. a layout family in a sweep).
     layout_filter: Callable[[Parallelism], bool] | None = None
     calibration: str | None = None  # where the GPU's and executor's calibrated values came from
+
+    @property
+    def capacity_bytes(self) -> float:
+        """Each GPU's memory."""
+        return float(self.memory_capacity_bytes if self.memory_capacity_bytes is not None else self.gpu.memory_bytes)
+
+    @property
+    def headroom_bytes(self) -> float:
+        return self.memory_headroom.bytes_of(self.capacity_bytes)
+
+    @property
+    def usable_bytes(self) -> float:
+        """What a plan may use: capacity less the headroom."""
+        return self.capacity_bytes - self.headroom_bytes
 
     def resolved_objective(self) -> str:
         objective = self.objective or ("throughput" if self.target_seq_len else "max-seqlen")
@@ -105,7 +132,7 @@ def _price_all(request: PlanRequest, gpu_counts: list[int], seq_lens: list[int]
     if request.layout_filter is not None:
         candidates = [c for c in candidates if request.layout_filter(c.parallelism)]
     priced = [price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
-                    request.memory_capacity_bytes) for c in candidates]
+                    request.usable_bytes) for c in candidates]
     return priced, space.rejections
 
 
@@ -139,8 +166,8 @@ def make_plan(request: PlanRequest) -> PlanResult:
         return _infeasible(request, objective, priced, rejections, allowed, target)
     chosen = priced[choice.index]
     estimate = _estimate(request, chosen.candidate, choice.counts)
-    alternatives = _alternatives(request, priced, choice, allowed)
-    plan = _to_plan(request, chosen.candidate, choice.counts, estimate, alternatives, rejections, objective)
+    alternatives, ties = _alternatives(request, priced, choice, estimate, allowed)
+    plan = _to_plan(request, chosen.candidate, choice.counts, estimate, alternatives, ties, rejections, objective)
     return PlanResult(plan, estimate, alternatives, rejections, plan.explanation, objective, len(priced),
                       choice.proven_optimal)
 
@@ -183,20 +210,16 @@ def _estimate(request: PlanRequest, candidate: Candidate, counts: dict[str, int]
     cfg = replace(cfg, ac=ac)
     cluster = ClusterSpec(request.gpu, candidate.num_gpus, request.gpus_per_node)
     estimate = estimate_step(request.model, cluster, cfg, request.executor)
-    if request.memory_capacity_bytes is not None:
-        estimate = _with_capacity(estimate, request.memory_capacity_bytes)
-    return estimate
+    # Fits means: within the usable memory (capacity less the headroom).
+    return replace(estimate, memory_capacity_bytes=request.capacity_bytes,
+                   fits=estimate.peak_memory_bytes <= request.usable_bytes)
 
 
-def _with_capacity(estimate: StepEstimate, capacity: float) -> StepEstimate:
-    return replace(estimate, memory_capacity_bytes=capacity, fits=estimate.peak_memory_bytes <= capacity)
-
-
-def _bound_by(estimate: StepEstimate) -> str:
-    use = estimate.peak_memory_bytes / estimate.memory_capacity_bytes
+def _bound_by(estimate: StepEstimate, usable_bytes: float) -> str:
+    use = estimate.peak_memory_bytes / usable_bytes
     t = estimate.time_breakdown_s
     biggest = max(("recompute", "exposed_tp_comm", "exposed_cp_comm", "exposed_fsdp_comm"), key=lambda k: t[k])
-    parts = [f"memory {estimate.peak_memory_bytes / GiB:.1f} of {estimate.memory_capacity_bytes / GiB:.1f} GiB"]
+    parts = [f"memory {estimate.peak_memory_bytes / GiB:.1f} of {usable_bytes / GiB:.1f} GiB usable"]
     if use > 0.97:
         parts[0] = "bound by " + parts[0]
     share = t[biggest] / estimate.step_time_s
@@ -205,30 +228,90 @@ def _bound_by(estimate: StepEstimate) -> str:
     return ", ".join(parts)
 
 
-def _alternatives(request: PlanRequest, priced: list[PricedCandidate], choice: Choice,
-                  allowed: tuple[str, ...]) -> list[Alternative]:
-    """Next-best plans with different degrees: re-solve excluding each winner's family."""
-    def family(p: PricedCandidate) -> tuple:
-        return (p.candidate.num_gpus, p.candidate.seq_len, p.candidate.parallelism)
+def _alternatives(request: PlanRequest, priced: list[PricedCandidate], choice: Choice, estimate: StepEstimate,
+                  allowed: tuple[str, ...]) -> tuple[list[Alternative], list[str]]:
+    """Structurally different next-best plans, and the layouts that tie with the winner.
 
-    excluded: list[set[int]] = []
-    out = []
-    current: Choice | None = choice
-    for _ in range(request.top_k):
-        assert current is not None
-        fam = family(priced[current.index])
-        excluded.append({i for i, p in enumerate(priced) if family(p) == fam})
-        current = choose(priced, allowed, time_limit_s=request.time_limit_s, excluded=excluded)
-        if current is None:
-            break
-        cand = priced[current.index].candidate
-        estimate = _estimate(request, cand, current.counts)
-        out.append(Alternative(cand, current.counts, estimate, _bound_by(estimate)))
-    return out
+    One row per idea, not reshuffles of the winner: the best plan of the winner's own
+    layout family with other degrees (unless it ties the winner exactly: then it is
+    listed as a tie), the best plan of each other family (FSDP, +CP, +TP, +TP+CP), and
+    the best plan that leaves clearly more memory free, shown when it is within 1% of
+    the winner's speed. Rows are ordered by speed; ``top_k`` caps them.
+    """
+    if request.top_k <= 0:
+        return [], []
+    winner = priced[choice.index]
+    family_of = [layout_family(p.candidate.parallelism) for p in priced]
+    winner_key = (winner.candidate.num_gpus, winner.candidate.seq_len, winner.candidate.parallelism)
+    same_degrees = {i for i, p in enumerate(priced)
+                    if (p.candidate.num_gpus, p.candidate.seq_len, p.candidate.parallelism) == winner_key}
+
+    def best(excluded: set[int], pool: list[PricedCandidate] = priced) -> Alternative | None:
+        found = choose(pool, allowed, time_limit_s=request.time_limit_s, excluded=[excluded])
+        if found is None:
+            return None
+        candidate = pool[found.index].candidate
+        alternative_estimate = _estimate(request, candidate, found.counts)
+        return Alternative(candidate, found.counts, alternative_estimate,
+                           _bound_by(alternative_estimate, request.usable_bytes))
+
+    ties: list[str] = []
+    rows: list[Alternative] = []
+    for family in LAYOUT_FAMILIES:
+        others = {i for i, name in enumerate(family_of) if name != family}
+        if family == family_of[choice.index]:
+            runner_up = best(others | same_degrees)
+            if runner_up is not None and _same_prediction(runner_up, estimate, choice.counts):
+                ties.append(runner_up.candidate.describe())
+                runner_up = best(others | same_degrees | {i for i, p in enumerate(priced)
+                                                          if p.candidate.parallelism == runner_up.candidate.parallelism})
+            if runner_up is not None and not _same_prediction(runner_up, estimate, choice.counts):
+                rows.append(runner_up)
+        else:
+            alternative = best(others)
+            if alternative is not None:
+                rows.append(alternative)
+    rows.sort(key=lambda a: -a.estimate.tokens_per_second_per_gpu)
+    rows = rows[:request.top_k]
+    roomy = _roomier(request, priced, estimate, best)
+    if roomy is not None and all(r.candidate != roomy.candidate for r in rows):
+        rows = rows[:max(request.top_k - 1, 0)] + [roomy]
+    return rows, ties
+
+
+# A plan "leaves clearly more memory free" when it frees this share of usable memory more.
+ROOMIER_SHARE = 0.10
+# ... and is offered beside the winner when its speed is within this share of the winner's.
+ROOMIER_SPEED_SHARE = 0.01
+
+
+def _roomier(request: PlanRequest, priced: list[PricedCandidate], estimate: StepEstimate,
+             best: Callable[..., Alternative | None]) -> Alternative | None:
+    """The fastest plan whose peak is at least ROOMIER_SHARE of usable memory below the
+    winner's, when it is within ROOMIER_SPEED_SHARE of the winner's speed."""
+    ceiling = estimate.peak_memory_bytes - ROOMIER_SHARE * request.usable_bytes
+    tighter = []
+    for p in priced:
+        mt = p.memory
+        budget = (ceiling - mt.fixed_overhead_bytes - mt.comm_buffer_bytes) / (1 + mt.fragmentation)
+        tighter.append(replace(p, tensor_budget_bytes=min(p.tensor_budget_bytes, budget)))
+    roomy = best(set(), tighter)
+    if roomy is None:
+        return None
+    if roomy.estimate.tokens_per_second_per_gpu < (1 - ROOMIER_SPEED_SHARE) * estimate.tokens_per_second_per_gpu:
+        return None
+    return roomy
+
+
+def _same_prediction(alternative: Alternative, estimate: StepEstimate, counts: dict[str, int]) -> bool:
+    """Exactly as fast (to 1e-9) with the same AC: the model cannot tell the two apart."""
+    return (alternative.counts == counts and math.isclose(alternative.estimate.step_time_s, estimate.step_time_s,
+                                                          rel_tol=1e-9)
+            and math.isclose(alternative.estimate.peak_memory_bytes, estimate.peak_memory_bytes, rel_tol=1e-9))
 
 
 def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], estimate: StepEstimate,
-             alternatives: list[Alternative], rejections: list[Rejection], objective: str) -> Plan:
+             alternatives: list[Alternative], ties: list[str], rejections: list[Rejection], objective: str) -> Plan:
     model = request.model
     ac = ACPolicy.mix(model.n_layers, counts.get("full", 0), counts.get("selective", 0))
     executor = request.executor
@@ -237,11 +320,21 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
         f"objective {objective}: chose {describe_degrees(p)}"
         f" at seq_len {format_tokens(cand.seq_len)}, local batch {cand.local_batch_size}, AC {describe_ac(counts)}",
         f"predicted {estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU, MFU {estimate.mfu * 100:.1f}%, "
-        f"{_bound_by(estimate)}",
+        f"{_bound_by(estimate, request.usable_bytes)}",
     ]
+    if ties:
+        explanation.append("equally fast by the model (same prediction): " + "; ".join(ties))
+    speed = estimate.tokens_per_second_per_gpu
+    close = [a for a in alternatives if a.estimate.tokens_per_second_per_gpu >= (1 - MODEL_TIME_ACCURACY) * speed]
+    if close:
+        explanation.append(f"{len(close)} alternative(s) within {MODEL_TIME_ACCURACY:.0%} of this speed, inside the "
+                           "model's error on published runs: pick among them by what it does not price "
+                           "(fewer moving parts, more free memory)")
     for alt in alternatives:
+        freed = estimate.peak_memory_bytes - alt.estimate.peak_memory_bytes
+        room = f", {freed / GiB:.1f} GiB more free" if freed >= ROOMIER_SHARE * request.usable_bytes else ""
         explanation.append(f"alternative {alt.candidate.describe()} AC {describe_ac(alt.counts)}: "
-                           f"{alt.estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU; {alt.bound_by}")
+                           f"{alt.estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU; {alt.bound_by}{room}")
     reasons = Counter(r.reason.split(";")[0] for r in rejections)
     for reason, count in reasons.most_common(3):
         explanation.append(f"rejected {count} layout(s): {reason}")
@@ -261,7 +354,9 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
         executor_profile=executor.to_dict(),
         calibration=request.calibration,
         loss_chunk_tokens=executor.loss_chunk_tokens,
-        predicted=PredictedDoc(**estimate.summary(), peak_phase=estimate.peak_phase),
+        predicted=PredictedDoc(**estimate.summary(), peak_phase=estimate.peak_phase,
+                               memory_usable_bytes=request.usable_bytes,
+                               memory_headroom_bytes=request.headroom_bytes),
         alternatives=[{"parallelism": a.candidate.parallelism.as_dict(), "seq_len": a.candidate.seq_len,
                        "local_batch_size": a.candidate.local_batch_size, "cp_impl": a.candidate.cp_impl,
                        "mesh_order": list(a.candidate.mesh_order), "activation_checkpoint": dict(a.counts),
@@ -279,9 +374,9 @@ def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandida
         mt = closest.memory
         need = (closest.full_ac_peak_tensor_bytes() * (1 + mt.fragmentation) + mt.fixed_overhead_bytes
                 + mt.comm_buffer_bytes)
-        have = request.memory_capacity_bytes or request.gpu.memory_bytes
+        have = request.usable_bytes
         lines.append(f"no layout fits: the closest, {closest.candidate.describe()} at seq_len "
-                     f"{format_tokens(closest.candidate.seq_len)}, needs {need / GiB:.1f} GiB of {have / GiB:.1f} "
+                     f"{format_tokens(closest.candidate.seq_len)}, needs {need / GiB:.1f} GiB of {have / GiB:.1f} usable "
                      f"even with full AC")
     else:
         lines.append("no layout passes the structural rules for this model and GPU count")

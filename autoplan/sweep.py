@@ -34,16 +34,14 @@ from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorP
 from cost_models.specs import GPUSpec, ModelSpec, SpecError, resolve_gpu
 
 from .errors import UsageError
-from .planner import PlanRequest, PlanResult, make_plan
+from .planner import DEFAULT_MEMORY_HEADROOM, PlanRequest, PlanResult, make_plan
+from .report.describe import LAYOUT_FAMILIES, layout_family
 from .report.rows import MEMORY_KEYS
+from .units import MemoryHeadroom
 
 KNOBS = ("cp", "gpus", "seqlen", "gpu")
 FAMILIES: dict[str, Callable[[Parallelism], bool]] = {
-    "FSDP": lambda p: p.cp == 1 and p.tp == 1,
-    "FSDP+CP": lambda p: p.cp > 1 and p.tp == 1,
-    "FSDP+TP": lambda p: p.cp == 1 and p.tp > 1,
-    "FSDP+TP+CP": lambda p: p.cp > 1 and p.tp > 1,
-}
+    name: (lambda p, name=name: layout_family(p) == name) for name in LAYOUT_FAMILIES}
 SWEEP_FIELDS = ("knob", "value", "gpu", "gpus", "max_seq_len", "seq_len", "fits", "tokens_per_second_per_gpu", "mfu",
                 "layout", "ac", "peak_memory_bytes") + tuple(f"mem_{k}_bytes" for k in MEMORY_KEYS) + ("note",)
 FRONTIER_FIELDS = ("family", "gpu", "gpus", "seq_len", "fits", "tokens_per_second_per_gpu", "mfu", "layout", "ac",
@@ -61,6 +59,7 @@ class SweepSetup:
     fixed: dict[str, Any] = field(default_factory=dict)
     target_seq_len: int | None = None  # None: report tokens/s at each point's longest sequence
     executor: ExecutorProfile = EXECUTOR_PROFILES[DEFAULT_EXECUTOR]
+    memory_headroom: MemoryHeadroom = DEFAULT_MEMORY_HEADROOM
 
 
 # ------------------------------------------------------------------------------ planning
@@ -68,11 +67,12 @@ class SweepSetup:
 
 @lru_cache(maxsize=512)
 def _plan(model: ModelSpec, gpu: GPUSpec, gpus: int, gpus_per_node: int | None, fixed: tuple,
-          executor: ExecutorProfile,
+          executor: ExecutorProfile, memory_headroom: MemoryHeadroom,
           objective: str, target: int | None, family: str | None) -> PlanResult:
     per_node = min(gpus_per_node or gpu.gpus_per_node, gpus)
     return make_plan(PlanRequest(model=model, gpu=gpu, num_gpus=gpus, gpus_per_node=per_node, target_seq_len=target,
                                  objective=objective, fixed=dict(fixed), executor=executor, top_k=0,
+                                 memory_headroom=memory_headroom,
                                  layout_filter=FAMILIES[family] if family else None))
 
 
@@ -119,7 +119,7 @@ def sweep_point(setup: SweepSetup, knob: str, value) -> dict:
     """One row of a sweep: the longest sequence that fits, and the plan at the target."""
     gpu, gpus, fixed, target = _point_inputs(setup, knob, value)
     row = {"knob": knob, "value": value, "gpu": gpu.name, "gpus": gpus}
-    key = (setup.model, gpu, gpus, setup.gpus_per_node, _frozen(fixed), setup.executor)
+    key = (setup.model, gpu, gpus, setup.gpus_per_node, _frozen(fixed), setup.executor, setup.memory_headroom)
     try:
         longest = _plan(*key, "max-seqlen", None, None)
         max_seq = longest.plan.seq_len if longest.plan else 0
@@ -137,6 +137,7 @@ def frontier_point(setup: SweepSetup, family: str, seq_len: int) -> dict:
     row = {"family": family, "gpu": setup.gpu.name, "gpus": gpus, "seq_len": seq_len}
     try:
         result = _plan(setup.model, setup.gpu, gpus, setup.gpus_per_node, _frozen(fixed), setup.executor,
+                       setup.memory_headroom,
                        "throughput", seq_len, family)
     except SpecError as error:
         result = PlanResult(None, None, [], [], [str(error)], "", 0)
@@ -220,6 +221,7 @@ def _grid_point(setup: SweepSetup, seq_len: int, gpus: int) -> dict:
     row = {"gpu": setup.gpu.name, "gpus": gpus, "seq_len": seq_len}
     try:
         result = _plan(setup.model, setup.gpu, gpus, setup.gpus_per_node, _frozen(fixed), setup.executor,
+                       setup.memory_headroom,
                        "throughput", seq_len, None)
     except SpecError as error:
         result = PlanResult(None, None, [], [], [str(error)], "", 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from .errors import UsageError
 
@@ -91,15 +92,44 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
-def int_argument(flag: str):
-    """argparse ``type=`` for integer flags (``capacity``, ``sweep``): a one-line error
-    naming the value; range checks stay with the command."""
-    import argparse
+@dataclass(frozen=True)
+class MemoryHeadroom:
+    """Memory a plan leaves free on every GPU: a fraction of capacity, or bytes."""
 
-    def parse(text: str) -> int:
-        try:
-            return int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    parse.__name__ = flag
-    return parse
+    fraction: float = 0.0
+    fixed_bytes: float = 0.0
+
+    def bytes_of(self, capacity_bytes: float) -> float:
+        return self.fraction * capacity_bytes + self.fixed_bytes
+
+    def __str__(self) -> str:
+        if self.fixed_bytes:
+            return format_bytes_gib(self.fixed_bytes)
+        return f"{self.fraction * 100:g}%"
+
+
+def parse_memory_headroom(text: str, flag: str = "--memory-headroom") -> MemoryHeadroom:
+    """'5%' -> 5% of each GPU's memory; '4GiB', '4G', '512MiB' -> bytes (binary units); '0' -> none."""
+    raw = str(text).strip()
+    value = raw.lower().replace(" ", "")
+    try:
+        if value.endswith("%"):
+            fraction = float(value[:-1]) / 100
+            if not math.isfinite(fraction) or not 0 <= fraction < 0.9:
+                raise ValueError
+            return MemoryHeadroom(fraction=fraction)
+        for suffix, scale in (("gib", 1024**3), ("gb", 1024**3), ("g", 1024**3), ("mib", 1024**2), ("mb", 1024**2),
+                              ("m", 1024**2)):
+            if value.endswith(suffix):
+                amount = float(value[:-len(suffix)]) * scale
+                break
+        else:
+            amount = float(value)
+            if amount != 0:
+                raise ValueError
+        if not math.isfinite(amount) or amount < 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{flag} {raw!r}: expected a share of GPU memory such as 5% (below 90%) "
+                         "or an amount such as 4GiB or 512MiB") from None
+    return MemoryHeadroom(fixed_bytes=amount)

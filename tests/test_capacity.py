@@ -15,6 +15,7 @@ from autoplan.capacity import (
     valid_gpu_counts,
 )
 from autoplan.cli import build_parser, main
+from autoplan.units import MemoryHeadroom
 from autoplan.report.rows import read_rows, rows_to_csv
 from autoplan.search import build_search_space
 from cost_models.config import ACPolicy, TrainConfig
@@ -46,7 +47,8 @@ def _any_layout_fits(model, gpus: int, seq: int, per_node: int = 8) -> bool:
 ])
 def test_fewest_gpus_fit_and_one_step_fewer_fits_for_no_layout(model_name, seq):
     model = resolve_model(model_name)
-    result = capacity(model, GPU, seq, max_gpus=256, gpus_per_node=8, train_tokens=10**12)
+    result = capacity(model, GPU, seq, max_gpus=256, gpus_per_node=8, train_tokens=10**12,
+                      memory_headroom=MemoryHeadroom())  # the reference below prices the whole GPU
     fewest = result.fewest_gpus
     assert fewest in valid_gpu_counts(256, 8)
     plan = result.plan.plan

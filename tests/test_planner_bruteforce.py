@@ -11,10 +11,13 @@ from dataclasses import replace
 import pytest
 
 from autoplan.planner import PlanRequest, make_plan, power_of_two_grid
+from autoplan.units import MemoryHeadroom
 from autoplan.search import build_search_space
 from cost_models.config import ACPolicy, Parallelism, TrainConfig
 from cost_models.specs import MODEL_PRESETS, ClusterSpec, resolve_gpu
 from cost_models.step import estimate_step
+
+NO_HEADROOM = MemoryHeadroom()
 
 SHAPES = [replace(MODEL_PRESETS["llama3-8b"], name="8b-5layer", n_layers=5),
           replace(MODEL_PRESETS["llama3.2-1b"], name="1b-4layer", n_layers=4),
@@ -64,7 +67,7 @@ def _cases(seed, n):
 def test_throughput_choice_matches_brute_force(model, gpus, seq, capacity):
     gpu = resolve_gpu("h100")
     result = make_plan(PlanRequest(model=model, gpu=gpu, num_gpus=gpus, target_seq_len=seq, top_k=0,
-                                   memory_capacity_bytes=capacity))
+                                   memory_capacity_bytes=capacity, memory_headroom=NO_HEADROOM))
     brute = _best_brute_force(model, gpu, [gpus], [seq], capacity)
     if brute is None:
         assert result.plan is None
@@ -80,7 +83,7 @@ def test_throughput_choice_matches_brute_force(model, gpus, seq, capacity):
 def test_max_seqlen_choice_matches_brute_force(model, gpus, seq, capacity):
     gpu = resolve_gpu("h100")
     result = make_plan(PlanRequest(model=model, gpu=gpu, num_gpus=gpus, objective="max-seqlen", top_k=0,
-                                   memory_capacity_bytes=capacity))
+                                   memory_capacity_bytes=capacity, memory_headroom=NO_HEADROOM))
     grid = [s for s in power_of_two_grid(1024, 16 * 1024 * 1024)]
     longest = None
     for length in grid:  # every length, no bisection: an independent search
@@ -101,7 +104,7 @@ def test_min_gpus_choice_matches_brute_force(model, gpus, seq, capacity):
     gpu = resolve_gpu("h100")
     upper = 32
     result = make_plan(PlanRequest(model=model, gpu=gpu, num_gpus=upper, target_seq_len=seq, objective="min-gpus",
-                                   top_k=0, memory_capacity_bytes=capacity))
+                                   top_k=0, memory_capacity_bytes=capacity, memory_headroom=NO_HEADROOM))
     fewest = None
     for count in (1, 2, 4, 8, 16, 24, 32):
         if _best_brute_force(model, gpu, [count], [seq], capacity, ("full",)) is not None:
@@ -115,3 +118,35 @@ def test_min_gpus_choice_matches_brute_force(model, gpus, seq, capacity):
     tokens = seq * result.plan.local_batch_size * result.plan.grad_accum_steps / (
         result.plan.parallelism.cp * result.plan.parallelism.tp)
     assert result.estimate.step_time_s / tokens == pytest.approx(brute[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("model, gpus, seq, capacity", list(_cases(4, 4)))
+@pytest.mark.parametrize("headroom", [MemoryHeadroom(fraction=0.05), MemoryHeadroom(fixed_bytes=3 * 2**30)])
+def test_headroom_is_respected_by_every_objective(model, gpus, seq, capacity, headroom):
+    """With a headroom, each objective answers what brute force answers on the usable memory
+    (capacity less the headroom), and no plan's peak enters the headroom."""
+    gpu = resolve_gpu("h100")
+    usable = capacity - headroom.bytes_of(capacity)
+    request = dict(model=model, gpu=gpu, top_k=0, memory_capacity_bytes=capacity, memory_headroom=headroom)
+
+    fast = make_plan(PlanRequest(num_gpus=gpus, target_seq_len=seq, **request))
+    brute = _best_brute_force(model, gpu, [gpus], [seq], usable)
+    assert (fast.plan is None) == (brute is None)
+    if brute is not None:
+        tokens = seq * fast.plan.local_batch_size * fast.plan.grad_accum_steps / (
+            fast.plan.parallelism.cp * fast.plan.parallelism.tp)
+        assert fast.estimate.step_time_s / tokens == pytest.approx(brute[0], rel=1e-6)
+        assert fast.estimate.peak_memory_bytes <= usable
+        assert fast.plan.predicted.memory_usable_bytes == pytest.approx(usable)
+
+    fewest = make_plan(PlanRequest(num_gpus=16, target_seq_len=seq, objective="min-gpus", **request))
+    expected = next((n for n in (1, 2, 4, 8, 16) if _best_brute_force(model, gpu, [n], [seq], usable, ("full",))),
+                    None)
+    assert (fewest.plan.parallelism.world_size if fewest.plan else None) == expected
+    if fewest.plan:
+        assert fewest.estimate.peak_memory_bytes <= usable
+
+    longest = make_plan(PlanRequest(num_gpus=gpus, objective="max-seqlen", **request))
+    if longest.plan:
+        assert longest.estimate.peak_memory_bytes <= usable
+        assert _best_brute_force(model, gpu, [gpus], [longest.plan.seq_len], usable, ("full",)) is not None

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from autoplan.cli import build_parser, main
-from autoplan.planner import PlanRequest, make_plan
+from autoplan.planner import DEFAULT_MEMORY_HEADROOM, PlanRequest, make_plan
 from autoplan.report.plots import PLOT_MISSING
 from autoplan.report.rows import MEMORY_KEYS, read_rows, rows_to_csv, rows_to_json
 from autoplan.search import build_search_space, power_of_two_grid
@@ -40,12 +40,14 @@ def _degrees(layout: str) -> dict:
 
 def _fits_any(gpus: int, seq: int, fixed: dict) -> bool:
     """Brute force under pins: every layout of the search space at local batch 1 with
-    full activation checkpointing (the lightest form of each), priced by estimate_step."""
+    full activation checkpointing (the lightest form of each), priced by estimate_step,
+    within the GPU's memory less the default headroom."""
+    usable = GPU.memory_bytes - DEFAULT_MEMORY_HEADROOM.bytes_of(GPU.memory_bytes)
     space = build_search_space(MODEL, GPU, [gpus], [seq], min(8, gpus), fixed, batches=(1,))
     for cand in space.candidates:
         cfg = TrainConfig(cand.parallelism, seq, 1, 1, ACPolicy.uniform("full", MODEL.n_layers), cand.cp_impl,
                           cand.mesh_order)
-        if estimate_step(MODEL, ClusterSpec(GPU, gpus, min(8, gpus)), cfg).fits:
+        if estimate_step(MODEL, ClusterSpec(GPU, gpus, min(8, gpus)), cfg).peak_memory_bytes <= usable:
             return True
     return False
 

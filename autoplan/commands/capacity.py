@@ -26,6 +26,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-tokens", type=options.size_type(parse_train_tokens, "--train-tokens"), default=None,
                         help="token budget for time-to-train, e.g. 1T, 300B (decimal)")
     options.add_executor(parser)
+    options.add_memory_headroom(parser)
     options.add_format(parser, ("table", "csv", "json"))
 
 
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     hardware = options.resolve_hardware_args(args)
     gpu, executor, _ = options.resolve_executor_args(args, hardware.gpu)
     target, budget = args.target_seqlen, args.train_tokens
-    result = capacity(model, gpu, target, args.max_gpus, hardware.gpus_per_node, budget, executor)
+    result = capacity(model, gpu, target, args.max_gpus, hardware.gpus_per_node, budget, executor,
+                      memory_headroom=args.memory_headroom)
     if args.format == "json":
         print(json.dumps({"model": model.name, "gpu": gpu.name, "target_seq_len": target, "max_gpus": args.max_gpus,
                           "gpus_per_node": result.gpus_per_node, "train_tokens": budget,

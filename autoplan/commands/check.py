@@ -7,10 +7,13 @@ import argparse
 import importlib.util
 
 from ..errors import UsageError
+from . import options
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan_path", metavar="PLAN.yaml")
+    options.add_memory_headroom(parser, default=None)
+    parser.epilog = "--memory-headroom defaults to the headroom the plan was made with (5% when it says none)."
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +24,6 @@ def run(args: argparse.Namespace) -> int:
     from ..report.plan_text import format_check
 
     plan = Plan.load(args.plan_path)
-    result = check_plan(plan)
+    result = check_plan(plan, args.memory_headroom)
     print(format_check(result))
     return 0 if fits(result) else 1

@@ -17,7 +17,7 @@ from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorP
 from cost_models.specs import GPUSpec, ModelSpec, resolve_model
 
 from ..errors import UsageError
-from ..units import parse_batch_tokens, parse_seq_len
+from ..units import MemoryHeadroom, parse_batch_tokens, parse_memory_headroom, parse_seq_len
 
 EXECUTOR_NAMES = tuple(EXECUTOR_PROFILES)
 
@@ -120,6 +120,19 @@ def add_executor(parser: argparse.ArgumentParser) -> None:
 def add_fix(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     parser.add_argument("--fix", type=_fix, default={},
                         help=help or "pin knobs: tp=8,cp=4,dp_shard=2,local_batch_size=1,cp_impl=...")
+
+
+def _headroom(text: str) -> MemoryHeadroom:
+    try:
+        return parse_memory_headroom(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--memory-headroom ")) from None
+
+
+def add_memory_headroom(parser: argparse.ArgumentParser, default: str | None = "5%") -> None:
+    parser.add_argument("--memory-headroom", type=_headroom, default=_headroom(default) if default else None,
+                        help="memory every GPU keeps free: a share (5%%, the default) or an amount (4GiB); "
+                             "the model is a model, the allocator fragments, NCCL grows with communicators")
 
 
 def add_format(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:

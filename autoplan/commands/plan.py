@@ -20,6 +20,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ac", choices=["auto", "none", "selective", "full"], default="auto",
                         help="activation checkpointing (auto: chosen per layer by the ILP)")
     options.add_executor(parser)
+    options.add_memory_headroom(parser)
     parser.add_argument("--top", type=options.non_negative_int("--top"), default=3, help="alternatives to show")
     options.add_format(parser, ("table", "json", "yaml"))
     parser.add_argument("--out", default=None, help="write plan.yaml and launch scripts to this folder")
@@ -50,7 +51,7 @@ def request_from_args(args: argparse.Namespace):
                           target_seq_len=target, global_batch_tokens=args.global_batch_tokens,
                           objective=args.objective, fixed=fixed, ac=args.ac, executor=executor,
                           top_k=args.top, gpu_source=hardware.source, time_limit_s=args.time_limit,
-                          calibration=calibration)
+                          calibration=calibration, memory_headroom=args.memory_headroom)
     return request, notes
 
 

@@ -27,6 +27,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     options.add_fix(parser, help="pin knobs, e.g. dp_shard=8,tp=1")
     options.add_target_seqlen(parser, help="report tokens/s and MFU at this length (default: each point's longest)")
     options.add_executor(parser)
+    options.add_memory_headroom(parser)
     parser.add_argument("--frontier", action="store_true", help="seq_len vs tokens/s/GPU per layout family")
     options.add_format(parser, ("table", "csv", "json"))
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="draw the charts (needs autoplan[plot])")
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     hardware = options.resolve_hardware_args(args)
     gpu, executor, _ = options.resolve_executor_args(args, hardware.gpu)
     fixed = dict(args.fix)
-    setup = SweepSetup(model, gpu, args.gpus, args.gpus_per_node, fixed, args.target_seqlen, executor)
+    setup = SweepSetup(model, gpu, args.gpus, args.gpus_per_node, fixed, args.target_seqlen, executor,
+                       args.memory_headroom)
     if args.frontier:
         if args.knob not in (None, "seqlen"):
             raise UsageError("--frontier varies the sequence length; drop --knob or use --knob seqlen")

@@ -38,6 +38,15 @@ def describe_ac(modes: Iterable[str] | Mapping[str, int]) -> str:
     return " + ".join(f"{n} {m}" for m, n in used.items())
 
 
+LAYOUT_FAMILIES = ("FSDP", "FSDP+CP", "FSDP+TP", "FSDP+TP+CP")
+
+
+def layout_family(parallelism: Parallelism) -> str:
+    """Which parallelisms beyond data parallel a layout uses: 'FSDP', 'FSDP+CP', 'FSDP+TP', 'FSDP+TP+CP'."""
+    return "FSDP" + ("+TP" if parallelism.tp > 1 else "") + ("+CP" if parallelism.cp > 1 else "") \
+        if not (parallelism.tp > 1 and parallelism.cp > 1) else "FSDP+TP+CP"
+
+
 def describe_degrees(parallelism: Parallelism) -> str:
     """'dp_replicate=1 dp_shard=8 cp=4 tp=2' (pp appears once it is not 1)."""
     p = parallelism

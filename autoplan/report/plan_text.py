@@ -44,7 +44,8 @@ def render_plan_table(request: PlanRequest, result: PlanResult) -> str:
         f"{plan.grad_accum_steps}, global batch {plan.global_batch_tokens:,} tokens",
         f"  act. ckpt    {describe_ac(plan.activation_checkpoint.layer_modes(model.n_layers))} "
         f"(of {model.n_layers} layers)",
-        f"  memory       {_gib(est.peak_memory_bytes)} of {_gib(est.memory_capacity_bytes)} GiB: "
+        f"  memory       {_gib(est.peak_memory_bytes)} of {_gib(request.usable_bytes)} GiB usable "
+        f"({_gib(est.memory_capacity_bytes)} capacity, {request.memory_headroom} headroom): "
         f"{_top_memory(est.memory_breakdown_bytes)}",
         f"  step         {est.step_time_s:.3f} s, {est.tokens_per_second_per_gpu:,.0f} tokens/s/GPU, "
         f"MFU {est.mfu * 100:.1f}%   (compute {est.time_breakdown_s['compute']:.3f} s, recompute "
@@ -116,7 +117,8 @@ def format_check(result: dict) -> str:
     lines.append("components are at each side's own peak moment; the peaks are what must fit")
     if result["capacity"]:
         need = needed_bytes(result)
-        verdict = "fits" if need <= result["capacity"] else "DOES NOT FIT"
+        verdict = "fits" if need <= result["usable"] else "DOES NOT FIT"
         lines.append(f"traced peak + {result['non_tensor_bytes'] / GiB:.2f} GiB non-tensor reserve (CUDA context, "
-                     f"NCCL, fragmentation) = {need / GiB:.2f} GiB of {result['capacity'] / GiB:.2f}: {verdict}")
+                     f"NCCL, fragmentation) = {need / GiB:.2f} GiB of {result['usable'] / GiB:.2f} usable "
+                     f"({result['capacity'] / GiB:.2f} capacity): {verdict}")
     return "\n".join(lines)
