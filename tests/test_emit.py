@@ -209,7 +209,7 @@ def override_pairs(args):
 def test_torchtitan_03_launch_carries_the_plan(tmp_path, fakes):
     plan = make_plan({"dp_replicate": 2, "dp_shard": 4, "cp": 4, "tp": 2}, local_batch_size=2, grad_accum_steps=3,
                      seq_len=131072, ac={"mode": "selective"}, cp_impl="ring-allgather")
-    emit(plan, "torchtitan", tmp_path)
+    emit(plan, "torchtitan", tmp_path, force=True)
     _, calls = fakes(tmp_path / "torchtitan_v0.3.sh", "--training.steps", "9", env={"MASTER_ADDR": "m"})
     assert flag_values(calls["torchrun"])["--nnodes"] == "8"
     pairs, rest = override_pairs(titan_args(calls))
@@ -232,7 +232,7 @@ def test_torchtitan_03_launch_carries_the_plan(tmp_path, fakes):
     (["full"] * 1 + ["selective"] * 31, "full"),
 ])
 def test_ac_modes_map_to_torchtitan(ac, expected):
-    files = emit(make_plan(ac=ac), "torchtitan")
+    files = emit(make_plan(ac=ac), "torchtitan", force=True)
     script = files["torchtitan_v0.3.sh"]
     assert script.rstrip().endswith(f'"$@" activation-checkpoint:{expected}')
     assert tomllib.loads(files["torchtitan_v0.1.toml"])["activation_checkpoint"]["mode"] == expected
@@ -242,7 +242,7 @@ def test_ac_modes_map_to_torchtitan(ac, expected):
 
 
 def test_half_full_mix_suggests_torchtitan_01_layer_option():
-    text = emit(make_plan(ac=["full"] * 8 + ["none"] * 24), "torchtitan")["torchtitan_v0.1.toml"]
+    text = emit(make_plan(ac=["full"] * 8 + ["none"] * 24), "torchtitan", force=True)["torchtitan_v0.1.toml"]
     assert 'selective_ac_option = "4" checkpoints one block in every 4' in text
 
 
@@ -253,7 +253,7 @@ def test_half_full_mix_suggests_torchtitan_01_layer_option():
      "allgather-kv (all-gather K/V) has no torchtitan equivalent"),
 ])
 def test_cp_impl_maps_to_rotate_method(cp_impl, rotate, note_03, note_01):
-    files = emit(make_plan(cp_impl=cp_impl), "torchtitan")
+    files = emit(make_plan(cp_impl=cp_impl), "torchtitan", force=True)
     assert tomllib.loads(files["torchtitan_v0.1.toml"])["parallelism"]["context_parallel_rotate_method"] == rotate
     script = files["torchtitan_v0.3.sh"]
     assert "rotate_method" not in script.replace("set_rotate_method", "")  # 0.3 has no such key
@@ -272,7 +272,7 @@ def test_torchtitan_01_toml_round_trips():
     plan = make_plan({"dp_replicate": 2, "dp_shard": 2, "cp": 8, "tp": 2}, model="llama3-70b", local_batch_size=1,
                      grad_accum_steps=4, optimizer={"lr": 1.5e-4, "weight_decay": 0.05, "betas": (0.9, 0.99),
                                                     "warmup_steps": 100, "max_norm": 0.5, "total_steps": 1000})
-    doc = tomllib.loads(emit(plan, "torchtitan")["torchtitan_v0.1.toml"])
+    doc = tomllib.loads(emit(plan, "torchtitan", force=True)["torchtitan_v0.1.toml"])
     assert doc == {
         "job": {"description": "autoplan plan for llama3-70b", "dump_folder": "./outputs"},
         "model": {"name": "llama3", "flavor": "70B"},
@@ -292,7 +292,7 @@ def test_torchtitan_01_toml_round_trips():
     ("llama3-8b", "8B", "llama3_8b"), ("llama3-70b", "70B", "llama3_70b"), ("llama3.1-405b", "405B", "llama3_405b"),
 ])
 def test_models_map_to_torchtitan_by_shape(model, flavor, config):
-    files = emit(make_plan({"dp_shard": 8, "tp": 8}, model=model), "torchtitan")
+    files = emit(make_plan({"dp_shard": 8, "tp": 8}, model=model), "torchtitan", force=True)
     assert tomllib.loads(files["torchtitan_v0.1.toml"])["model"]["flavor"] == flavor
     assert f'CONFIG="${{CONFIG:-{config}}}"' in files["torchtitan_v0.3.sh"]
     assert flavor in KEYS_01["llama3_flavors"] and config in KEYS_03["llama3_configs"]
@@ -303,14 +303,14 @@ def test_a_renamed_model_with_a_known_shape_maps_too(tmp_path):
               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
               "_name_or_path": "meta-llama/Llama-3.1-8B"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    files = emit(make_plan(model=resolve_model(str(tmp_path / "config.json"))), "torchtitan")
+    files = emit(make_plan(model=resolve_model(str(tmp_path / "config.json"))), "torchtitan", force=True)
     assert tomllib.loads(files["torchtitan_v0.1.toml"])["model"]["flavor"] == "8B"
 
 
 @needs_bash
 def test_unknown_model_shape_needs_a_config_and_says_so(tmp_path, fakes):
     plan = make_plan({"dp_shard": 2}, model="debug", seq_len=256)  # not torchtitan's debugmodel shape
-    files = emit(plan, "torchtitan", tmp_path)
+    files = emit(plan, "torchtitan", tmp_path, force=True)
     assert tomllib.loads(files["torchtitan_v0.1.toml"])["model"]["flavor"] == "custom"
     assert "matches no torchtitan llama3 model" in files["torchtitan_v0.1.toml"]
     result, calls = fakes(tmp_path / "torchtitan_v0.3.sh", check=False)
@@ -321,7 +321,7 @@ def test_unknown_model_shape_needs_a_config_and_says_so(tmp_path, fakes):
 
 def test_mesh_order_and_bf16_reduce_are_noted():
     plan = make_plan(mesh_order=["dp_replicate", "cp", "dp_shard", "tp"], precision={"reduce_dtype": "bfloat16"})
-    for text in emit(plan, "torchtitan").values():
+    for text in emit(plan, "torchtitan", force=True).values():
         assert "torchtitan's mesh is always dp_replicate/dp_shard/cp/tp" in text
         assert "reduces gradients in float32 only" in text
 
@@ -366,7 +366,7 @@ def test_every_torchtitan_03_key_exists(plan):
     for flag, _ in cli_overrides(plan):
         section, key = flag[2:].split(".", 1)
         assert key in keys[section], f"{flag} is not a torchtitan 0.3 key ({source})"
-    script = emit(plan, "torchtitan")["torchtitan_v0.3.sh"]
+    script = emit(plan, "torchtitan", force=True)["torchtitan_v0.3.sh"]
     subcommand = script.rstrip().rsplit(" ", 1)[-1]
     assert subcommand in KEYS_03["activation_checkpoint_subcommands"]
     config = next(l for l in script.splitlines() if l.startswith("CONFIG="))
@@ -376,7 +376,7 @@ def test_every_torchtitan_03_key_exists(plan):
 @pytest.mark.parametrize("plan", [make_plan(), make_plan({"dp_shard": 8}, optimizer={"total_steps": 10})])
 def test_every_torchtitan_01_key_exists(plan):
     keys, source = _keys_01()
-    doc = tomllib.loads(emit(plan, "torchtitan")["torchtitan_v0.1.toml"])
+    doc = tomllib.loads(emit(plan, "torchtitan", force=True)["torchtitan_v0.1.toml"])
     assert doc == {s: {k: v for k, v in values.items()} for s, values in toml_sections_v01(plan).items()}
     for section, values in doc.items():
         assert section in keys, f"[{section}] is not a torchtitan 0.1 section ({source})"
@@ -486,7 +486,8 @@ SHELL_PLANS = {
 @pytest.mark.parametrize("name", list(SHELL_PLANS))
 def test_generated_shell_is_shellcheck_clean(tmp_path, name):
     plan = SHELL_PLANS[name]()
-    scripts = [p for p in write_bundle(plan, tmp_path) if p.suffix in (".sh", ".sbatch")]
+    written = write_bundle(plan, tmp_path) + [tmp_path / name for name in emit(plan, "torchtitan", tmp_path, force=True)]
+    scripts = sorted({p for p in written if p.suffix in (".sh", ".sbatch")})
     printed = tmp_path / "printed.sh"  # the form `autoplan emit` prints, with a user's plan path
     printed.write_text(emit(plan, "torchrun", plan_path="my plans/it's.yaml")["torchrun.sh"])
     scripts.append(printed)

@@ -11,6 +11,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan_path", metavar="PLAN.yaml")
     parser.add_argument("--target", choices=TARGETS, required=True)
     parser.add_argument("--out", default=None, help="folder to write to (default: print)")
+    parser.add_argument("--force", action="store_true",
+                        help="write torchtitan files even when torchtitan would not fit the plan's layout")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     from ..plan import Plan
 
     plan = Plan.load(args.plan_path)
-    files = emit(plan, args.target, Path(args.out) if args.out else None, plan_path=args.plan_path)
+    files = emit(plan, args.target, Path(args.out) if args.out else None, plan_path=args.plan_path,
+                 force=args.force)
     if not args.out:
         for name, text in files.items():
             print(f"# ---- {name}")

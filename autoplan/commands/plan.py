@@ -76,7 +76,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.out:
         from ..emit import write_bundle
-        written = write_bundle(result.plan, Path(args.out))
+        from ..emit.torchtitan_fit import plan_for_torchtitan, torchtitan_fit
+
+        fit = torchtitan_fit(result.plan)
+        titan = plan_for_torchtitan(request) if fit is not None and not fit.fits else None
+        written = write_bundle(result.plan, Path(args.out), torchtitan_plan=titan)
         if args.format == "table":
+            if fit is not None and not fit.fits:
+                print(f"note: torchtitan would not fit this layout ({fit.describe()}); "
+                      + (f"its files carry a plan made for torchtitan: {titan.describe_layout()} AC "
+                         f"{titan.describe_ac()} (plan_torchtitan.yaml)" if titan is not None
+                         else "no layout fits as torchtitan runs it: no torchtitan files written"))
             print("wrote " + ", ".join(str(p) for p in written))
     return 0

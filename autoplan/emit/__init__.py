@@ -16,12 +16,15 @@ from .common import PLAN_FILE, layout
 from .slurm import slurm_script
 from .torchrun import torchrun_script
 from .torchtitan import torchtitan_files
+from .torchtitan_fit import torchtitan_fit
+
+TORCHTITAN_PLAN_FILE = "plan_torchtitan.yaml"
 
 TARGETS = ("torchrun", "slurm", "torchtitan")
 
 
 def emit(plan: Plan, target: str, out_dir: Path | str | None = None,
-         plan_path: str | None = None) -> dict[str, str]:
+         plan_path: str | None = None, force: bool = False) -> dict[str, str]:
     """Files (name -> text) for ``target``.
 
     With ``out_dir`` the scripts read ``plan.yaml`` beside them (written there too);
@@ -36,26 +39,50 @@ def emit(plan: Plan, target: str, out_dir: Path | str | None = None,
     elif target == "slurm":
         files = {"slurm.sbatch": slurm_script(plan, PLAN_FILE if beside else (plan_path or PLAN_FILE))}
     else:
+        fit = torchtitan_fit(plan)
+        if fit is not None and not fit.fits and not force:
+            raise UsageError(f"torchtitan would not fit this layout: {fit.describe()}; re-plan with "
+                             "--executor torchtitan (or `autoplan plan ... --out DIR`, which does), or pass --force")
         files = torchtitan_files(plan)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         plan.save(out / PLAN_FILE)
-        for name, text in files.items():
-            path = out / name
-            path.write_text(text)
-            if name.endswith((".sh", ".sbatch")):
-                path.chmod(0o755)
+        _write(files, out)
     return files
 
 
-def write_bundle(plan: Plan, out_dir: Path | str) -> list[Path]:
-    """The plan and every launch script, in one folder."""
+def write_bundle(plan: Plan, out_dir: Path | str, torchtitan_plan: Plan | None = None) -> list[Path]:
+    """The plan and every launch script, in one folder.
+
+    The torchtitan files carry ``torchtitan_plan`` (a plan made for torchtitan, saved beside
+    as ``plan_torchtitan.yaml``) when the plan itself would not fit as torchtitan runs it;
+    with neither fitting, no torchtitan files are written.
+    """
     out = Path(out_dir)
     written = [out / PLAN_FILE]
-    for target in TARGETS:
+    for target in ("torchrun", "slurm"):
         written += [out / name for name in emit(plan, target, out)]
+    titan = plan
+    fit = torchtitan_fit(plan)
+    if fit is not None and not fit.fits:
+        titan = torchtitan_plan
+    if titan is not None:
+        written += [out / name for name in _write(torchtitan_files(titan), out)]
+        if titan is not plan:
+            titan.save(out / TORCHTITAN_PLAN_FILE)
+            written.append(out / TORCHTITAN_PLAN_FILE)
     return written
+
+
+def _write(files: dict[str, str], out: Path) -> dict[str, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        path = out / name
+        path.write_text(text)
+        if name.endswith((".sh", ".sbatch")):
+            path.chmod(0o755)
+    return files
 
 
 __all__ = ["emit", "write_bundle", "TARGETS", "PLAN_FILE"]

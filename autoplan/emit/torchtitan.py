@@ -70,7 +70,7 @@ def ac_mode(plan: Plan) -> tuple[str, str | None]:
         return AC_NAMES[next(iter(modes))], None
     closest = "full" if "full" in modes else "selective"
     return closest, (f"the plan mixes AC modes per layer ({describe_ac(layers)}); torchtitan has no per-layer mix and "
-                     f"applies one mode to every block: '{closest}' (uses less memory than the plan, runs slower)")
+                     f"applies one mode to every block: '{closest}' (priced as such in the line above)")
 
 
 def global_batch_size(plan: Plan) -> int:
@@ -139,7 +139,7 @@ def launch_script_v03(plan: Plan) -> str:
              "# Usage: bash torchtitan_v0.3.sh [more torchtitan overrides, e.g. --training.steps 100]",
              "# The optimizer and data come from the --config function (edit CONFIG to choose another).",
              "set -euo pipefail"]
-    lines += [comment(note) for note in notes(plan, "0.3")]
+    lines += [comment(note) for note in fit_notes(plan) + notes(plan, "0.3")]
     if model is None:
         lines.append('CONFIG="${CONFIG:?set CONFIG to a torchtitan llama3 config_registry function for this model}"')
     else:
@@ -207,7 +207,7 @@ def toml_v01(plan: Plan, file_name: str = "torchtitan_v0.1.toml") -> str:
     lines = ["# torchtitan 0.1 job file written by autoplan",
              comment(summary(plan)),
              f"# run: torchrun {launcher} -m torchtitan.train --job.config_file {file_name}"]
-    lines += [comment(note) for note in notes(plan, "0.1")]
+    lines += [comment(note) for note in fit_notes(plan) + notes(plan, "0.1")]
     layers = plan.activation_checkpoint.layer_modes(plan.model_spec().n_layers)
     n_full = layers.count("full")
     if set(layers) == {"full", "none"} and len(layers) % n_full == 0:
@@ -222,3 +222,11 @@ def toml_v01(plan: Plan, file_name: str = "torchtitan_v0.1.toml") -> str:
 
 def torchtitan_files(plan: Plan) -> dict[str, str]:
     return {"torchtitan_v0.3.sh": launch_script_v03(plan), "torchtitan_v0.1.toml": toml_v01(plan)}
+
+
+def fit_notes(plan: Plan) -> list[str]:
+    """What torchtitan needs for this layout by the torchtitan memory model (one line)."""
+    from .torchtitan_fit import torchtitan_fit
+
+    fit = torchtitan_fit(plan)
+    return [fit.describe()] if fit is not None else ["not priced for torchtitan: the plan names no GPU"]
