@@ -1,0 +1,69 @@
+"""The ILP's memory constraints against a per-layer walk of the step's phases.
+
+For every way to split a model's layers into full / selective / none (laid out in that
+order), the constraints the solver sees must accept the split exactly when the largest
+loss or backward phase of ``MemoryTerms.phases`` - which walks the layers one at a time,
+sharing no code with the constraints - fits the tensor budget. Budgets sit just above and
+just below each split's own peak, so a constraint that drops a term (a working set, a
+layer's saved activations, a gradient shard) or adds one is caught at the split where it
+binds.
+"""
+
+from dataclasses import replace
+
+import pulp
+import pytest
+
+from autoplan.ilp import _memory_constraints, price
+from autoplan.search import build_search_space
+from cost_models.executors import EXECUTOR_PROFILES
+from cost_models.specs import MODEL_PRESETS, resolve_gpu
+
+GPU = resolve_gpu("h100")
+K = 1024
+
+
+def _walk_peak(memory, counts) -> float:
+    """Largest loss/backward phase (tensor bytes, no NCCL buffers) of this split."""
+    modes = ("full",) * counts["full"] + ("selective",) * counts["selective"] + ("none",) * counts["none"]
+    phases = memory.phases(modes)
+    return max(sum(v for k, v in phase.items() if k != "comm_buffers")
+               for name, phase in phases.items() if name in ("loss", "backward"))
+
+
+def _accepts(priced, counts) -> bool:
+    prob = pulp.LpProblem("check", pulp.LpMinimize)
+    x = pulp.LpVariable("x", lowBound=1, upBound=1)
+    n = {m: pulp.LpVariable(f"n_{m}", lowBound=counts[m], upBound=counts[m]) for m in counts}
+    u = {m: pulp.LpVariable(f"u_{m}", lowBound=int(counts[m] > 0), upBound=int(counts[m] > 0)) for m in counts}
+    _memory_constraints(prob, priced, x, n, u, 0)
+    for var in [x, *n.values(), *u.values()]:
+        var.varValue = var.lowBound
+    return all(c.valid(eps=0) for c in prob.constraints.values())
+
+
+CASES = [
+    (replace(MODEL_PRESETS["llama3-8b"], n_layers=5), 8, 256 * K, {"dp_shard": 8}),
+    (replace(MODEL_PRESETS["llama3-8b"], n_layers=5), 8, 128 * K, {"dp_shard": 4, "cp": 2}),
+    (replace(MODEL_PRESETS["llama3.2-1b"], n_layers=4), 8, 512 * K, {"dp_shard": 2, "cp": 2, "tp": 2}),
+    (replace(MODEL_PRESETS["llama3-70b"], n_layers=3), 16, 64 * K, {"dp_shard": 2, "tp": 8}),
+]
+
+
+@pytest.mark.parametrize("model, gpus, seq, pins", CASES)
+def test_constraints_accept_exactly_the_splits_that_fit(model, gpus, seq, pins):
+    space = build_search_space(model, GPU, [gpus], [seq], 8, pins, batches=(1,))
+    assert space.candidates, space.rejections[:3]
+    priced = price(model, GPU, space.candidates[0], EXECUTOR_PROFILES["autoplan"], 8, 10 * GPU.memory_bytes)
+    L = model.n_layers
+    checked = 0
+    for n_full in range(L + 1):
+        for n_sel in range(L + 1 - n_full):
+            counts = {"full": n_full, "selective": n_sel, "none": L - n_full - n_sel}
+            peak = _walk_peak(priced.memory, counts)
+            above = replace(priced, tensor_budget_bytes=peak * (1 + 1e-6))
+            below = replace(priced, tensor_budget_bytes=peak * (1 - 1e-6))
+            assert _accepts(above, counts), f"{counts}: fits at {peak / 2**30:.3f} GiB, constraints refuse it"
+            assert not _accepts(below, counts), f"{counts}: exceeds the budget, constraints accept it"
+            checked += 1
+    assert checked == (L + 1) * (L + 2) // 2
