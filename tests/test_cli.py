@@ -48,7 +48,7 @@ def test_headline_command_plans_and_names_the_defaults(capsys):
     assert "dp_shard=" in out and "tokens/s/GPU" in out and "alternatives" in out
 
 
-def test_json_plan_fits_by_an_independent_estimate(capsys):
+def test_json_plan_reprices_to_itself_and_its_static_memory_is_hand_derived(capsys):
     assert main(["--gpus", "16", "--target-seqlen", "128k", "--format", "json", "--top", "1"]) == 0
     plan = Plan.model_validate(json.loads(capsys.readouterr().out))
     assert plan.parallelism.world_size == 16 and plan.seq_len == 131072
@@ -56,9 +56,16 @@ def test_json_plan_fits_by_an_independent_estimate(capsys):
     cfg = TrainConfig(Parallelism(**plan.parallelism.model_dump()), plan.seq_len, plan.local_batch_size,
                       plan.grad_accum_steps, ACPolicy(plan.activation_checkpoint.layer_modes(model.n_layers)),
                       plan.cp_impl, tuple(plan.mesh_order))
+    # The JSON document carries everything needed to price the plan again (a round trip) ...
     est = estimate_step(model, ClusterSpec(resolve_gpu("h100"), 16), cfg)
-    assert est.peak_memory_bytes <= resolve_gpu("h100").memory_bytes
     assert plan.predicted.peak_memory_bytes == pytest.approx(est.peak_memory_bytes)
+    assert plan.predicted.peak_memory_bytes <= plan.predicted.memory_usable_bytes
+    # ... and its static memory is what hand arithmetic gives: 8,030,261,248 parameters
+    # sharded over tp x dp_shard x cp, fp32 master copy (4 B) and two fp32 AdamW states (8 B).
+    p = plan.parallelism
+    shard = 8_030_261_248 / (p.tp * p.dp_shard * p.cp)
+    assert plan.predicted.memory_breakdown_bytes["params"] == pytest.approx(4 * shard)
+    assert plan.predicted.memory_breakdown_bytes["optimizer"] == pytest.approx(8 * shard)
 
 
 def test_fix_pins_degrees(capsys):

@@ -19,8 +19,6 @@ def _estimate(model, gpu, dp_shard, cp, tp, seq, ac, batch=1, executor="autoplan
     return estimate_step(model, ClusterSpec(gpu, par.world_size), cfg, executor)
 
 
-settings.register_profile("ci", max_examples=60, deadline=None)
-settings.load_profile("ci")
 
 common = dict(model=st.sampled_from(MODELS), gpu=st.sampled_from(list(GPU_PRESETS.values())),
               cp=powers, tp=st.sampled_from([1, 2, 4, 8]), ac=st.sampled_from(["none", "selective", "full"]),
