@@ -79,7 +79,7 @@ def neighbour_counts(fewest: int, max_gpus: int, gpus_per_node: int, neighbours:
         below = [v for v in valid if v <= count]
         return below[-1] if below else None
 
-    wanted = {fewest}
+    wanted: set[int | None] = {fewest}
     smaller = [v for v in valid if v < fewest]
     if smaller:
         wanted.add(smaller[-1])
@@ -95,7 +95,7 @@ def _row(result: PlanResult, count: int, per_node: int, target: int, train_token
     if result.plan is None:
         note = result.explanation[0] if result.explanation else "no plan"
         return CapacityRow(count, count / per_node, False, "", "", target, 0.0, 0.0, 0.0, 0.0, None, None, fewest, note)
-    predicted = result.plan.predicted
+    predicted = result.plan.prediction
     rate = float(predicted.tokens_per_second_per_gpu)
     seconds, hours = time_to_train(train_tokens, rate, count) if train_tokens else (None, None)
     return CapacityRow(count, count / per_node, True, result.plan.describe_layout(), result.plan.describe_ac(),

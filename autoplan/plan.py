@@ -207,6 +207,13 @@ class Plan(BaseModel):
         except SpecError as error:
             raise PlanError(f"plan: {error}") from None
 
+    @property
+    def prediction(self) -> PredictedDoc:
+        """The predicted section (plans the planner writes always carry one)."""
+        if self.predicted is None:
+            raise PlanError("plan has no 'predicted' section: make it with `autoplan plan`")
+        return self.predicted
+
     # Files ------------------------------------------------------------------------------
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

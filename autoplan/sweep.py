@@ -40,8 +40,11 @@ from .report.rows import MEMORY_KEYS
 from .units import MemoryHeadroom
 
 KNOBS = ("cp", "gpus", "seqlen", "gpu")
-FAMILIES: dict[str, Callable[[Parallelism], bool]] = {
-    name: (lambda p, name=name: layout_family(p) == name) for name in LAYOUT_FAMILIES}
+def _in_family(name: str) -> Callable[[Parallelism], bool]:
+    return lambda parallelism: layout_family(parallelism) == name
+
+
+FAMILIES: dict[str, Callable[[Parallelism], bool]] = {name: _in_family(name) for name in LAYOUT_FAMILIES}
 SWEEP_FIELDS = ("knob", "value", "gpu", "gpus", "max_seq_len", "seq_len", "fits", "tokens_per_second_per_gpu", "mfu",
                 "layout", "ac", "peak_memory_bytes") + tuple(f"mem_{k}_bytes" for k in MEMORY_KEYS) + ("note",)
 FRONTIER_FIELDS = ("family", "gpu", "gpus", "seq_len", "fits", "tokens_per_second_per_gpu", "mfu", "layout", "ac",
@@ -86,7 +89,7 @@ def _outcome(result: PlanResult) -> dict:
         return {"fits": False, "tokens_per_second_per_gpu": 0.0, "mfu": 0.0, "layout": "", "ac": "",
                 "peak_memory_bytes": 0.0, **{f"mem_{k}_bytes": 0.0 for k in MEMORY_KEYS},
                 "note": result.explanation[0] if result.explanation else "no plan"}
-    predicted = result.plan.predicted
+    predicted = result.plan.prediction
     breakdown = predicted.memory_breakdown_bytes
     return {"fits": True, "tokens_per_second_per_gpu": float(predicted.tokens_per_second_per_gpu),
             "mfu": float(predicted.mfu), "layout": result.plan.describe_layout(), "ac": result.plan.describe_ac(),

@@ -227,7 +227,7 @@ def _most_collinear(jacobian, active: list[str], target: str) -> str | None:
         if m == k:
             continue
         other = jacobian[:, m]
-        denominator = (np.linalg.norm(column) * np.linalg.norm(other)) or 1e-300
+        denominator = float(np.linalg.norm(column) * np.linalg.norm(other)) or 1e-300
         cos = abs(float(column @ other)) / denominator
         if cos > best_cos:
             best, best_cos = name, cos

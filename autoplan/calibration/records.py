@@ -87,8 +87,8 @@ class CalibrationRecord(BaseModel):
 
         model = ModelSpec.from_dict(self.model)
         gpu = GPUSpec.from_dict(self.gpu)
-        modes = self.layer_modes
-        modes = tuple([modes] * model.n_layers) if isinstance(modes, str) else tuple(modes)
+        given = self.layer_modes
+        modes: tuple[str, ...] = (given,) * model.n_layers if isinstance(given, str) else tuple(given)
         if len(modes) != model.n_layers:
             raise SpecError(f"layer_modes has {len(modes)} entries for a model of {model.n_layers} layers")
         precision = (Precision.fp32() if self.param_dtype == "float32"

@@ -63,7 +63,7 @@ def write_bundle(plan: Plan, out_dir: Path | str, torchtitan_plan: Plan | None =
     written = [out / PLAN_FILE]
     for target in ("torchrun", "slurm"):
         written += [out / name for name in emit(plan, target, out)]
-    titan = plan
+    titan: Plan | None = plan
     fit = torchtitan_fit(plan)
     if fit is not None and not fit.fits:
         titan = torchtitan_plan

@@ -72,12 +72,12 @@ def plan_for_torchtitan(request) -> Plan | None:
     fixed = {k: v for k, v in request.fixed.items() if k not in ("ac", "mesh_order", "cp_impl")}
     fixed["mesh_order"] = DEFAULT_MESH_ORDER
     fixed["cp_impl"] = "ring-allgather"
-    best = None
+    best: Plan | None = None
     for mode in ("none", "selective", "full"):
         if request.fixed.get("ac", request.ac) not in ("auto", mode):
             continue
-        result = make_plan(replace(request, executor=EXECUTOR_PROFILES[TORCHTITAN], ac=mode, fixed=fixed, top_k=0))
-        if result.plan is not None and (best is None or result.estimate.tokens_per_second_per_gpu
-                                        > best.estimate.tokens_per_second_per_gpu):
-            best = result
-    return best.plan if best is not None else None
+        plan = make_plan(replace(request, executor=EXECUTOR_PROFILES[TORCHTITAN], ac=mode, fixed=fixed, top_k=0)).plan
+        if plan is not None and (best is None or plan.prediction.tokens_per_second_per_gpu
+                                 > best.prediction.tokens_per_second_per_gpu):
+            best = plan
+    return best

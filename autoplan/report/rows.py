@@ -179,7 +179,7 @@ def format_capacity(result: CapacityResult, model: ModelSpec, gpu: GPUSpec) -> s
             continue
         line = (f"{row.gpus:>6}  {row.layout:<{lw}}{row.ac:<{aw}}{row.tokens_per_second_per_gpu:>10,.0f}"
                 f"{row.mfu * 100:>6.1f}%{row.peak_memory_bytes / 2**30:>7.1f} GiB")
-        if budget:
+        if budget and row.time_to_train_s is not None and row.gpu_hours is not None:
             line += f"{_duration(row.time_to_train_s):>16}{row.gpu_hours:>13,.0f}"
         lines.append(line + ("   <- fewest" if row.fewest else ""))
     lines.append("")
