@@ -432,11 +432,17 @@ def gpu_from_file(path: str | Path) -> GPUSpec:
     if base is None:
         raise SpecError(f"{where}: base={base_name!r} is no GPU preset; use one of {', '.join(GPU_PRESETS)}")
     known = [f for f in GPUSpec.__dataclass_fields__ if f != "aliases"]
-    for key, value in data.items():
+    for key, value in list(data.items()):
         if key not in known:
             raise SpecError(f"{where}: unknown GPU field {key!r} (known: {', '.join(known)})")
-        if isinstance(value, bool) or (key not in ("name", "arch", "power_limit_w")
-                                       and not isinstance(value, (int, float))):
+        if key in ("name", "arch") or (key == "power_limit_w" and value is None):
+            continue
+        if isinstance(value, str):  # YAML 1.1 reads 2.4e12 (no dot before e, no sign) as text
+            try:
+                value = data[key] = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{where}: field {key}={value!r} must be a number")
     for key in ("memory_bytes", "gpus_per_node", "sm_count"):
         if isinstance(data.get(key), float) and data[key].is_integer():
