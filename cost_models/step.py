@@ -127,7 +127,8 @@ ATTENTION_BACKENDS = ("flash", "cudnn", "efficient")
 _DEFAULT_KERNEL = (1.0, 0.86)
 # Flash kernels ramp with sequence length: FA2's causal head-dim-128 forward reaches about
 # half its long-sequence rate at 512 tokens and ~97% at 8k (arXiv:2307.08691 fig. 4):
-# rate(L) proportional to L / (L + 512), normalized to the 16k tokens the tables quote.
+# rate(L) proportional to L / (L + 512), normalized to the 16k tokens the tables quote
+# and flat beyond (the published curves flatten from 8k to 16k).
 ATTENTION_RAMP_KEYS = 512
 ATTENTION_REFERENCE_KEYS = 16384
 
@@ -138,8 +139,8 @@ def attention_rate_per_s(gpu: GPUSpec, backend: str, backward: bool, keys_per_ca
         raise SpecError(f"attention_backend={backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
     relative = ATTENTION_KERNELS.get(gpu.arch, {}).get(backend, _DEFAULT_KERNEL)[1 if backward else 0]
     keys = max(1.0, keys_per_call)
-    ramp = (keys / (keys + ATTENTION_RAMP_KEYS)) / (ATTENTION_REFERENCE_KEYS
-                                                      / (ATTENTION_REFERENCE_KEYS + ATTENTION_RAMP_KEYS))
+    ramp = min(1.0, (keys / (keys + ATTENTION_RAMP_KEYS))
+               / (ATTENTION_REFERENCE_KEYS / (ATTENTION_REFERENCE_KEYS + ATTENTION_RAMP_KEYS)))  # flat past 16k
     fraction = min(0.95, gpu.attention_efficiency * relative * ramp)
     return gpu.bf16_flops_per_s * gpu.clock_fraction * fraction
 
