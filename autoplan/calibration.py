@@ -48,9 +48,10 @@ from cost_models.executors import ExecutorProfile, resolve_executor
 from cost_models.specs import GPU_PRESETS, ClusterSpec, GPUSpec, ModelSpec, SpecError
 from cost_models.step import estimate_step
 
-GPU_PARAMS = ("matmul_efficiency", "attention_efficiency", "intra_node_bus_efficiency", "inter_node_bus_efficiency")
+GPU_PARAMS = ("matmul_efficiency", "attention_efficiency", "intra_node_bus_efficiency", "inter_node_bus_efficiency",
+              "clock_fraction_at_limit")
 EXECUTOR_PARAMS = ("allocator_fragmentation", "cuda_context_bytes")
-DEFAULT_PARAMS = GPU_PARAMS + ("allocator_fragmentation",)
+DEFAULT_PARAMS = GPU_PARAMS[:4] + ("allocator_fragmentation",)
 KNOWN_PARAMS = GPU_PARAMS + EXECUTOR_PARAMS
 TIME_PARAMS = GPU_PARAMS  # kept for callers of the first version
 ALL_PARAMS = DEFAULT_PARAMS

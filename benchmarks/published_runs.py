@@ -7,8 +7,8 @@ Reads ``shared/published-runs/calibration-runs.json`` (ten measured runs: torcht
 paper and repository tables on 8 H100s, torchtitan's April-2024 A100 table on 64 GPUs),
 maps each to a cost-model configuration (``record_for``), and uses the calibration
 machinery (``autoplan.calibration``: CalibrationRecord, predict, fit_calibration,
-record_errors) to fit the few physical efficiencies in ``FIT_PARAMS``, one GPU kind at a
-time (the machinery fits one GPU kind per call).
+record_errors) to fit the few physical efficiencies in ``FIT_PARAMS`` (``FIT_PARAMS_CAPPED``
+on power-capped parts), one GPU kind at a time (the machinery fits one GPU kind per call).
 
 Printed per run: published tokens/s per GPU, predicted before calibration (presets'
 priors), after calibration on all runs, and leave-one-group-out (the run's
@@ -47,6 +47,16 @@ CALIBRATION_DIR = ROOT / "cost_models" / "data" / "calibration"
 # fit of it would be pinned by a percent-level residual of one or two runs (tried: it ran
 # to its bound, 1.0, on all runs and to 0.14 with the 8B runs left out).
 FIT_PARAMS = ("matmul_efficiency", "attention_efficiency")
+# On a power-capped part the kernel-efficiency priors are the uncapped part's published
+# numbers (cuBLAS, FA2 tables at 700 W); what the runs measure is how much the cap slows
+# every tensor-core kernel, so there the clock law's exponent is fitted instead (matmul
+# and attention together; element-wise and communication do not scale with the clock).
+FIT_PARAMS_CAPPED = ("clock_fraction_at_limit",)
+
+
+def fit_params_for(gpu: dict) -> tuple[str, ...]:
+    capped = gpu.get("power_limit_w") is not None and gpu["power_limit_w"] < gpu["tdp_w"]
+    return FIT_PARAMS_CAPPED if capped else FIT_PARAMS
 
 MODELS = {"Llama 3.1 8B": "llama3-8b", "Llama 3 8B": "llama3-8b", "Llama 3 70B": "llama3-70b",
           "Llama 2 13B": "llama2-13b"}
@@ -113,11 +123,15 @@ def group_of(run: dict) -> str:
     return run["same_config_group"] or f"{run['gpu_type'].split()[0]} {run['model']}"
 
 
-def fit_by_gpu(records: list[PublishedRecord], params=FIT_PARAMS) -> dict[str, object]:
+def fit_one_gpu(records: list[PublishedRecord], params: tuple[str, ...] | None = None):
+    return fit_calibration(records, params or fit_params_for(records[0].gpu))
+
+
+def fit_by_gpu(records: list[PublishedRecord], params: tuple[str, ...] | None = None) -> dict[str, object]:
     """One calibration per GPU kind present in ``records``."""
     out = {}
     for gpu in sorted({r.gpu["name"] for r in records}):
-        out[gpu] = fit_calibration([r for r in records if r.gpu["name"] == gpu], params)
+        out[gpu] = fit_one_gpu([r for r in records if r.gpu["name"] == gpu], params)
     return out
 
 
@@ -126,14 +140,14 @@ def predicted_tps(record: PublishedRecord, values: dict[str, float] | None) -> t
     return record.step_time_s * record.tokens_per_second_per_gpu / step_s, memory
 
 
-def evaluate(runs: list[dict], params=FIT_PARAMS) -> tuple[list[dict], dict]:
+def evaluate(runs: list[dict], params: tuple[str, ...] | None = None) -> tuple[list[dict], dict]:
     records = [record_for(run) for run in runs]
     fits = fit_by_gpu(records, params)
     rows = []
     for run, record in zip(runs, records):
         group = group_of(run)
         rest = [r for q, r in zip(runs, records) if group_of(q) != group and r.gpu["name"] == record.gpu["name"]]
-        logo = fit_calibration(rest, params) if rest else None
+        logo = fit_one_gpu(rest, params) if rest else None
         fit = fits[record.gpu["name"]]
         before, memory = predicted_tps(record, fit.prior)
         after, _ = predicted_tps(record, fit.values)
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for gpu, fit in fits.items():
         print(f"{gpu}: {fit.records} runs, rms log-error {fit.rms_error_before:.3f} -> {fit.rms_error_after:.3f}")
-        for name in FIT_PARAMS:
+        for name in dict.fromkeys(fit.prior):
             if name in fit.fitted:
                 print(f"  {name:<27} {fit.prior[name]:.3f} -> {fit.fitted[name]:.3f} +- {fit.std_errors[name]:.3f}")
             else:

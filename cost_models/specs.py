@@ -242,10 +242,14 @@ class GPUSpec:
     # Streaming multiprocessors (CUs on AMD): the wave-quantization term of GEMM efficiency.
     sm_count: int = 132
     # Board power: datasheet TDP and the power limit the machine runs at (None = TDP).
-    # Tensor-core throughput under a cap scales as the clock; dynamic power goes as
-    # f V^2 with V roughly proportional to f on the DVFS curve, so f ~ (P_cap / TDP)^(1/3).
+    # Tensor-core throughput under a cap scales as the sustained clock. Dynamic power goes
+    # as f V^2: where V tracks f on the DVFS curve P ~ f^3, so f ~ (P_cap / TDP)^(1/3);
+    # where V sits at its floor P ~ f, so f ~ P_cap / TDP. ``clock_fraction_at_limit`` is
+    # that clock relative to the one the datasheet's peak assumes (None: the cube law,
+    # the upper end of the range); calibration fits it from runs on capped parts.
     tdp_w: float = 700.0
     power_limit_w: float | None = None
+    clock_fraction_at_limit: float | None = None
     # NCCL's fixed per-collective cost (tuning.cc baseLat[Ring][Simple] = 8.4 us).
     collective_base_latency_s: float = 8.4e-6
 
@@ -256,8 +260,10 @@ class GPUSpec:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise SpecError(f"GPU field {name}={value!r} must be a positive number")
         for name in ("matmul_efficiency", "attention_efficiency",
-                     "intra_node_bus_efficiency", "inter_node_bus_efficiency"):
+                     "intra_node_bus_efficiency", "inter_node_bus_efficiency", "clock_fraction_at_limit"):
             value = getattr(self, name)
+            if value is None and name == "clock_fraction_at_limit":
+                continue
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise SpecError(f"GPU field {name}={value!r} must be in (0, 1]")
         for name in ("intra_node_latency_s", "inter_node_latency_s", "collective_base_latency_s"):
@@ -277,6 +283,8 @@ class GPUSpec:
         """Sustained tensor-core clock relative to the datasheet's, under the power limit."""
         if self.power_limit_w is None or self.power_limit_w >= self.tdp_w:
             return 1.0
+        if self.clock_fraction_at_limit is not None:
+            return self.clock_fraction_at_limit
         return (self.power_limit_w / self.tdp_w) ** (1.0 / 3.0)
 
     def with_overrides(self, **overrides: Any) -> "GPUSpec":
@@ -333,7 +341,8 @@ GPU_PRESETS: dict[str, GPUSpec] = {
                               intra_node_bytes_per_s=450 * GB, inter_node_bytes_per_s=50 * GB,
                               matmul_efficiency=0.72, attention_efficiency=0.35,
                               aliases=("h100-96gb", "h100-500w", "grand-teton-h100"),
-                              arch="hopper", sm_count=132, tdp_w=700.0, power_limit_w=500.0),
+                              arch="hopper", sm_count=132, tdp_w=700.0, power_limit_w=500.0,
+                              clock_fraction_at_limit=round((500.0 / 700.0) ** (1.0 / 3.0), 4)),
     # Same datasheet, PCIe form factor: 756 TFLOP/s dense BF16, 2.0 TB/s HBM2e, PCIe Gen5
     # x16 64 GB/s per direction between GPUs (NVLink bridges join only pairs).
     "h100-pcie-80gb": GPUSpec("h100-pcie-80gb", memory_bytes=81559 * MiB,
@@ -435,7 +444,7 @@ def gpu_from_file(path: str | Path) -> GPUSpec:
     for key, value in list(data.items()):
         if key not in known:
             raise SpecError(f"{where}: unknown GPU field {key!r} (known: {', '.join(known)})")
-        if key in ("name", "arch") or (key == "power_limit_w" and value is None):
+        if key in ("name", "arch") or (key in ("power_limit_w", "clock_fraction_at_limit") and value is None):
             continue
         if isinstance(value, str):  # YAML 1.1 reads 2.4e12 (no dot before e, no sign) as text
             try:
@@ -448,6 +457,8 @@ def gpu_from_file(path: str | Path) -> GPUSpec:
         if isinstance(data.get(key), float) and data[key].is_integer():
             data[key] = int(data[key])
     data.setdefault("name", path.stem)
+    if ("power_limit_w" in data or "tdp_w" in data) and "clock_fraction_at_limit" not in data:
+        data["clock_fraction_at_limit"] = None  # a new limit: derive the clock again
     try:
         spec = replace(base, aliases=(), **data)
     except SpecError as error:

@@ -44,6 +44,14 @@ def test_published_run_errors_stay_within_bounds(evaluated):
 
 
 @needs_runs
+def test_fitted_power_cap_clock_is_physical(evaluated):
+    # Between P ~ f (V at its floor): 500/700, and P ~ f^3 (V tracking f): (500/700)^(1/3).
+    _, _, fits = evaluated
+    clock = fits["h100-96gb-500w"].fitted["clock_fraction_at_limit"]
+    assert 500 / 700 - 0.03 <= clock <= (500 / 700) ** (1 / 3)
+
+
+@needs_runs
 def test_shipped_calibration_files_are_the_fit(evaluated):
     _, _, fits = evaluated
     for gpu, fit in fits.items():

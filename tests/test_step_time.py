@@ -25,11 +25,17 @@ def _cfg(seq=8192, cp=1, tp=1, dp_shard=8, impl=None, batch=1, ac="none", layers
 
 def test_power_cap_scales_clock_by_cube_root():
     capped = resolve_gpu("h100-96gb-500w")
-    assert capped.clock_fraction == pytest.approx((500 / 700) ** (1 / 3))
+    assert capped.clock_fraction == pytest.approx((500 / 700) ** (1 / 3), abs=1e-4)
     assert capped.clock_fraction == pytest.approx(0.8939, abs=1e-4)
+    derived = capped.with_overrides(clock_fraction_at_limit=None, power_limit_w=400.0)
+    assert derived.clock_fraction == pytest.approx((400 / 700) ** (1 / 3))
     full = capped.with_overrides(power_limit_w=None)
+    assert full.clock_fraction == 1.0
     big = (16384, 14336, 4096)
     assert gemm_time_s(capped, *big) / gemm_time_s(full, *big) == pytest.approx(1 / 0.8939, rel=1e-4)
+    # Attention kernels slow down with the clock too; HBM-bound work does not.
+    assert attention_rate_per_s(capped, "flash", False, 16384) / attention_rate_per_s(full, "flash", False, 16384) \
+        == pytest.approx(0.8939)
 
 
 def test_gemm_shape_efficiency_by_hand():
@@ -255,6 +261,10 @@ def test_gpu_from_file_is_a_preset_plus_overrides(tmp_path):
     path.write_text("base: h100\npower_limit_w: 500\nhbm_bytes_per_s: 2.4e12\n")
     gpu = resolve_gpu(str(path))
     assert gpu.name == "my-h100" and gpu.power_limit_w == 500 and gpu.hbm_bytes_per_s == 2.4e12
+    assert gpu.clock_fraction == pytest.approx((500 / 700) ** (1 / 3))
+    # A new limit on a capped base derives the clock again instead of keeping the base's.
+    path.write_text("base: h100-96gb-500w\npower_limit_w: 600\n")
+    assert resolve_gpu(str(path)).clock_fraction == pytest.approx((600 / 700) ** (1 / 3))
     assert gpu.bf16_flops_per_s == resolve_gpu("h100").bf16_flops_per_s
     js = tmp_path / "g.json"
     js.write_text('{"base": "a100", "inter_node_bytes_per_s": 50e9}')
