@@ -177,6 +177,7 @@ class LayerTime:
     cp_comm_s: float  # exposed CP communication, forward + backward
     cp_recompute_comm_s: float
     fsdp_comm_s: float  # FSDP gather (fwd + bwd) + reduce-scatter for this block
+    tp_selective_recompute_comm_s: float = 0.0  # TP all-gathers selective AC re-runs
     # --- step time detail (defaults keep older constructors working)
     matmul_s: float = 0.0  # forward + backward GEMMs
     attention_s: float = 0.0  # forward + backward attention kernels
@@ -315,6 +316,14 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
         one_rs = collective_seconds(cluster, par, order, "reduce_scatter", ("tp",), buffer)
         tp_comm = 2 * (2 * one_ag + 2 * one_rs)
     tp_forward = tp_comm / 2
+    # torchtitan's per-op SAC saves neither all-gather output (only mm, SDPA and
+    # reduce_scatter are on its save list), so recomputing wk and w3 (inputs: the gathered
+    # norm outputs) re-runs the attention and FFN all-gathers under TP.
+    tp_selective = 0.0
+    if tp > 1:
+        regathered = {"wq", "wk", "wv"} & set(executor.selective_recomputed_matmuls), \
+            {"w1", "w3"} & set(executor.selective_recomputed_matmuls)
+        tp_selective = sum(one_ag for group in regathered if group)
 
     cp_comm = cp_forward = cp_hidden = 0.0
     if cp > 1:
@@ -363,7 +372,7 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     }
     return LayerTime(forward_s=forward, backward_s=backward, recompute_s=recompute,
                      tp_comm_s=tp_comm, tp_recompute_comm_s=tp_forward,
-                     cp_comm_s=cp_comm, cp_recompute_comm_s=cp_forward,
+                     tp_selective_recompute_comm_s=tp_selective, cp_comm_s=cp_comm, cp_recompute_comm_s=cp_forward,
                      fsdp_comm_s=fsdp_comm, matmul_s=matmul_fwd + matmul_bwd,
                      attention_s=attention_fwd + attention_bwd,
                      elementwise_s=3 * elementwise_s + fsdp_copy_s,
@@ -509,7 +518,7 @@ def _time_terms(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, execut
         fsdp_comm_s=fsdp_hideable,
         fsdp_tail_s=fsdp_tail,
         recompute_s=dict(layer.recompute_s),
-        recompute_comm_s={"none": 0.0, "selective": 0.0,
+        recompute_comm_s={"none": 0.0, "selective": layer.tp_selective_recompute_comm_s,
                           "full": layer.tp_recompute_comm_s + layer.cp_recompute_comm_s},
         optimizer_s=optimizer_time_s(model, gpu, cfg, executor),
         grad_accum_steps=cfg.grad_accum_steps,
@@ -541,7 +550,8 @@ def estimate_step(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
                                            - (recompute - terms.root_recompute_s))
     n_full = counts["full"]
     layer = layer_time(model, cluster, cfg, executor)
-    exposed_tp = terms.tp_comm_s + n_full * layer.tp_recompute_comm_s
+    exposed_tp = (terms.tp_comm_s + n_full * layer.tp_recompute_comm_s
+                  + counts["selective"] * layer.tp_selective_recompute_comm_s)
     exposed_cp = terms.cp_comm_s + n_full * layer.cp_recompute_comm_s
     compute = terms.compute_s
     optimizer = terms.optimizer_s

@@ -280,3 +280,15 @@ def test_gpu_from_file_is_a_preset_plus_overrides(tmp_path):
         assert "\n" not in str(error.value)
     with pytest.raises(SpecError, match="file not found"):
         resolve_gpu(str(tmp_path / "missing.yaml"))
+
+
+def test_torchtitan_selective_under_tp_regathers_two_inputs():
+    # SAC saves mm / SDPA / reduce_scatter outputs, not all-gathers: recomputing wk and w3
+    # re-runs the attention and FFN all-gathers. tp=2, 8192 tokens: buffer 2 B x 8192 x 4096;
+    # one all-gather 8.4 + 3.4 us + 1/2 x 67,108,864 B / 360 GB/s.
+    one = 8.4e-6 + 3.4e-6 + 0.5 * 67_108_864 / 360e9
+    cluster = ClusterSpec(H100, 8)
+    cfg = _cfg(tp=2, dp_shard=4)
+    terms = time_terms(L8B, cluster, cfg, TT)
+    assert terms.recompute_comm_s["selective"] == pytest.approx(2 * one)
+    assert time_terms(L8B, cluster, cfg, resolve_executor("autoplan")).recompute_comm_s["selective"] == 0.0
