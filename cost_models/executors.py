@@ -51,7 +51,13 @@ class ExecutorProfile:
     # "efficient" (memory-efficient / xformers-style). PyTorch's default priority since
     # pytorch #128539 (reverting cuDNN-first from #125343) is flash first; torchtitan
     # enabled cuDNN explicitly only in its PR #1000 (March 2025).
+    # torch 2.13: torch._C._get_sdp_priority_order() = flash, efficient, math, cudnn.
     attention_backend: str = "flash"
+    # K/V handed to SDPA at kv-head width with enable_gqa=True (runtime/model.py), which
+    # only the flash and math kernels accept (SDPA docstring, torch 2.13), or expanded to
+    # the query heads first (torchtitan's repeat_kv: a bf16 copy of K and V, read at kv
+    # width and written at q width, forward; the backward sums it back).
+    native_gqa: bool = True
     # torch.compile per TransformerBlock (torchtitan's compile option): inductor fuses the
     # element-wise ops (fewer HBM bytes, fewer launches).
     compile: bool = False
@@ -99,7 +105,8 @@ EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
     # output projection in the root FSDP unit.
     "torchtitan": ExecutorProfile(name="torchtitan", loss_chunk_tokens=None,
                                   fsdp_last_block_resharded=False,
-                                  selective_recomputed_matmuls=("wk", "wo", "w3"), optimizer_foreach=True),
+                                  selective_recomputed_matmuls=("wk", "wo", "w3"), optimizer_foreach=True,
+                                  native_gqa=False),
 }
 # torchtitan with its per-block torch.compile on (training.compile / compile = true).
 EXECUTOR_PROFILES["torchtitan-compile"] = replace(EXECUTOR_PROFILES["torchtitan"], name="torchtitan-compile",

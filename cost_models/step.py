@@ -227,8 +227,9 @@ def elementwise_bytes_per_token(model: ModelSpec, executor: ExecutorProfile) -> 
         else executor.elementwise_bytes_per_element
     per = dict(table)
     d, dq, dkv, f = model.dim, model.q_dim, model.kv_dim, model.ffn_dim
+    repeat_kv = 0.0 if executor.native_gqa or dq == dkv else 2 * (2 * dkv + 2 * dq)  # K and V: read 2, write 2
     return (2 * d * per["rmsnorm"] + (dq + dkv) * per["rope"] + f * per["swiglu"]
-            + 2 * d * per["residual"] + dq * per["relayout"])
+            + 2 * d * per["residual"] + dq * per["relayout"] + repeat_kv)
 
 
 def loss_elementwise_bytes_per_token(model: ModelSpec, logits_bytes: int) -> float:
@@ -250,12 +251,15 @@ def attention_keys_per_call(cfg: TrainConfig) -> float:
     return cfg.seq_len / cp
 
 
-def attention_backend_for(cfg: TrainConfig, executor: ExecutorProfile) -> str:
+def attention_backend_for(cfg: TrainConfig, executor: ExecutorProfile, model: ModelSpec | None = None) -> str:
     """The kernel that actually runs. The portable all-gather-KV CP passes a lower-right
     causal mask (torch/nn/attention/bias.py, CausalBias._dispatch): flash when it can,
-    else memory-efficient; cuDNN is never taken on that path."""
+    else memory-efficient; cuDNN is never taken on that path. K/V at kv-head width with
+    enable_gqa (``native_gqa``) run on flash whatever backend is preferred."""
     if cfg.parallelism.cp > 1 and cfg.cp_impl == "allgather-kv":
         return "efficient" if executor.attention_backend == "efficient" else "flash"
+    if executor.native_gqa and model is not None and model.n_heads != model.n_kv_heads:
+        return "flash"  # enable_gqa=True: only flash (and math) accept it
     return executor.attention_backend
 
 
@@ -269,7 +273,7 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     hbm = gpu.hbm_bytes_per_s
     layer = F.layer_forward_flops(model, tokens, cfg.seq_len, cp, tp)
     matmul_fwd, matmul_bwd, per_gemm = layer_matmul_s(model, gpu, tokens, tp)
-    backend = attention_backend_for(cfg, executor)
+    backend = attention_backend_for(cfg, executor, model)
     keys = attention_keys_per_call(cfg)
     attention_fwd = layer.attention / attention_rate_per_s(gpu, backend, False, keys)
     attention_bwd = F.ATTENTION_BACKWARD_FACTOR * layer.attention / attention_rate_per_s(gpu, backend, True, keys)

@@ -97,6 +97,19 @@ def test_portable_allgather_cp_runs_flash_even_when_cudnn_is_asked():
     assert a.attention_s == b.attention_s
 
 
+def test_native_gqa_runs_flash_whatever_backend_is_preferred():
+    # SDPA's enable_gqa=True works only on flash and math (torch 2.13 docstring).
+    cluster = ClusterSpec(H100, 8)
+    runtime = resolve_executor("autoplan")
+    a = layer_time(L8B, cluster, _cfg(), runtime)
+    b = layer_time(L8B, cluster, _cfg(), runtime.with_overrides(attention_backend="cudnn"))
+    assert a.attention_s == b.attention_s
+    mha = MODEL_PRESETS["llama2-13b"]  # 40 kv heads: no GQA, the preference holds
+    a = layer_time(mha, cluster, _cfg(layers=40), runtime)
+    b = layer_time(mha, cluster, _cfg(layers=40), runtime.with_overrides(attention_backend="cudnn"))
+    assert b.attention_s < a.attention_s
+
+
 def test_attention_ramps_with_keys_per_call():
     # rate(L) ~ L / (L + 512), normalized at 16k: half of the 16k rate at 512 keys (x 16896/16384).
     ratio = attention_rate_per_s(H100, "flash", False, 512) / attention_rate_per_s(H100, "flash", False, 16384)
@@ -224,10 +237,14 @@ def test_torchtitan_selective_recomputes_every_second_matmul():
 def test_compile_lowers_elementwise_time():
     eager = elementwise_bytes_per_token(L8B, TT)
     compiled = elementwise_bytes_per_token(L8B, TT.with_overrides(compile=True))
+    # torchtitan's repeat_kv copies K and V to the 32 query heads: 2 x (2 B x 1024 + 2 B x 4096)
+    repeat_kv = 2 * (2 * 1024 + 2 * 4096)
     # eager: 2 x 4096 x 28 + 5120 x 28 + 14336 x 10 + 2 x 4096 x 6 + 4096 x 4
-    assert eager == 581632
+    assert eager == 581632 + repeat_kv
     # compiled: 2 x 4096 x 4 + 5120 x 4 + 14336 x 6 + 2 x 4096 x 6 + 4096 x 4
-    assert compiled == 204800
+    assert compiled == 204800 + repeat_kv
+    # the runtime hands K/V to SDPA at kv width (enable_gqa): no copy
+    assert elementwise_bytes_per_token(L8B, resolve_executor("autoplan")) == 581632
     cluster = ClusterSpec(H100, 8)
     a = estimate_step(L8B, cluster, _cfg(), "torchtitan")
     b = estimate_step(L8B, cluster, _cfg(), "torchtitan-compile")
