@@ -240,15 +240,17 @@ def loss_elementwise_bytes_per_token(model: ModelSpec, logits_bytes: int) -> flo
 
 
 def attention_keys_per_call(cfg: TrainConfig) -> float:
-    """Keys one attention kernel call sees: the whole sequence without CP; one ring step's
-    K/V (two chunks, S / cp) under ring CP; a causal prefix of the gathered K/V (S / 2 on
-    average) under all-gather-KV CP."""
+    """Keys one attention kernel call sees: the whole sequence without CP; under ring CP
+    with load balancing (chunks of c = S / (2 cp)), the rank's two chunks (2c) at step 0,
+    then the first chunk only (c) on steps i <= rank and both (2c, for half the queries)
+    on steps i > rank: ~1.5c = 0.75 S / cp on average; a causal prefix of the gathered
+    K/V (S / 2 on average) under all-gather-KV CP."""
     cp = cfg.parallelism.cp
     if cp <= 1:
         return float(cfg.seq_len)
     if cfg.cp_impl == "allgather-kv":
         return cfg.seq_len / 2.0
-    return cfg.seq_len / cp
+    return 0.75 * cfg.seq_len / cp
 
 
 def attention_backend_for(cfg: TrainConfig, executor: ExecutorProfile, model: ModelSpec | None = None) -> str:
