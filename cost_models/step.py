@@ -407,12 +407,16 @@ class TimeTerms:
     micro = base + sum_m n_m (recompute_m + recompute_comm_m)
             + max(0, fsdp_comm - hiding_compute - sum_m n_m recompute_m)
     step  = grad_accum x micro + optimizer
+
+    Gradient accumulation repeats every micro-batch's FSDP traffic: FSDP2 all-gathers and
+    reduce-scatters (and HSDP all-reduces) in every backward unless the program turns
+    gradient sync off, which neither runtime/train.py nor torchtitan (late 2024) does.
     """
 
-    base_s: float  # compute + exposed TP/CP comm + first FSDP gather, per micro-batch
+    base_s: float  # compute + exposed TP/CP comm + FSDP tail, per micro-batch
     hiding_compute_s: float  # compute FSDP traffic can hide behind (no AC)
-    fsdp_comm_s: float  # all FSDP traffic of one micro-batch
-    fsdp_tail_s: float  # the part that can never hide (first gather, last scatter)
+    fsdp_comm_s: float  # FSDP traffic that can hide (+ CP traffic on the same links), per micro-batch
+    fsdp_tail_s: float  # never hides: root unit gather + scatter, first block gather, last scatter
     recompute_s: dict[str, float]  # per layer, by AC mode (compute)
     recompute_comm_s: dict[str, float]  # per layer, by AC mode (exposed comm redone)
     optimizer_s: float
