@@ -436,13 +436,15 @@ class TimeTerms:
         return self.grad_accum_steps * self.micro_s(counts) + self.optimizer_s
 
 
-# Optimizer + clipping host ops. AdamW(foreach=False) runs per parameter tensor about 12
-# ops (step count, two lerp/mul + addcmul for the moments, bias corrections, sqrt, div,
-# add eps, addcdiv, decoupled weight decay: torch/optim/adamw.py _single_tensor_adam);
-# clip_grad_norm_(foreach=False) one norm per tensor, then one mul per tensor (3 with the
-# stack/partial reduction) - all DTensor ops under FSDP2. With foreach both become ~20
-# multi-tensor ops over the whole list (each still unwraps every DTensor: ~1 us a tensor).
-OPTIMIZER_OPS_PER_TENSOR = 12 + 3
+# Optimizer + clipping host ops. AdamW(foreach=False) runs, per parameter tensor
+# (torch 2.13 torch/optim/adam.py _single_tensor_adam, non-capturable path), 8 DTensor ops:
+# param.mul_ (decoupled weight decay), exp_avg.lerp_, exp_avg_sq.mul_ + addcmul_,
+# exp_avg_sq.sqrt, / bias correction, .add_(eps), param.addcdiv_; plus step_t += 1 on a
+# plain tensor. clip_grad_norm_(foreach=False): one vector_norm and one mul_ per tensor.
+# With foreach both become ~20 multi-tensor ops over the whole list (each still unwraps
+# every DTensor: ~1 us a tensor).
+OPTIMIZER_DTENSOR_OPS_PER_TENSOR = 8 + 2
+OPTIMIZER_PLAIN_OPS_PER_TENSOR = 1
 OPTIMIZER_FOREACH_OPS = 20
 FOREACH_PER_TENSOR_OP_S = 1e-6
 
@@ -463,7 +465,8 @@ def optimizer_time_s(model: ModelSpec, gpu: GPUSpec, cfg: TrainConfig, executor:
     if executor.optimizer_foreach:
         host_s = OPTIMIZER_FOREACH_OPS * (executor.dtensor_op_overhead_s + n * FOREACH_PER_TENSOR_OP_S)
     else:
-        host_s = n * OPTIMIZER_OPS_PER_TENSOR * executor.dtensor_op_overhead_s
+        host_s = n * (OPTIMIZER_DTENSOR_OPS_PER_TENSOR * executor.dtensor_op_overhead_s
+                      + OPTIMIZER_PLAIN_OPS_PER_TENSOR * executor.host_op_overhead_s)
     return max(hbm_s, host_s)
 
 
