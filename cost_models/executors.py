@@ -47,6 +47,48 @@ class ExecutorProfile:
         ("rmsnorm", 28.0), ("rope", 28.0), ("swiglu", 10.0), ("residual", 6.0), ("relayout", 4.0))
     # Caching-allocator fragmentation: reserved / allocated - 1 at the peak.
     allocator_fragmentation: float = 0.05
+    # --- step time ---
+    # SDPA backend the program runs: "flash" (FlashAttention-2 in PyTorch), "cudnn" or
+    # "efficient" (memory-efficient / xformers-style). PyTorch's default priority since
+    # pytorch #128539 (reverting cuDNN-first from #125343) is flash first; torchtitan
+    # enabled cuDNN explicitly only in its PR #1000 (March 2025).
+    # torch 2.13: torch._C._get_sdp_priority_order() = flash, efficient, math, cudnn.
+    attention_backend: str = "flash"
+    # K/V handed to SDPA at kv-head width with enable_gqa=True (runtime/model.py), which
+    # only the flash and math kernels accept (SDPA docstring, torch 2.13), or expanded to
+    # the query heads first (torchtitan's repeat_kv: a bf16 copy of K and V, read at kv
+    # width and written at q width, forward; the backward sums it back).
+    native_gqa: bool = True
+    # torch.compile per TransformerBlock (torchtitan's compile option): inductor fuses the
+    # element-wise ops (fewer HBM bytes, fewer launches).
+    compile: bool = False
+    # HBM bytes per activation element of the same forward ops once inductor fuses them:
+    # RMSNorm one kernel (read 2 + write 2), RoPE on q and k one kernel (read 2 + write 2),
+    # SiLU x gate one kernel (read 2 + 2, write 2), residual add (read 2 + 2, write 2, the
+    # following norm reads the sum in the same kernel), the transpose copy unchanged (4).
+    compiled_elementwise_bytes_per_element: tuple[tuple[str, float], ...] = (
+        ("rmsnorm", 4.0), ("rope", 4.0), ("swiglu", 6.0), ("residual", 6.0), ("relayout", 4.0))
+    # Matmuls that "selective" AC recomputes. torchtitan's per-op SAC policy
+    # (torchtitan/models/llama/parallelize_llama.py, _custom_policy: "Saves output of all
+    # compute ops, except every second mm") counts mm calls per block in call order wq, wk,
+    # wv, wo, w1, w3, w2 and recomputes the even ones: wk, wo, w3. This project's runtime
+    # saves every matmul output (recomputes element-wise ops only).
+    selective_recomputed_matmuls: tuple[str, ...] = ()
+    # Optimizer and clip_grad_norm_: foreach (multi-tensor) kernels or one op per parameter.
+    # runtime/train.py: AdamW(foreach=False), clip_grad_norm_(foreach=False); torchtitan's
+    # defaults (late 2024): foreach AdamW and foreach clipping.
+    optimizer_foreach: bool = False
+    # Host (CPU) time per eager op: Python + dispatcher + kernel launch, ~10 us in eager
+    # PyTorch (order of magnitude from the PyTorch profiler's CPU time of small ops; not
+    # fitted), and per DTensor op (sharding propagation cached, ~3x a plain op; assumed).
+    # The host runs ahead of the GPU, so it only shows when it exceeds the GPU time.
+    host_op_overhead_s: float = 10e-6
+    dtensor_op_overhead_s: float = 30e-6
+    # Eager ops per block forward in a Llama block (2 RMSNorm x ~8 ops, 7 linears, RoPE ~12,
+    # SDPA + views/transposes ~10, SiLU, mul, 2 adds ~ 60); backward about twice. A
+    # compiled block launches its fused kernels and extern matmuls: ~15.
+    eager_ops_per_layer_forward: int = 60
+    compiled_ops_per_layer_forward: int = 15
 
     def with_overrides(self, **overrides) -> "ExecutorProfile":
         return replace(self, **overrides)
@@ -81,8 +123,13 @@ EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
     # reduce, blocks resharded after forward except the last, embedding + final norm +
     # output projection in the root FSDP unit.
     "torchtitan": ExecutorProfile(name="torchtitan", loss_chunk_tokens=None,
-                                  fsdp_last_block_resharded=False),
+                                  fsdp_last_block_resharded=False,
+                                  selective_recomputed_matmuls=("wk", "wo", "w3"), optimizer_foreach=True,
+                                  native_gqa=False),
 }
+# torchtitan with its per-block torch.compile on (training.compile / compile = true).
+EXECUTOR_PROFILES["torchtitan-compile"] = replace(EXECUTOR_PROFILES["torchtitan"], name="torchtitan-compile",
+                                                  compile=True)
 DEFAULT_EXECUTOR = "autoplan"
 
 

@@ -82,3 +82,18 @@ def step_forward_backward_flops(model: ModelSpec, tokens_per_gpu: int, seq_len: 
         + output * (1 + MATMUL_BACKWARD_FACTOR),
         "attention": model.n_layers * layer.attention * (1 + ATTENTION_BACKWARD_FACTOR),
     }
+
+
+def layer_gemms(model: ModelSpec, tokens_per_gpu: int, tp: int) -> tuple[tuple[str, int, int, int], ...]:
+    """The forward GEMMs of one block on one GPU as (name, M, N, K): output M x N, inner K.
+
+    Under tensor parallel (+ sequence parallel) the column-parallel projections (wq, wk,
+    wv, w1, w3) see the all-gathered tokens and 1/tp of the output features; the
+    row-parallel ones (wo, w2) 1/tp of the input features. Their FLOPs sum to
+    ``layer_forward_flops(...).linear`` (2 M N K each).
+    """
+    d, dq, dkv, f = model.dim, model.q_dim, model.kv_dim, model.ffn_dim
+    m = tokens_per_gpu
+    kv = max(1, dkv // tp)  # kv heads replicated when tp exceeds them
+    return (("wq", m, dq // tp, d), ("wk", m, kv, d), ("wv", m, kv, d),
+            ("wo", m, d, dq // tp), ("w1", m, f // tp, d), ("w3", m, f // tp, d), ("w2", m, d, f // tp))

@@ -1,33 +1,168 @@
 """One training step on one GPU: compute, recompute, communication and what overlaps.
 
-Compute time is executed FLOPs over achievable FLOP/s (matmul and attention each at
-their own efficiency) plus the memory-bound element-wise work over HBM bandwidth.
-Communication follows ``comm.py``; the overlap model is what FSDP2 and the CP
+Per block, the GPU runs (all terms per micro-batch):
+
+- GEMMs at ``peak x clock_fraction x matmul_efficiency x shape factor`` (``gemm_time_s``):
+  the shape factor is wave quantization of 128 x 256 output tiles over the SMs times a
+  pipeline fill/drain term ``K / (K + 128)`` (two 64-deep k-tiles), and a GEMM never runs
+  faster than its operands stream from HBM (roofline). Small per-GPU dims under TP and
+  small token counts lose efficiency through these terms, not through a per-case factor.
+- Attention on the executor's SDPA backend at a rate per backend x GPU family x
+  direction (``ATTENTION_KERNELS``, from published kernel tables), ramping with the
+  keys one kernel call sees (short calls run below the long-sequence rate).
+- Memory-bound element-wise ops at HBM bandwidth (fewer bytes when compiled).
+- Context parallel as torch 2.13 runs it (``_context_parallel/_attention.py``): the
+  ``_SDPAMerger`` fp32 upcast + merge after every ring step, the K/V ``cat`` per step,
+  fp32 dK/dV accumulation in backward.
+- The host issues ~60 eager ops per block forward; the host runs ahead of the GPU, so a
+  block takes ``max(GPU time, host time)``.
+
+Communication follows ``comm.py``; the overlap model is what FSDP2, TP and the CP
 implementations actually do:
 
-- FSDP all-gathers / reduce-scatters are issued on a separate stream one block ahead,
-  so each block's collective hides behind the previous block's compute; only the
-  excess (and the first gather) is exposed.
+- FSDP2 all-gathers / reduce-scatters run on their own streams one block ahead and hide
+  behind compute; the root unit's (embedding, final norm, output) all-gather before the
+  first block and its reduce-scatter after the last, the first block's all-gather and the
+  last block's reduce-scatter cannot hide. Context-parallel traffic on the same links
+  (both inside a node, or both across nodes) competes for the time FSDP could hide in.
 - TP collectives under DTensor sequence parallel are blocking: exposed.
-- all-gather-KV context parallel gathers before attention: exposed. Ring CP overlaps
-  each rotation with the attention of the chunk already held.
+- CP ``allgather-kv`` (this project's portable CP): all-gather K/V before attention, the
+  autograd backward a reduce-scatter of dK/dV: exposed.
+- CP ``ring-allgather``: one all-gather of K/V issued at ring step 0 and waited at step 1,
+  so only the diagonal step's attention hides it; backward gathers again, and dK/dV
+  rotate in fp32 with all-to-all (send/recv to the next rank) each step, hidden behind
+  the next step's attention backward except the last hop.
+- CP ``ring-alltoall``: cp - 1 bf16 K/V rotations, each hidden behind the attention of
+  the chunk held; backward rotates K/V and fp32 dK/dV together, last dK/dV hop exposed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from . import flops as F
-from .comm import Collective, collective_seconds, make_collective
+from .comm import Collective, collective_seconds, group_tier, make_collective
 from .config import TrainConfig
 from .executors import ExecutorProfile, resolve_executor
 from .memory import MemoryEstimate, estimate_memory
 from .rules import layout_violations
-from .specs import ClusterSpec, ModelSpec, SpecError
+from .specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
 
 OPTIMIZER_BYTES_PER_PARAM = 28 + 4  # AdamW fp32: read p, g, m, v; write p, m, v; + norm
 FP32 = 4
+
+# ----------------------------------------------------------------------------- GEMMs
+
+# Output tile of the large cuBLAS/CUTLASS bf16 kernels (128 x 256 on Hopper wgmma, 256 x
+# 128 on Ampere: the same 32k-element tile) and the k-depth of one pipeline stage (64).
+GEMM_TILE_M, GEMM_TILE_N = 128, 256
+GEMM_FILL_DRAIN_K = 2 * 64  # prologue fill + epilogue ~ two k-tiles of work per output tile
+
+
+@lru_cache(maxsize=65536)
+def gemm_shape_efficiency(m: int, n: int, k: int, sm_count: int) -> float:
+    """Fraction of the large-GEMM rate an M x N x K GEMM reaches (wave quantization x fill).
+
+    Tiles ``ceil(M/128) x ceil(N/256)`` run in waves of ``sm_count``; the last wave leaves
+    SMs idle: ``tiles / (waves x sm_count)``. Each tile also pays a pipeline fill/drain of
+    ~2 k-tiles: ``K / (K + 128)``.
+    """
+    tiles = math.ceil(m / GEMM_TILE_M) * math.ceil(n / GEMM_TILE_N)
+    waves = math.ceil(tiles / sm_count)
+    return tiles / (waves * sm_count) * k / (k + GEMM_FILL_DRAIN_K)
+
+
+def gemm_time_s(gpu: GPUSpec, m: int, n: int, k: int) -> float:
+    """Seconds of one bf16 GEMM: the slower of compute and streaming A, B, C from HBM."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    rate = gpu.bf16_flops_per_s * gpu.clock_fraction * gpu.matmul_efficiency
+    compute = 2.0 * m * n * k / (rate * gemm_shape_efficiency(m, n, k, gpu.sm_count))
+    memory = 2.0 * (m * k + k * n + m * n) / gpu.hbm_bytes_per_s
+    return max(compute, memory)
+
+
+@lru_cache(maxsize=16384)
+def layer_matmul_s(model: ModelSpec, gpu: GPUSpec, tokens: int, tp: int) -> tuple[float, float, tuple]:
+    """(forward, backward, per-GEMM forward seconds) of one block's GEMMs on one GPU.
+
+    Backward of ``Y = X W`` (M x N, inner K): dX = dY W^T (M x K, inner N) and
+    dW = X^T dY (K x N, inner M).
+    """
+    forward = backward = 0.0
+    each = []
+    for name, m, n, k in F.layer_gemms(model, tokens, tp):
+        fwd = gemm_time_s(gpu, m, n, k)
+        forward += fwd
+        backward += gemm_time_s(gpu, m, k, n) + gemm_time_s(gpu, k, n, m)
+        each.append((name, fwd))
+    return forward, backward, tuple(each)
+
+
+# ----------------------------------------------------------------------------- attention
+
+# Attention kernel throughput relative to FlashAttention-2's forward on the same GPU
+# family, (forward, backward); ``GPUSpec.attention_efficiency`` is FA2's forward fraction
+# of peak (what calibration fits), so every backend moves with it.
+# - FA2 backward / forward: FA2 reaches up to 73% of A100 peak forward and up to 63%
+#   backward (Dao 2023, arXiv:2307.08691, sec. 4.1): 63 / 73 = 0.86. On H100 FA2 forward
+#   ~335-370 and backward ~300-330 TFLOP/s at head dim 128 (Shah et al. 2024, FA3,
+#   arXiv:2407.08608, figs. 5-6): ~0.9; we use 0.86 for both (the backward is also the
+#   slower direction in FA3's tables).
+# - cuDNN on Hopper: 631 vs 329 TFLOP/s for flash at head dim 128 forward (pytorch issue
+#   #142132): 1.92x; training (forward + backward) 1.7-2.3x faster than flash on H100
+#   (transformers PR #48163): backward at the low end, 1.7x flash's backward.
+# - cuDNN on Ampere: 0.82x flash (transformers PR #48163, A100), both directions.
+# - memory-efficient (xformers-style cutlass kernel): ~0.6x FA2 in FA2's own benchmark
+#   bars (arXiv:2307.08691 figs. 4-5, "xformers" vs "FlashAttention-2", A100); assumed
+#   the same ratio on Hopper (no published Hopper table).
+# Families without a published table use FA2-like numbers (1, 0.86) for every backend.
+ATTENTION_KERNELS: dict[str, dict[str, tuple[float, float]]] = {
+    "hopper": {"flash": (1.0, 0.86), "cudnn": (631.0 / 329.0, 1.7 * 0.86), "efficient": (0.6, 0.6 * 0.86)},
+    "ampere": {"flash": (1.0, 0.86), "cudnn": (0.82, 0.82 * 0.86), "efficient": (0.6, 0.6 * 0.86)},
+}
+ATTENTION_BACKENDS = ("flash", "cudnn", "efficient")
+_DEFAULT_KERNEL = (1.0, 0.86)
+# Flash kernels ramp with sequence length: FA2's causal head-dim-128 forward reaches about
+# half its long-sequence rate at 512 tokens and ~97% at 8k (arXiv:2307.08691 fig. 4):
+# rate(L) proportional to L / (L + 512), normalized to the 16k tokens the tables quote
+# and flat beyond (the published curves flatten from 8k to 16k).
+ATTENTION_RAMP_KEYS = 512
+ATTENTION_REFERENCE_KEYS = 16384
+
+
+def attention_rate_per_s(gpu: GPUSpec, backend: str, backward: bool, keys_per_call: float) -> float:
+    """FLOP/s of the attention kernel (FLOPs counted as in ``flops.py``)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise SpecError(f"attention_backend={backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    relative = ATTENTION_KERNELS.get(gpu.arch, {}).get(backend, _DEFAULT_KERNEL)[1 if backward else 0]
+    keys = max(1.0, keys_per_call)
+    ramp = min(1.0, (keys / (keys + ATTENTION_RAMP_KEYS))
+               / (ATTENTION_REFERENCE_KEYS / (ATTENTION_REFERENCE_KEYS + ATTENTION_RAMP_KEYS)))  # flat past 16k
+    fraction = min(0.95, gpu.attention_efficiency * relative * ramp)
+    return gpu.bf16_flops_per_s * gpu.clock_fraction * fraction
+
+
+# ----------------------------------------------------------------------------- CP element-wise
+
+# _SDPAMerger (torch 2.13 _context_parallel/_attention.py) per ring step after the first,
+# per element of the attention output (fp32 accumulators): out.to(float32) (read 2,
+# write 4), out - block_out (read 4 + 4, write 4), sigmoid(lse diff) x diff (read 4,
+# write 4), out - that (read 4 + 4, write 4), _partial_update copy on half the steps
+# (~2): 40 bytes. Steps with i > rank merge only half the queries: 3/4 on average.
+CP_MERGE_BYTES_PER_ELEMENT = 40.0
+CP_MERGE_ACTIVE_FRACTION = 0.75
+# Once per forward: step 0's upcast (read 2 + write 4) and results() cast back (read 4 + write 2).
+CP_MERGE_ONCE_BYTES_PER_ELEMENT = 12.0
+# Backward per ring step: grad_query (fp32) += bf16 dq (read 4 + 2, write 4) on 3/4 of the
+# queries, grad_key/grad_value likewise (10 per kv element), and the fp32 dK/dV cat for
+# the rotation (read 4 + write 4 per kv element).
+CP_BWD_Q_BYTES_PER_ELEMENT = 10.0
+CP_BWD_KV_BYTES_PER_ELEMENT = 10.0 + 8.0
+# K/V cat for the next rotation (bf16 read 2 + write 2), forward and backward.
+CP_KV_CAT_BYTES_PER_ELEMENT = 4.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +177,15 @@ class LayerTime:
     cp_comm_s: float  # exposed CP communication, forward + backward
     cp_recompute_comm_s: float
     fsdp_comm_s: float  # FSDP gather (fwd + bwd) + reduce-scatter for this block
+    tp_selective_recompute_comm_s: float = 0.0  # TP all-gathers selective AC re-runs
+    # --- step time detail (defaults keep older constructors working)
+    matmul_s: float = 0.0  # forward + backward GEMMs
+    attention_s: float = 0.0  # forward + backward attention kernels
+    elementwise_s: float = 0.0  # forward + backward memory-bound ops (incl. FSDP copies)
+    cp_elementwise_s: float = 0.0  # CP merge / accumulate / cat, forward + backward
+    cp_hidden_comm_s: float = 0.0  # CP traffic hidden behind attention (occupies the link)
+    fsdp_first_gather_s: float = 0.0
+    fsdp_last_scatter_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,12 +225,16 @@ def elementwise_bytes_per_token(model: ModelSpec, executor: ExecutorProfile) -> 
     """HBM traffic of one block's memory-bound forward ops per token.
 
     Two RMSNorms over d, RoPE over q and k, SwiGLU over f, two residual adds over d, the
-    attention-output re-layout over d_q; bytes per element from the executor profile.
+    attention-output re-layout over d_q; bytes per element from the executor profile
+    (the fused numbers when the executor compiles its blocks).
     """
-    per = dict(executor.elementwise_bytes_per_element)
+    table = executor.compiled_elementwise_bytes_per_element if executor.compile \
+        else executor.elementwise_bytes_per_element
+    per = dict(table)
     d, dq, dkv, f = model.dim, model.q_dim, model.kv_dim, model.ffn_dim
+    repeat_kv = 0.0 if executor.native_gqa or dq == dkv else 2 * (2 * dkv + 2 * dq)  # K and V: read 2, write 2
     return (2 * d * per["rmsnorm"] + (dq + dkv) * per["rope"] + f * per["swiglu"]
-            + 2 * d * per["residual"] + dq * per["relayout"])
+            + 2 * d * per["residual"] + dq * per["relayout"] + repeat_kv)
 
 
 def loss_elementwise_bytes_per_token(model: ModelSpec, logits_bytes: int) -> float:
@@ -96,6 +244,32 @@ def loss_elementwise_bytes_per_token(model: ModelSpec, logits_bytes: int) -> flo
     return (forward + backward) * model.vocab_size
 
 
+def attention_keys_per_call(cfg: TrainConfig) -> float:
+    """Keys one attention kernel call sees: the whole sequence without CP; under ring CP
+    with load balancing (chunks of c = S / (2 cp)), the rank's two chunks (2c) at step 0,
+    then the first chunk only (c) on steps i <= rank and both (2c, for half the queries)
+    on steps i > rank: ~1.5c = 0.75 S / cp on average; a causal prefix of the gathered
+    K/V (S / 2 on average) under all-gather-KV CP."""
+    cp = cfg.parallelism.cp
+    if cp <= 1:
+        return float(cfg.seq_len)
+    if cfg.cp_impl == "allgather-kv":
+        return cfg.seq_len / 2.0
+    return 0.75 * cfg.seq_len / cp
+
+
+def attention_backend_for(cfg: TrainConfig, executor: ExecutorProfile, model: ModelSpec | None = None) -> str:
+    """The kernel that actually runs. The portable all-gather-KV CP passes a lower-right
+    causal mask (torch/nn/attention/bias.py, CausalBias._dispatch): flash when it can,
+    else memory-efficient; cuDNN is never taken on that path. K/V at kv-head width with
+    enable_gqa (``native_gqa``) run on flash whatever backend is preferred."""
+    if cfg.parallelism.cp > 1 and cfg.cp_impl == "allgather-kv":
+        return "efficient" if executor.attention_backend == "efficient" else "flash"
+    if executor.native_gqa and model is not None and model.n_heads != model.n_kv_heads:
+        return "flash"  # enable_gqa=True: only flash (and math) accept it
+    return executor.attention_backend
+
+
 def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
                executor: ExecutorProfile) -> LayerTime:
     gpu = cluster.gpu
@@ -103,16 +277,45 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     tp, cp = par.tp, par.cp
     tokens = cfg.tokens_per_gpu
     a = cfg.precision.activation_bytes
+    hbm = gpu.hbm_bytes_per_s
     layer = F.layer_forward_flops(model, tokens, cfg.seq_len, cp, tp)
-    matmul_rate = gpu.bf16_flops_per_s * gpu.matmul_efficiency
-    attention_rate = gpu.bf16_flops_per_s * gpu.attention_efficiency
+    matmul_fwd, matmul_bwd, per_gemm = layer_matmul_s(model, gpu, tokens, tp)
+    backend = attention_backend_for(cfg, executor, model)
+    keys = attention_keys_per_call(cfg)
+    attention_fwd = layer.attention / attention_rate_per_s(gpu, backend, False, keys)
+    attention_bwd = F.ATTENTION_BACKWARD_FACTOR * layer.attention / attention_rate_per_s(gpu, backend, True, keys)
     # Element-wise bytes scale with the activation width (profile numbers are for bf16).
-    elementwise_s = (elementwise_bytes_per_token(model, executor) * a / 2 * tokens / tp
-                     / gpu.hbm_bytes_per_s)
-    forward = layer.linear / matmul_rate + layer.attention / attention_rate + elementwise_s
-    backward = (F.MATMUL_BACKWARD_FACTOR * layer.linear / matmul_rate
-                + F.ATTENTION_BACKWARD_FACTOR * layer.attention / attention_rate
-                + 2 * elementwise_s)
+    elementwise_s = elementwise_bytes_per_token(model, executor) * a / 2 * tokens / tp / hbm
+    dq, dkv = model.q_dim / tp, model.kv_dim / tp
+
+    # Context parallel: element-wise work of the CP attention path (merge, accumulate, cat).
+    cp_ew_fwd = cp_ew_bwd = 0.0
+    if cp > 1 and cfg.cp_impl in ("ring-allgather", "ring-alltoall"):
+        steps = cp - 1
+        cp_ew_fwd = tokens * (steps * (CP_MERGE_ACTIVE_FRACTION * CP_MERGE_BYTES_PER_ELEMENT * dq
+                                       + CP_KV_CAT_BYTES_PER_ELEMENT * 2 * dkv)
+                              + CP_MERGE_ONCE_BYTES_PER_ELEMENT * dq) / hbm
+        cp_ew_bwd = tokens * steps * (CP_MERGE_ACTIVE_FRACTION * CP_BWD_Q_BYTES_PER_ELEMENT * dq
+                                      + CP_BWD_KV_BYTES_PER_ELEMENT * 2 * dkv
+                                      + CP_KV_CAT_BYTES_PER_ELEMENT * 2 * dkv) / hbm
+    elif cp > 1 and model.n_heads != model.n_kv_heads:
+        # allgather-kv: runtime/context_parallel.py expands the gathered K/V to the query
+        # heads (repeat_interleave, read 2 + write 2) for the causal prefix of each local
+        # chunk, ~S keys in all; backward sums the expanded grads back (read 2 + write 2).
+        expanded = cfg.local_batch_size * cfg.seq_len * 2 * dq * 4.0
+        cp_ew_fwd = expanded / hbm
+        cp_ew_bwd = expanded / hbm
+
+    gpu_forward = matmul_fwd + attention_fwd + elementwise_s + cp_ew_fwd
+    gpu_backward = matmul_bwd + attention_bwd + 2 * elementwise_s + cp_ew_bwd
+    # Host: eager ops (DTensor ops for the 7 linears under TP); the host runs ahead, so a
+    # block takes the longer of the two.
+    ops = executor.compiled_ops_per_layer_forward if executor.compile else executor.eager_ops_per_layer_forward
+    host_forward = ops * executor.host_op_overhead_s
+    if tp > 1:
+        host_forward += 7 * (executor.dtensor_op_overhead_s - executor.host_op_overhead_s)
+    forward = max(gpu_forward, host_forward)
+    backward = max(gpu_backward, 2 * host_forward)
     order = cfg.mesh_order
 
     # Tensor parallel + sequence parallel: all-gather before attention and FFN,
@@ -124,61 +327,81 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
         one_rs = collective_seconds(cluster, par, order, "reduce_scatter", ("tp",), buffer)
         tp_comm = 2 * (2 * one_ag + 2 * one_rs)
     tp_forward = tp_comm / 2
+    # torchtitan's per-op SAC saves neither all-gather output (only mm, SDPA and
+    # reduce_scatter are on its save list), so recomputing wk and w3 (inputs: the gathered
+    # norm outputs) re-runs the attention and FFN all-gathers under TP.
+    tp_selective = 0.0
+    if tp > 1:
+        regathered = {"wq", "wk", "wv"} & set(executor.selective_recomputed_matmuls), \
+            {"w1", "w3"} & set(executor.selective_recomputed_matmuls)
+        tp_selective = sum(one_ag for group in regathered if group)
 
-    cp_comm = cp_forward = 0.0
+    cp_comm = cp_forward = cp_hidden = 0.0
     if cp > 1:
-        kv_full = a * tokens * cp * 2 * model.kv_dim / tp  # K and V of the whole sequence
+        kv_local = a * tokens * 2 * dkv  # K and V of the local tokens (this GPU's heads)
+        kv_full = kv_local * cp
+        attn_step_fwd = attention_fwd / cp
+        attn_step_bwd = attention_bwd / cp
         if cfg.cp_impl == "allgather-kv":
             gather = collective_seconds(cluster, par, order, "all_gather", ("cp",), kv_full)
             scatter = collective_seconds(cluster, par, order, "reduce_scatter", ("cp",), kv_full)
             cp_forward = gather
             cp_comm = gather + scatter
-        else:
-            # Ring: cp - 1 rotations of the local K/V shard, each hidden behind the
-            # attention of the shard already present; backward also rotates dK/dV.
-            shard = kv_full / cp
-            kind = "send_recv" if cfg.cp_impl == "ring-allgather" else "send_recv"
-            hop = collective_seconds(cluster, par, order, kind, ("cp",), shard)
-            attention_per_hop_fwd = layer.attention / attention_rate / cp
-            attention_per_hop_bwd = F.ATTENTION_BACKWARD_FACTOR * attention_per_hop_fwd
-            cp_forward = (cp - 1) * max(0.0, hop - attention_per_hop_fwd)
-            cp_comm = cp_forward + (cp - 1) * max(0.0, 2 * hop - attention_per_hop_bwd)
+        elif cfg.cp_impl == "ring-allgather":
+            gather = collective_seconds(cluster, par, order, "all_gather", ("cp",), kv_full)
+            dkv_hop = collective_seconds(cluster, par, order, "send_recv", ("cp",), kv_local / a * FP32)
+            cp_forward = max(0.0, gather - attn_step_fwd)
+            bwd = max(0.0, gather - attn_step_bwd) + (cp - 1) * max(0.0, dkv_hop - attn_step_bwd) + dkv_hop
+            cp_comm = cp_forward + bwd
+            cp_hidden = 2 * gather + cp * dkv_hop - cp_comm
+        else:  # ring-alltoall
+            kv_hop = collective_seconds(cluster, par, order, "send_recv", ("cp",), kv_local)
+            dkv_hop = collective_seconds(cluster, par, order, "send_recv", ("cp",), kv_local / a * FP32)
+            cp_forward = (cp - 1) * max(0.0, kv_hop - attn_step_fwd)
+            bwd = (cp - 1) * max(0.0, kv_hop + dkv_hop - attn_step_bwd) + dkv_hop
+            cp_comm = cp_forward + bwd
+            cp_hidden = 2 * (cp - 1) * kv_hop + cp * dkv_hop - cp_comm
 
     # FSDP over dp_shard x cp: gather the block's params in forward and again in
     # backward, reduce-scatter its grads; HSDP adds an all-reduce of the shard.
     block_bytes = model.params_per_layer / tp
-    fsdp_comm = _fsdp_block_comm_s(cluster, par, tuple(order), block_bytes, cfg.precision.param_bytes,
-                                   cfg.precision.grad_reduce_bytes)
+    gather, scatter, replicate = _fsdp_block_comm_s(cluster, par, tuple(order), block_bytes,
+                                                    cfg.precision.param_bytes, cfg.precision.grad_reduce_bytes)
+    fsdp_comm = 2 * gather + scatter + replicate
     # FSDP2 copies params into the all-gather buffer and out of it (fwd and bwd), and
     # casts + copies grads into the reduce-scatter buffer: memory-bound, on the compute
     # stream, so it adds to compute time.
     fsdp_copy_bytes = block_bytes * (2 * 2 * 2 * cfg.precision.param_bytes
                                      + cfg.precision.param_bytes + cfg.precision.grad_reduce_bytes)
-    fsdp_copy_s = fsdp_copy_bytes / gpu.hbm_bytes_per_s if par.fsdp_degree > 1 else 0.0
+    fsdp_copy_s = fsdp_copy_bytes / hbm if par.fsdp_degree > 1 else 0.0
     backward += fsdp_copy_s
+    sac_matmul_s = sum(t for name, t in per_gemm if name in executor.selective_recomputed_matmuls)
     recompute = {
         "none": 0.0,
-        "selective": elementwise_s,
+        "selective": elementwise_s + sac_matmul_s,
         "full": forward,
     }
     return LayerTime(forward_s=forward, backward_s=backward, recompute_s=recompute,
                      tp_comm_s=tp_comm, tp_recompute_comm_s=tp_forward,
-                     cp_comm_s=cp_comm, cp_recompute_comm_s=cp_forward,
-                     fsdp_comm_s=fsdp_comm)
+                     tp_selective_recompute_comm_s=tp_selective, cp_comm_s=cp_comm, cp_recompute_comm_s=cp_forward,
+                     fsdp_comm_s=fsdp_comm, matmul_s=matmul_fwd + matmul_bwd,
+                     attention_s=attention_fwd + attention_bwd,
+                     elementwise_s=3 * elementwise_s + fsdp_copy_s,
+                     cp_elementwise_s=cp_ew_fwd + cp_ew_bwd, cp_hidden_comm_s=max(0.0, cp_hidden),
+                     fsdp_first_gather_s=gather, fsdp_last_scatter_s=scatter + replicate)
 
 
 @lru_cache(maxsize=16384)
 def _fsdp_block_comm_s(cluster: ClusterSpec, par, order: tuple[str, ...], block_params: float, param_bytes: int,
-                       reduce_bytes: int) -> float:
-    """One block's FSDP traffic time: 2 all-gathers + reduce-scatter (+ HSDP all-reduce).
+                       reduce_bytes: int) -> tuple[float, float, float]:
+    """One block's FSDP traffic: (all-gather, reduce-scatter, HSDP all-reduce) seconds.
     Cached: it does not depend on sequence length, batch or CP implementation."""
     fsdp_dims = ("dp_shard", "cp")
-    gather = make_collective(cluster, par, order, "fsdp", "all_gather", fsdp_dims, block_params * param_bytes, 1).time_s
-    scatter = make_collective(cluster, par, order, "fsdp", "reduce_scatter", fsdp_dims,
-                              block_params * reduce_bytes, 1).time_s
-    replicate = make_collective(cluster, par, order, "hsdp", "all_reduce", ("dp_replicate",),
-                                block_params * reduce_bytes / par.fsdp_degree, 1).time_s
-    return 2 * gather + scatter + replicate
+    gather = collective_seconds(cluster, par, order, "all_gather", fsdp_dims, block_params * param_bytes)
+    scatter = collective_seconds(cluster, par, order, "reduce_scatter", fsdp_dims, block_params * reduce_bytes)
+    replicate = collective_seconds(cluster, par, order, "all_reduce", ("dp_replicate",),
+                                   block_params * reduce_bytes / par.fsdp_degree)
+    return gather, scatter, replicate
 
 
 @dataclass(frozen=True)
@@ -189,12 +412,16 @@ class TimeTerms:
     micro = base + sum_m n_m (recompute_m + recompute_comm_m)
             + max(0, fsdp_comm - hiding_compute - sum_m n_m recompute_m)
     step  = grad_accum x micro + optimizer
+
+    Gradient accumulation repeats every micro-batch's FSDP traffic: FSDP2 all-gathers and
+    reduce-scatters (and HSDP all-reduces) in every backward unless the program turns
+    gradient sync off, which neither runtime/train.py nor torchtitan (late 2024) does.
     """
 
-    base_s: float  # compute + exposed TP/CP comm + first FSDP gather, per micro-batch
+    base_s: float  # compute + exposed TP/CP comm + FSDP tail, per micro-batch
     hiding_compute_s: float  # compute FSDP traffic can hide behind (no AC)
-    fsdp_comm_s: float  # all FSDP traffic of one micro-batch
-    fsdp_tail_s: float  # the part that can never hide (first gather, last scatter)
+    fsdp_comm_s: float  # FSDP traffic that can hide (+ CP traffic on the same links), per micro-batch
+    fsdp_tail_s: float  # never hides: root unit gather + scatter, first block gather, last scatter
     recompute_s: dict[str, float]  # per layer, by AC mode (compute)
     recompute_comm_s: dict[str, float]  # per layer, by AC mode (exposed comm redone)
     optimizer_s: float
@@ -214,39 +441,104 @@ class TimeTerms:
         return self.grad_accum_steps * self.micro_s(counts) + self.optimizer_s
 
 
+# Optimizer + clipping host ops. AdamW(foreach=False) runs, per parameter tensor
+# (torch 2.13 torch/optim/adam.py _single_tensor_adam, non-capturable path), 8 DTensor ops:
+# param.mul_ (decoupled weight decay), exp_avg.lerp_, exp_avg_sq.mul_ + addcmul_,
+# exp_avg_sq.sqrt, / bias correction, .add_(eps), param.addcdiv_; plus step_t += 1 on a
+# plain tensor. clip_grad_norm_(foreach=False): one vector_norm and one mul_ per tensor.
+# With foreach both become ~20 multi-tensor ops over the whole list (each still unwraps
+# every DTensor: ~1 us a tensor).
+OPTIMIZER_DTENSOR_OPS_PER_TENSOR = 8 + 2
+OPTIMIZER_PLAIN_OPS_PER_TENSOR = 1
+OPTIMIZER_FOREACH_OPS = 20
+FOREACH_PER_TENSOR_OP_S = 1e-6
+
+
+def parameter_tensors(model: ModelSpec) -> int:
+    """Parameter tensors the optimizer walks: 7 linears + 2 norms per block, embedding,
+    final norm, output (291 for Llama 3 8B)."""
+    return 9 * model.n_layers + 2 + (0 if model.tie_embeddings else 1)
+
+
+def optimizer_time_s(model: ModelSpec, gpu: GPUSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:
+    """AdamW + clip_grad_norm_: HBM traffic of the sharded state, or the host's op issue
+    when that is longer (foreach=False over ~290 DTensor parameters is dispatch-bound)."""
+    par = cfg.parallelism
+    sharded_params = model.num_params / par.tp / par.fsdp_degree
+    hbm_s = sharded_params * OPTIMIZER_BYTES_PER_PARAM / gpu.hbm_bytes_per_s
+    n = parameter_tensors(model)
+    if executor.optimizer_foreach:
+        host_s = OPTIMIZER_FOREACH_OPS * (executor.dtensor_op_overhead_s + n * FOREACH_PER_TENSOR_OP_S)
+    else:
+        host_s = n * (OPTIMIZER_DTENSOR_OPS_PER_TENSOR * executor.dtensor_op_overhead_s
+                      + OPTIMIZER_PLAIN_OPS_PER_TENSOR * executor.host_op_overhead_s)
+    return max(hbm_s, host_s)
+
+
 def time_terms(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
                executor: ExecutorProfile | str | None = None) -> TimeTerms:
     executor = resolve_executor(executor)
+    return _time_terms(model, cluster, cfg, executor)
+
+
+@lru_cache(maxsize=4096)
+def _time_terms(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, executor: ExecutorProfile) -> TimeTerms:
     gpu = cluster.gpu
     par = cfg.parallelism
+    order = cfg.mesh_order
     tokens = cfg.tokens_per_gpu
+    a = cfg.precision.activation_bytes
     layer = layer_time(model, cluster, cfg, executor)
-    matmul_rate = gpu.bf16_flops_per_s * gpu.matmul_efficiency
 
     # Root: output projection (re-run per chunk by the checkpointed loss) + loss ops.
-    output_fwd = F.output_forward_flops(model, tokens, par.tp) / matmul_rate
+    output_fwd = gemm_time_s(gpu, tokens, model.vocab_size // par.tp, model.dim)
+    output_bwd = (gemm_time_s(gpu, tokens, model.dim, model.vocab_size // par.tp)
+                  + gemm_time_s(gpu, model.dim, model.vocab_size // par.tp, tokens))
     loss_ew = loss_elementwise_bytes_per_token(model, executor.logits_bytes) * tokens / par.tp / gpu.hbm_bytes_per_s
-    chunked = executor.loss_chunk_tokens is not None and par.tp == 1
-    root_compute = output_fwd * (1 + F.MATMUL_BACKWARD_FACTOR) + loss_ew
+    # runtime/loss.py checkpoints the output projection + loss per chunk of tokens, with or
+    # without TP (loss_parallel on vocab shards under TP): forward runs again in backward.
+    chunked = executor.loss_chunk_tokens is not None
+    root_compute = output_fwd + output_bwd + loss_ew
     root_recompute = output_fwd + loss_ew / 3 if chunked else 0.0
+    # Under TP the output projection's input is all-gathered from the sequence shards
+    # (forward; again in the chunked recompute) and its grad reduce-scattered: exposed.
+    root_tp = 0.0
+    if par.tp > 1:
+        hidden = a * tokens * model.dim
+        gather = collective_seconds(cluster, par, order, "all_gather", ("tp",), hidden)
+        root_tp = gather * (2 if chunked else 1) + collective_seconds(cluster, par, order, "reduce_scatter",
+                                                                       ("tp",), hidden)
 
     n_layers = model.n_layers
     compute = n_layers * (layer.forward_s + layer.backward_s) + root_compute
-    tp_comm = n_layers * layer.tp_comm_s
+    tp_comm = n_layers * layer.tp_comm_s + root_tp
     cp_comm = n_layers * layer.cp_comm_s
-    # FSDP: traffic runs on its own stream one block ahead and hides behind compute;
-    # the first gather (forward) and the last reduce-scatter cannot hide.
-    fsdp_tail = layer.fsdp_comm_s / 3
-    sharded_params = model.num_params / par.tp / par.fsdp_degree
+    # FSDP root unit (embedding, final norm, output): FSDP2 gathers it before the first
+    # block and does not reshard it after forward (the root is needed again at once);
+    # its reduce-scatter (+ HSDP all-reduce) follows the last gradient: both exposed.
+    root_bytes = model.root_params / par.tp
+    root_gather, root_scatter, root_replicate = _fsdp_block_comm_s(
+        cluster, par, tuple(order), root_bytes, cfg.precision.param_bytes, cfg.precision.grad_reduce_bytes)
+    root_fsdp = root_gather + root_scatter + root_replicate
+    # The first block's gather and the last block's reduce-scatter cannot hide either.
+    block_tail = layer.fsdp_first_gather_s + layer.fsdp_last_scatter_s
+    fsdp_tail = root_fsdp + block_tail
+    # The rest of the blocks' FSDP traffic hides behind compute, minus the time the same
+    # links carry context-parallel traffic that itself hides behind attention.
+    shared = 0.0
+    if par.cp > 1 and layer.cp_hidden_comm_s > 0 and par.fsdp_degree > 1:
+        if group_tier(cluster, par, order, ("cp",)) == group_tier(cluster, par, order, ("dp_shard", "cp")):
+            shared = n_layers * layer.cp_hidden_comm_s
+    fsdp_hideable = max(0.0, n_layers * layer.fsdp_comm_s - block_tail) + shared
     return TimeTerms(
         base_s=compute + root_recompute + tp_comm + cp_comm + fsdp_tail,
         hiding_compute_s=compute + root_recompute,
-        fsdp_comm_s=n_layers * layer.fsdp_comm_s,
+        fsdp_comm_s=fsdp_hideable,
         fsdp_tail_s=fsdp_tail,
         recompute_s=dict(layer.recompute_s),
-        recompute_comm_s={"none": 0.0, "selective": 0.0,
+        recompute_comm_s={"none": 0.0, "selective": layer.tp_selective_recompute_comm_s,
                           "full": layer.tp_recompute_comm_s + layer.cp_recompute_comm_s},
-        optimizer_s=sharded_params * OPTIMIZER_BYTES_PER_PARAM / gpu.hbm_bytes_per_s,
+        optimizer_s=optimizer_time_s(model, gpu, cfg, executor),
         grad_accum_steps=cfg.grad_accum_steps,
         compute_s=compute,
         root_recompute_s=root_recompute,
@@ -276,7 +568,8 @@ def estimate_step(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
                                            - (recompute - terms.root_recompute_s))
     n_full = counts["full"]
     layer = layer_time(model, cluster, cfg, executor)
-    exposed_tp = terms.tp_comm_s + n_full * layer.tp_recompute_comm_s
+    exposed_tp = (terms.tp_comm_s + n_full * layer.tp_recompute_comm_s
+                  + counts["selective"] * layer.tp_selective_recompute_comm_s)
     exposed_cp = terms.cp_comm_s + n_full * layer.cp_recompute_comm_s
     compute = terms.compute_s
     optimizer = terms.optimizer_s
@@ -295,6 +588,11 @@ def estimate_step(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
         "exposed_cp_comm": ga * exposed_cp,
         "exposed_fsdp_comm": ga * exposed_fsdp,
         "optimizer": optimizer,
+        # Where the compute goes (forward + backward, no recompute), per step.
+        "matmul": ga * model.n_layers * layer.matmul_s,
+        "attention": ga * model.n_layers * layer.attention_s,
+        "elementwise": ga * model.n_layers * layer.elementwise_s,
+        "cp_elementwise": ga * model.n_layers * layer.cp_elementwise_s,
     }
     collectives = _collectives(model, cluster, cfg, n_full)
     capacity = float(gpu.memory_bytes)
@@ -325,6 +623,12 @@ def _collectives(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, n_ful
         make_collective(cluster, par, order, "fsdp reduce-scatter grads", "reduce_scatter", fsdp,
                         model.params_per_layer / par.tp * prec.grad_reduce_bytes, layers * ga),
     ]
+    out += [
+        make_collective(cluster, par, order, "fsdp root unit all-gather (embedding, norm, output)", "all_gather",
+                        fsdp, model.root_params / par.tp * prec.param_bytes, ga),
+        make_collective(cluster, par, order, "fsdp root unit reduce-scatter", "reduce_scatter", fsdp,
+                        model.root_params / par.tp * prec.grad_reduce_bytes, ga),
+    ]
     if par.dp_replicate > 1:
         out.append(make_collective(cluster, par, order, "hsdp all-reduce grad shards", "all_reduce",
                                    ("dp_replicate",), model.num_params / par.tp / par.fsdp_degree
@@ -336,10 +640,20 @@ def _collectives(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, n_ful
                                    ("tp",), prec.activation_bytes * tokens * model.dim, calls))
     if par.cp > 1:
         kv = prec.activation_bytes * tokens * par.cp * 2 * model.kv_dim / par.tp
+        dkv_fp32 = kv / par.cp / prec.activation_bytes * FP32
         if cfg.cp_impl == "allgather-kv":
-            out.append(make_collective(cluster, par, order, "cp all-gather K/V + reduce-scatter dK/dV",
-                                       "all_gather", ("cp",), kv, (2 * layers + n_full) * ga))
+            out.append(make_collective(cluster, par, order, "cp all-gather K/V", "all_gather", ("cp",), kv,
+                                       (layers + n_full) * ga))
+            out.append(make_collective(cluster, par, order, "cp reduce-scatter dK/dV", "reduce_scatter", ("cp",),
+                                       kv, layers * ga))
+        elif cfg.cp_impl == "ring-allgather":
+            out.append(make_collective(cluster, par, order, "cp ring all-gather K/V (fwd + bwd)", "all_gather",
+                                       ("cp",), kv, (2 * layers + n_full) * ga))
+            out.append(make_collective(cluster, par, order, "cp ring dK/dV rotations (fp32)", "send_recv",
+                                       ("cp",), dkv_fp32, par.cp * layers * ga))
         else:
-            out.append(make_collective(cluster, par, order, f"cp {cfg.cp_impl} K/V rotations", "send_recv",
-                                       ("cp",), kv / par.cp, 3 * (par.cp - 1) * layers * ga))
+            out.append(make_collective(cluster, par, order, "cp ring K/V rotations (fwd + bwd)", "send_recv",
+                                       ("cp",), kv / par.cp, (2 * layers + n_full) * (par.cp - 1) * ga))
+            out.append(make_collective(cluster, par, order, "cp ring dK/dV rotations (fp32)", "send_recv",
+                                       ("cp",), dkv_fp32, par.cp * layers * ga))
     return out
