@@ -46,10 +46,68 @@ class ExecutorProfile:
         ("rmsnorm", 28.0), ("rope", 28.0), ("swiglu", 10.0), ("residual", 6.0), ("relayout", 4.0))
     # Caching-allocator fragmentation: reserved / allocated - 1 at the peak.
     allocator_fragmentation: float = 0.05
+    # --- memory ---
+    # What one selective (per-op) AC block keeps, by name; bytes per name are in
+    # cost_models/memory.py (SAVE_NAMES). This project's runtime saves every matmul
+    # and attention output (runtime/parallelize.py::_selective_save_ops); wo's and w2's
+    # saved outputs are the full-width partial sums before the SP reduce-scatter.
+    selective_saves: tuple[str, ...] = ("block_input", "wq", "wk", "wv", "attention", "wo", "w1", "w3", "w2")
+    # Saves that per-block torch.compile drops: AOTAutograd's partitioner keeps only what
+    # backward reads, so outputs of MUST_SAVE ops consumed by nothing in backward (wo's
+    # and w2's outputs go only into the residual add, whose backward reads nothing) are
+    # not kept, whereas eager SAC caches every MUST_SAVE output until the block's
+    # recompute (torch/utils/checkpoint.py, _CachingTorchDispatchMode).
+    compile_drops_saves: tuple[str, ...] = ("wo", "w2", "wo_rs", "w2_rs")
+    # SDPA gets K and V expanded to the query heads (torchtitan's repeat_kv) instead of
+    # native GQA at kv width.
+    sdpa_kv_expanded: bool = False
+    # The model output (bf16 logits) is dropped before backward (torchtitan: ``del pred``).
+    logits_freed_before_backward: bool = True
+    # Per-block torch.compile (a data switch so memory can be priced either way; the
+    # time model may carry its own). The compiled loss (0.3, compile.components has
+    # "loss") fuses the fp32 upcast into the log-softmax: no fp32 copy of the logits.
+    compile: bool = False
+    loss_compiled_with_model: bool = False
+    # Caching allocator (c10/cuda/CUDACachingAllocator.cpp): PYTORCH_CUDA_ALLOC_CONF
+    # expandable_segments maps one growing segment per stream instead of a cudaMalloc per
+    # request; either way freed blocks stay reserved and are reused only by requests that
+    # fit them (after merging with free neighbours), per stream.
+    expandable_segments: bool = False
+    # NCCL memory outside PyTorch's allocator (not in reserved_bytes), per communicator
+    # (NCCL issue #964: 544-688 MB per PyTorch process group on 4xA100, measured with
+    # nvidia-smi; NCCL issue #864: ~1.6 GB for one communicator; midpoint of #964 taken,
+    # channel buffers NCCL_BUFFSIZE=4 MiB x channels x 2 ring connections, NCCL #986)
+    # and per all-to-all peer (NCCL issue #1685: all-to-all raised NCCL's footprint on
+    # 8xH100 from 1.06 GB to 4.34 GB for 7 peers: (4.34 - 1.06) / 7 = 0.469 GB per peer;
+    # #986: all-to-all keeps one connection per peer, a ring two in total).
+    nccl_communicator_bytes: int = 587 * MiB
+    nccl_alltoall_peer_bytes: int = 447 * MiB
+    # Loss in a fixed number of sequence chunks (torchtitan 0.3 ChunkedLossWrapper), or None.
+    loss_num_chunks: int | None = None
+    # FSDP units outside the blocks: 1 = embedding + norm + output in the root (late-2024
+    # torchtitan, this runtime), 2 = embedding and [norm, lm_head] apart (0.3).
+    fsdp_root_units: int = 1
 
     def with_overrides(self, **overrides) -> "ExecutorProfile":
         return replace(self, **overrides)
 
+
+# torchtitan late 2024 (commit 9dec370, the published Dec-2024 runs), memory-relevant
+# choices. Per-op SAC (parallelize_llama.py ``_save_list`` = {aten.mm, SDPA flash,
+# SDPA efficient, _c10d_functional.reduce_scatter_tensor, aten.max} and a per-block
+# ``forward_mm_count`` that recomputes every second mm): of a Llama block's 7 mms in
+# order wq, wk, wv, wo, w1, w3, w2 it keeps wq, wv, w1, w2 (odd counts), recomputes wk,
+# wo, w3; the SDPA output + logsumexp and, under TP, both reduce-scatter outputs are
+# kept. 0.3.0's SelectiveAC (distributed/activation_checkpoint.py, read in the wheel)
+# has the same counter and saves the same outputs for this block; the late-2024 list
+# is transcribed from the source as published, not from a wheel (none on PyPI).
+# Its Attention calls repeat_kv before SDPA (K/V at query width), and train.py does
+# ``del pred`` before ``loss.backward()``.
+TORCHTITAN_2024_MEMORY = dict(
+    selective_saves=("block_input", "wq", "wv", "attention", "w1", "w2", "wo_rs", "w2_rs"),
+    sdpa_kv_expanded=True,
+    logits_freed_before_backward=True,
+)
 
 EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
     # This project's runtime (runtime/loss.py): the output projection and the fp32
@@ -62,7 +120,19 @@ EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
     # reduce, blocks resharded after forward except the last, embedding + final norm +
     # output projection in the root FSDP unit.
     "torchtitan": ExecutorProfile(name="torchtitan", loss_chunk_tokens=None,
-                                  fsdp_last_block_resharded=False),
+                                  fsdp_last_block_resharded=False, **TORCHTITAN_2024_MEMORY),
+    # torchtitan 0.3.0 (PyPI wheel, read): SelectiveAC saves get_default_op_list()'s
+    # compute-intensive ops + linear/SDPA/reduce_scatter/all_to_all and recomputes every
+    # second mm (same per-block counter as late 2024); the Llama 3 8B config uses
+    # ChunkedLossWrapper (num_chunks=8: lm_head + fp32 CE per chunk, backward per chunk,
+    # lm_head kept unsharded); compile.components defaults to ["model", "loss"]; all
+    # decoder blocks reshard after forward, [norm, lm_head] do not
+    # (distributed/fsdp.py::apply_fsdp_to_decoder).
+    "torchtitan-0.3": ExecutorProfile(name="torchtitan-0.3", loss_chunk_tokens=None, loss_num_chunks=8,
+                                      fsdp_last_block_resharded=True, loss_compiled_with_model=True,
+                                      fsdp_root_units=2,
+                                      **{k: v for k, v in TORCHTITAN_2024_MEMORY.items()
+                                         if k != "sdpa_kv_expanded"}),
 }
 DEFAULT_EXECUTOR = "autoplan"
 
