@@ -226,16 +226,18 @@ def ring_attention_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorP
     Forward (``_templated_ring_attention``): ``torch.cat([key.flatten(), value.flatten()])``
     (2 kv, activation dtype) is rotated: the allgather rotater gathers it once
     (``ft_c.all_gather_single``: cp x 2 kv, alive for the whole loop), the alltoall rotater
-    holds the received copy (2 kv); the inputs q, k, v are alive; ``_SDPAMerger`` with
+    holds the current and the next received copy (2 x 2 kv); the inputs q, k, v are alive; ``_SDPAMerger`` with
     ``convert_to_f32`` keeps the running output in fp32 (4 q bytes) and, at a merge,
     the step's bf16 output, its fp32 copy, ``out - block_out`` and the sigmoid product
     (3 x 4 q bytes), plus fp32 LSE copies (4 x 4 bytes per head and token).
     Backward (``_templated_ring_attention_backward``): fp32 accumulators ``grad_query``
-    (4 q) and the rotating fp32 dK/dV: the received buffer, the new
+    (4 q) and the rotating fp32 dK/dV: the current ones, the new
     ``torch.cat([grad_key, grad_value])`` and the next received one (3 x 8 kv bytes,
-    all-to-all rotater ``permute_tensor``); the step's dq, dk, dv in the activation dtype;
-    the K/V rotation as in forward; FlashAttention-2's fp32 ``dq_accum`` workspace
-    (4 q, an allocator tensor in flash_api.cpp).
+    all-to-all rotater ``permute_tensor``); the step's dq, dk, dv in the activation dtype,
+    twice (the previous step's stay bound until the op returns the next); the K/V
+    rotation as in forward; FlashAttention-2's fp32 ``dq_accum`` workspace (4 q, an
+    allocator tensor in flash_api.cpp). Checked against a trace of torch's own ring
+    functions (tests/test_memory_ring.py).
     """
     par = cfg.parallelism
     tp, cp = par.tp, par.cp
@@ -244,9 +246,15 @@ def ring_attention_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorP
     q = T * model.q_dim / tp
     kv = T * (model.q_dim if executor.sdpa_kv_expanded else model.kv_dim) / tp
     lse = FP32 * T * model.n_heads / tp
-    rotation = (cp if cfg.cp_impl == "ring-allgather" else 2) * 2 * a * kv + 2 * a * kv  # gathered/received + cat
-    forward = a * (q + 2 * kv) + rotation + 4 * FP32 * q + a * q + 4 * lse
-    backward = 2 * FP32 * q + a * q + 2 * a * kv + 3 * 2 * FP32 * kv + rotation + lse
+    allgather = cfg.cp_impl == "ring-allgather"
+    # Forward: exchange_buffers returns None, so each step's cat dies at once; what stays
+    # is the gathered K/V (allgather) or the current and the next received (alltoall; only
+    # the current at the last step, so one buffer when cp == 2).
+    rotation_forward = (cp if allgather else (2 if cp > 2 else 1)) * 2 * a * kv
+    # Backward keeps ``next_kv = torch.cat(...)`` bound through the step.
+    rotation_backward = (cp if allgather else 2) * 2 * a * kv + 2 * a * kv
+    forward = a * (q + 2 * kv) + rotation_forward + 4 * FP32 * q + a * q + 4 * lse
+    backward = 2 * FP32 * q + 2 * a * (q + 2 * kv) + 3 * 2 * FP32 * kv + rotation_backward + lse
     return forward, backward
 
 
