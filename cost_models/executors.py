@@ -116,9 +116,9 @@ EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
     "autoplan": ExecutorProfile(name="autoplan", loss_chunk_tokens=4096),
     # torchtitan as of its first context-parallel release (late 2024): bf16 logits for
     # the whole local sequence, loss = cross_entropy(logits.flatten(0, 1).float(), labels)
-    # over the full vocabulary, full AC per TransformerBlock, FSDP2 bf16 params / fp32
-    # reduce, blocks resharded after forward except the last, embedding + final norm +
-    # output projection in the root FSDP unit.
+    # over the full vocabulary, per-op selective AC as torchtitan runs it (above), FSDP2
+    # bf16 params / fp32 reduce, blocks resharded after forward except the last,
+    # embedding + final norm + output projection in the root FSDP unit.
     "torchtitan": ExecutorProfile(name="torchtitan", loss_chunk_tokens=None,
                                   fsdp_last_block_resharded=False, **TORCHTITAN_2024_MEMORY),
     # torchtitan 0.3.0 (PyPI wheel, read): SelectiveAC saves get_default_op_list()'s

@@ -22,6 +22,24 @@ tokens on this GPU (``local_batch x seq_len / cp``), ``a`` bytes per activation 
 - ``selective``: the block input + every matmul output (q, k, v, wo, w1, w3, w2) + the
   attention output and lse; the element-wise ops are recomputed;
 - ``full``: the block input only.
+
+Selective AC is the executor's: ``ExecutorProfile.selective_saves`` names what one block
+keeps (``save_bytes``). torchtitan's per-op policy recomputes every second mm, so it
+keeps wq, wv, w1, w2 of the seven; per-block torch.compile drops saves no backward op
+reads. tests/test_torchtitan_profile.py checks both against a trace of the policy.
+
+Under PyTorch's ring CP the attention's transients (gathered K/V, fp32 merge and grad
+accumulators, rotation buffers; ``ring_attention_bytes``) enter the backward working set
+and a "forward" phase (all saved activations + the last layer's forward transient).
+
+What a GPU reports is not the tensor peak. ``MemoryEstimate.reserved_peak_bytes`` is the
+caching allocator's reserved peak (torchtitan's logged memory): per phase, (tensors + the
+loss's stranded blocks, from ``simulate_allocator`` over the loss's request sequence) x
+(1 + a fitted fragmentation remainder) + the pools of FSDP2's side streams (all-gather
+outputs; reduce-scatter outputs = sharded grads). ``peak_bytes`` adds the CUDA context
+and NCCL (per communicator, per all-to-all peer), which live outside the allocator.
+For the planner's linear constraints the stranded blocks and the ring forward phase are
+folded into ``loss_working_bytes`` and the pools into ``fixed_overhead_bytes``.
 """
 
 from __future__ import annotations
@@ -187,6 +205,16 @@ class MemoryEstimate:
     def forward_backward_tensor_peak_bytes(self) -> float:
         """Tensor peak outside the optimizer step (what a trace of forward + backward sees)."""
         return max(v for k, v in self.phase_tensor_bytes.items() if k != "optimizer")
+
+
+def torchtitan_layer_sac_modes(n_layers: int, every: int) -> tuple[str, ...]:
+    """torchtitan's per-layer selective AC (late 2024, ``selective_ac_option="N"``, not in
+    0.3): ``ptd_checkpoint_wrapper._count += 1`` per block in order and the block is
+    wrapped (full AC) when ``_count % N == 0``, else left alone - blocks N, 2N, ... counted
+    from 1 are checkpointed. ``every=0`` checkpoints all of them."""
+    if every < 0:
+        raise ValueError(f"selective_ac_option={every}: must be >= 0")
+    return tuple("full" if not every or (i + 1) % every == 0 else "none" for i in range(n_layers))
 
 
 def save_bytes(model: ModelSpec, cfg: TrainConfig) -> dict[str, float]:
@@ -529,7 +557,7 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
     # param dtype) on the all-gather copy-in stream - the root unit's, or the blocks in
     # flight - and foreach_reduce allocates the reduce-scatter output on the
     # reduce-scatter stream, which the sharded grads keep as views until zero_grad.
-    root_unit = root_params / max(1, executor.fsdp_root_units)
+    root_unit = root_params / 2 if executor.fsdp_root_units == 2 and not model.tie_embeddings else root_params
     ag_pool = prec.param_bytes * max(root_unit, in_flight * block_params)
     rs_pool = model.n_layers * grad_per_layer + grad_root
     loss_logits = (loss_working_bytes(model, cfg, executor) + loss_extra
@@ -539,7 +567,11 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         static_bytes=static,
         sharded_grad_bytes_per_layer=grad_per_layer,
         sharded_grad_bytes_root=grad_root,
-        root_unsharded_bytes=root_params * prec.param_bytes,
+        # The root unit stays gathered (FSDP2 never reshards the root after forward); with
+        # the embedding in its own unit (0.3) it is resharded after forward and only
+        # [norm, lm_head] (not resharded by torchtitan's choice) stays gathered.
+        root_unsharded_bytes=root_params * prec.param_bytes * (
+            0.5 if executor.fsdp_root_units == 2 and not model.tie_embeddings else 1.0),
         root_activation_bytes=root_activations,
         input_bytes=ids,
         # With several loss chunks, the output projection's unsharded grad (accumulated
@@ -644,4 +676,5 @@ def predict_reserved_peak_bytes(model: ModelSpec, cfg: TrainConfig, executor: Ex
 
 __all__ = ["AC_MODES", "LayerMemory", "MemoryTerms", "MemoryEstimate", "layer_memory",
            "loss_working_bytes", "memory_terms", "estimate_memory", "predict_reserved_peak_bytes",
-           "ring_attention_bytes", "simulate_allocator", "nccl_bytes", "save_bytes"]
+           "ring_attention_bytes", "simulate_allocator", "nccl_bytes", "save_bytes",
+           "torchtitan_layer_sac_modes"]

@@ -172,3 +172,11 @@ def test_compile_drops_saves_no_backward_reads():
         assert (layer_memory(SPEC, _cfg(tp), eager).saved["selective"]
                 - layer_memory(SPEC, _cfg(tp), compiled).saved["selective"]) == pytest.approx(drop)
     assert set(save_bytes(SPEC, _cfg(1))) >= set(eager.selective_saves)
+
+
+def test_per_layer_selective_option_checkpoints_every_nth_block():
+    from cost_models.memory import torchtitan_layer_sac_modes
+
+    assert torchtitan_layer_sac_modes(6, 2) == ("none", "full") * 3
+    assert torchtitan_layer_sac_modes(6, 3) == ("none", "none", "full") * 2
+    assert torchtitan_layer_sac_modes(3, 0) == ("full",) * 3
