@@ -200,6 +200,7 @@ class MemoryEstimate:
     tensor_peak_bytes: float  # what a traced / torch.cuda.max_memory_allocated peak sees
     phase_tensor_bytes: dict[str, float] = field(default_factory=dict)
     reserved_peak_bytes: float = 0.0  # caching allocator's reserved peak (no context / NCCL)
+    tensor_peak_phase: str = ""  # the phase of tensor_peak_bytes (peak_phase is the reserved one)
 
     @property
     def forward_backward_tensor_peak_bytes(self) -> float:
@@ -660,6 +661,7 @@ def estimate_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfil
         tensor_peak_bytes=max(tensor.values()),
         phase_tensor_bytes=tensor,
         reserved_peak_bytes=reserved[phase_name],
+        tensor_peak_phase=max(tensor, key=tensor.get),
     )
 
 
