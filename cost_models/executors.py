@@ -82,6 +82,12 @@ class ExecutorProfile:
     # #986: all-to-all keeps one connection per peer, a ring two in total).
     nccl_communicator_bytes: int = 587 * MiB
     nccl_alltoall_peer_bytes: int = 447 * MiB
+    # RMSNorm backward in eager PyTorch upcasts to fp32: at its widest moment five fp32
+    # tensors of the norm's input size are alive (runtime/model.py RMSNormFunction.backward:
+    # xhat, g*w, xhat*mean(...), the difference, dx; then grad.float() and its product for
+    # dw). Matters for the final norm, whose backward runs with every block's saved
+    # activations alive. A compiled (fused) norm writes only dx.
+    norm_backward_fp32_temporaries: float = 5.0
     # Loss in a fixed number of sequence chunks (torchtitan 0.3 ChunkedLossWrapper), or None.
     loss_num_chunks: int | None = None
     # FSDP units outside the blocks: 1 = embedding + norm + output in the root (late-2024

@@ -76,10 +76,11 @@ class MemoryTerms:
     root_unsharded_bytes: float  # root FSDP unit's gathered params (never resharded)
     root_activation_bytes: float  # final-norm input/output + loss chunk inputs + ids
     input_bytes: float  # token ids and labels (alive all step)
-    # Working set on top of every saved activation at the end of forward, as the ILP's
-    # loss constraint reads it: the larger of (the loss's tensors + the allocator blocks
-    # they strand) and the last attention's ring-CP forward transient, re-based onto the
-    # loss phase. The parts are loss_logits_bytes, loss_stranded_bytes, forward_working_bytes.
+    # Working set on top of every saved activation, as the ILP's loss constraint reads
+    # it: the largest of (the loss's tensors + the allocator blocks they strand), the last
+    # attention's ring-CP forward transient and the final norm's backward, each re-based
+    # onto the loss phase. The parts are loss_logits_bytes, loss_stranded_bytes,
+    # forward_working_bytes, norm_backward_working_bytes.
     loss_working_bytes: float
     forward_block_bytes: float  # gathered block params alive during the loss
     backward_block_bytes: float  # gathered params + unsharded grads of blocks in flight
@@ -103,6 +104,10 @@ class MemoryTerms:
     loss_stranded_bytes: float = 0.0
     # The loss's tensors alone (includes the output projection's grad when chunked).
     loss_logits_bytes: float = 0.0
+    # The final norm's backward ("norm_backward" phase): its working set, and its saved
+    # input + rstd (alive then, part of root_activation_bytes in the loss phase).
+    norm_backward_working_bytes: float = 0.0
+    final_norm_saved_bytes: float = 0.0
 
     def phases(self, layer_modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
         """Breakdown of each phase for a per-layer AC assignment."""
@@ -115,6 +120,11 @@ class MemoryTerms:
                               logits_loss=self.loss_logits_bytes)
         if self.loss_stranded_bytes:
             phases["loss"]["allocator_stranded"] = self.loss_stranded_bytes
+        if self.norm_backward_working_bytes:
+            phases["norm_backward"] = dict(common, fsdp_unsharded=self.root_unsharded_bytes + self.backward_block_bytes
+                                           + self.root_grad_bytes,
+                                           activations=total_saved + self.input_bytes + self.final_norm_saved_bytes,
+                                           recompute_working=self.norm_backward_working_bytes)
         if self.forward_working_bytes:
             phases["forward"] = dict(common, fsdp_unsharded=self.root_unsharded_bytes + self.backward_block_bytes,
                                      activations=total_saved + self.input_bytes,
@@ -552,6 +562,13 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
     forward_working = 0.0
     if cfg.cp_impl in ("ring-allgather", "ring-alltoall") and par.cp > 1:
         forward_working = ring_attention_bytes(model, cfg, executor)[0]
+    # The final norm's backward: its fp32 temporaries + the incoming grad of its output
+    # (gathered for the column-parallel output projection under TP), with every block's
+    # saved activations, the root's gathered params + output-projection grad and the
+    # first blocks prefetched for backward alive.
+    wide = max(a, FP32)
+    norm_temps = 1.0 if executor.compile else executor.norm_backward_fp32_temporaries
+    norm_backward = norm_temps * wide * tokens * model.dim / tp + a * tokens * model.dim
 
     # Caching-allocator pools of FSDP2's side streams (torch 2.13 _fsdp_collectives.py):
     # foreach_all_gather allocates the all-gather output (the unit's unsharded params,
@@ -578,7 +595,11 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         # With several loss chunks, the output projection's unsharded grad (accumulated
         # over chunks) is alive while later chunks run backward.
         loss_working_bytes=max(loss_logits + stranded,
-                               forward_working + backward_blocks - forward_blocks + ids - root_activations),
+                               forward_working + backward_blocks - forward_blocks + ids - root_activations,
+                               norm_backward + backward_blocks - forward_blocks + output_grad + ids + norm_in
+                               - root_activations),
+        norm_backward_working_bytes=norm_backward,
+        final_norm_saved_bytes=norm_in,
         loss_logits_bytes=loss_logits,
         forward_block_bytes=forward_blocks,
         backward_block_bytes=backward_blocks,
