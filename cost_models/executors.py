@@ -13,6 +13,10 @@ from typing import Any
 from .specs import GiB, MiB, SpecError
 
 
+# A Llama block's matmuls in call order (runtime/model.py; torchtitan's model alike).
+BLOCK_MATMULS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
+
+
 @dataclass(frozen=True)
 class ExecutorProfile:
     name: str
@@ -59,21 +63,12 @@ class ExecutorProfile:
     # the query heads first (torchtitan's repeat_kv: a bf16 copy of K and V, read at kv
     # width and written at q width, forward; the backward sums it back).
     native_gqa: bool = True
-    # torch.compile per TransformerBlock (torchtitan's compile option): inductor fuses the
-    # element-wise ops (fewer HBM bytes, fewer launches).
-    compile: bool = False
     # HBM bytes per activation element of the same forward ops once inductor fuses them:
     # RMSNorm one kernel (read 2 + write 2), RoPE on q and k one kernel (read 2 + write 2),
     # SiLU x gate one kernel (read 2 + 2, write 2), residual add (read 2 + 2, write 2, the
     # following norm reads the sum in the same kernel), the transpose copy unchanged (4).
     compiled_elementwise_bytes_per_element: tuple[tuple[str, float], ...] = (
         ("rmsnorm", 4.0), ("rope", 4.0), ("swiglu", 6.0), ("residual", 6.0), ("relayout", 4.0))
-    # Matmuls that "selective" AC recomputes. torchtitan's per-op SAC policy
-    # (torchtitan/models/llama/parallelize_llama.py, _custom_policy: "Saves output of all
-    # compute ops, except every second mm") counts mm calls per block in call order wq, wk,
-    # wv, wo, w1, w3, w2 and recomputes the even ones: wk, wo, w3. This project's runtime
-    # saves every matmul output (recomputes element-wise ops only).
-    selective_recomputed_matmuls: tuple[str, ...] = ()
     # Optimizer and clip_grad_norm_: foreach (multi-tensor) kernels or one op per parameter.
     # runtime/train.py: AdamW(foreach=False), clip_grad_norm_(foreach=False); torchtitan's
     # defaults (late 2024): foreach AdamW and foreach clipping.
@@ -89,9 +84,66 @@ class ExecutorProfile:
     # compiled block launches its fused kernels and extern matmuls: ~15.
     eager_ops_per_layer_forward: int = 60
     compiled_ops_per_layer_forward: int = 15
+    # --- memory ---
+    # What one selective (per-op) AC block keeps, by name; bytes per name are in
+    # cost_models/memory.py (SAVE_NAMES). This project's runtime saves every matmul
+    # and attention output (runtime/parallelize.py::_selective_save_ops); wo's and w2's
+    # saved outputs are the full-width partial sums before the SP reduce-scatter.
+    selective_saves: tuple[str, ...] = ("block_input", "wq", "wk", "wv", "attention", "wo", "w1", "w3", "w2")
+    # Saves that per-block torch.compile drops: AOTAutograd's partitioner keeps only what
+    # backward reads, so outputs of MUST_SAVE ops consumed by nothing in backward (wo's
+    # and w2's outputs go only into the residual add, whose backward reads nothing) are
+    # not kept, whereas eager SAC caches every MUST_SAVE output until the block's
+    # recompute (torch/utils/checkpoint.py, _CachingTorchDispatchMode).
+    compile_drops_saves: tuple[str, ...] = ("wo", "w2", "wo_rs", "w2_rs")
+    # The model output (bf16 logits) is dropped before backward (torchtitan: ``del pred``).
+    logits_freed_before_backward: bool = True
+    # The compiled loss (0.3, compile.components has "loss") fuses the fp32 upcast into the
+    # log-softmax: no fp32 copy of the logits.
+    loss_compiled_with_model: bool = False
+    # Caching allocator (c10/cuda/CUDACachingAllocator.cpp): PYTORCH_CUDA_ALLOC_CONF
+    # expandable_segments maps one growing segment per stream instead of a cudaMalloc per
+    # request; either way freed blocks stay reserved and are reused only by requests that
+    # fit them (after merging with free neighbours), per stream.
+    expandable_segments: bool = False
+    # NCCL memory outside PyTorch's allocator (not in reserved_bytes), per communicator
+    # (NCCL issue #964: 544-688 MB per PyTorch process group on 4xA100, measured with
+    # nvidia-smi; NCCL issue #864: ~1.6 GB for one communicator; midpoint of #964 taken,
+    # channel buffers NCCL_BUFFSIZE=4 MiB x channels x 2 ring connections, NCCL #986)
+    # and per all-to-all peer (NCCL issue #1685: all-to-all raised NCCL's footprint on
+    # 8xH100 from 1.06 GB to 4.34 GB for 7 peers: (4.34 - 1.06) / 7 = 0.469 GB per peer;
+    # #986: all-to-all keeps one connection per peer, a ring two in total).
+    nccl_communicator_bytes: int = 587 * MiB
+    nccl_alltoall_peer_bytes: int = 447 * MiB
+    # RMSNorm backward in eager PyTorch upcasts to fp32: at its widest moment five fp32
+    # tensors of the norm's input size are alive (runtime/model.py RMSNormFunction.backward:
+    # xhat, g*w, xhat*mean(...), the difference, dx; then grad.float() and its product for
+    # dw). Matters for the final norm, whose backward runs with every block's saved
+    # activations alive. A compiled (fused) norm writes only dx.
+    norm_backward_fp32_temporaries: float = 5.0
+    # Loss in a fixed number of sequence chunks (torchtitan 0.3 ChunkedLossWrapper), or None.
+    loss_num_chunks: int | None = None
+    # FSDP units outside the blocks: 1 = embedding + norm + output in the root (late-2024
+    # torchtitan, this runtime), 2 = embedding and [norm, lm_head] apart (0.3).
+    fsdp_root_units: int = 1
+    # --- step time and memory ---
+    # torch.compile per TransformerBlock (torchtitan's compile option): inductor fuses the
+    # element-wise ops (fewer HBM bytes and launches) and its partitioner drops saves
+    # backward does not read (compile_drops_saves).
+    compile: bool = False
 
     def with_overrides(self, **overrides) -> "ExecutorProfile":
         return replace(self, **overrides)
+
+    @property
+    def selective_recomputed_matmuls(self) -> tuple[str, ...]:
+        """Matmuls 'selective' AC recomputes: the block's matmuls it does not save."""
+        return tuple(m for m in BLOCK_MATMULS if m not in self.selective_saves)
+
+    @property
+    def sdpa_kv_expanded(self) -> bool:
+        """SDPA gets K and V copied to the query heads (torchtitan's repeat_kv)."""
+        return not self.native_gqa
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +164,25 @@ class ExecutorProfile:
             raise SpecError(f"{where}: {error}") from None
 
 
+# torchtitan late 2024 (commit 9dec370, the published Dec-2024 runs), memory-relevant
+# choices. Per-op SAC (parallelize_llama.py ``_save_list`` = {aten.mm, SDPA flash,
+# SDPA efficient, _c10d_functional.reduce_scatter_tensor, aten.max} and a per-block
+# ``forward_mm_count`` that recomputes every second mm): of a Llama block's 7 mms in
+# order wq, wk, wv, wo, w1, w3, w2 it keeps wq, wv, w1, w2 (odd counts), recomputes wk,
+# wo, w3; the SDPA output + logsumexp and, under TP, both reduce-scatter outputs are
+# kept. 0.3.0's SelectiveAC (distributed/activation_checkpoint.py, read in the wheel)
+# has the same counter and saves the same outputs for this block; the late-2024 list
+# is transcribed from the source as published, not from a wheel (none on PyPI).
+# Its Attention calls repeat_kv before SDPA (K/V at query width), and train.py does
+# ``del pred`` before ``loss.backward()``.
+# Its optimizer and clipping use foreach (multi-tensor) kernels by default.
+TORCHTITAN_2024 = dict(
+    selective_saves=("block_input", "wq", "wv", "attention", "w1", "w2", "wo_rs", "w2_rs"),
+    native_gqa=False,
+    logits_freed_before_backward=True,
+    optimizer_foreach=True,
+)
+
 EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
     # This project's runtime (runtime/loss.py): the output projection and the fp32
     # cross-entropy run per chunk of tokens under activation checkpointing, so only
@@ -119,13 +190,22 @@ EXECUTOR_PROFILES: dict[str, ExecutorProfile] = {
     "autoplan": ExecutorProfile(name="autoplan", loss_chunk_tokens=4096),
     # torchtitan as of its first context-parallel release (late 2024): bf16 logits for
     # the whole local sequence, loss = cross_entropy(logits.flatten(0, 1).float(), labels)
-    # over the full vocabulary, full AC per TransformerBlock, FSDP2 bf16 params / fp32
-    # reduce, blocks resharded after forward except the last, embedding + final norm +
-    # output projection in the root FSDP unit.
+    # over the full vocabulary, per-op selective AC as torchtitan runs it (above), FSDP2
+    # bf16 params / fp32 reduce, blocks resharded after forward except the last,
+    # embedding + final norm + output projection in the root FSDP unit.
     "torchtitan": ExecutorProfile(name="torchtitan", loss_chunk_tokens=None,
-                                  fsdp_last_block_resharded=False,
-                                  selective_recomputed_matmuls=("wk", "wo", "w3"), optimizer_foreach=True,
-                                  native_gqa=False),
+                                  fsdp_last_block_resharded=False, **TORCHTITAN_2024),
+    # torchtitan 0.3.0 (PyPI wheel, read): SelectiveAC saves get_default_op_list()'s
+    # compute-intensive ops + linear/SDPA/reduce_scatter/all_to_all and recomputes every
+    # second mm (same per-block counter as late 2024); the Llama 3 8B config uses
+    # ChunkedLossWrapper (num_chunks=8: lm_head + fp32 CE per chunk, backward per chunk,
+    # lm_head kept unsharded); compile.components defaults to ["model", "loss"]; all
+    # decoder blocks reshard after forward, [norm, lm_head] do not
+    # (distributed/fsdp.py::apply_fsdp_to_decoder).
+    "torchtitan-0.3": ExecutorProfile(name="torchtitan-0.3", loss_chunk_tokens=None, loss_num_chunks=8,
+                                      fsdp_last_block_resharded=True, loss_compiled_with_model=True,
+                                      fsdp_root_units=2,
+                                      **{**TORCHTITAN_2024, "native_gqa": True}),
 }
 # torchtitan with its per-block torch.compile on (training.compile / compile = true).
 EXECUTOR_PROFILES["torchtitan-compile"] = replace(EXECUTOR_PROFILES["torchtitan"], name="torchtitan-compile",

@@ -22,6 +22,24 @@ tokens on this GPU (``local_batch x seq_len / cp``), ``a`` bytes per activation 
 - ``selective``: the block input + every matmul output (q, k, v, wo, w1, w3, w2) + the
   attention output and lse; the element-wise ops are recomputed;
 - ``full``: the block input only.
+
+Selective AC is the executor's: ``ExecutorProfile.selective_saves`` names what one block
+keeps (``save_bytes``). torchtitan's per-op policy recomputes every second mm, so it
+keeps wq, wv, w1, w2 of the seven; per-block torch.compile drops saves no backward op
+reads. tests/test_torchtitan_profile.py checks both against a trace of the policy.
+
+Under PyTorch's ring CP the attention's transients (gathered K/V, fp32 merge and grad
+accumulators, rotation buffers; ``ring_attention_bytes``) enter the backward working set
+and a "forward" phase (all saved activations + the last layer's forward transient).
+
+What a GPU reports is not the tensor peak. ``MemoryEstimate.reserved_peak_bytes`` is the
+caching allocator's reserved peak (torchtitan's logged memory): per phase, (tensors + the
+loss's stranded blocks, from ``simulate_allocator`` over the loss's request sequence) x
+(1 + a fitted fragmentation remainder) + the pools of FSDP2's side streams (all-gather
+outputs; reduce-scatter outputs = sharded grads). ``peak_bytes`` adds the CUDA context
+and NCCL (per communicator, per all-to-all peer), which live outside the allocator.
+For the planner's linear constraints the stranded blocks and the ring forward phase are
+folded into ``loss_working_bytes`` and the pools into ``fixed_overhead_bytes``.
 """
 
 from __future__ import annotations
@@ -58,7 +76,12 @@ class MemoryTerms:
     root_unsharded_bytes: float  # root FSDP unit's gathered params (never resharded)
     root_activation_bytes: float  # final-norm input/output + loss chunk inputs + ids
     input_bytes: float  # token ids and labels (alive all step)
-    loss_working_bytes: float  # includes the output projection's grad when the loss is chunked
+    # Working set on top of every saved activation, as the ILP's loss constraint reads
+    # it: the largest of (the loss's tensors + the allocator blocks they strand), the last
+    # attention's ring-CP forward transient and the final norm's backward, each re-based
+    # onto the loss phase. The parts are loss_logits_bytes, loss_stranded_bytes,
+    # forward_working_bytes, norm_backward_working_bytes.
+    loss_working_bytes: float
     forward_block_bytes: float  # gathered block params alive during the loss
     backward_block_bytes: float  # gathered params + unsharded grads of blocks in flight
     root_grad_bytes: float  # unsharded output-projection grad, alive through backward
@@ -69,6 +92,22 @@ class MemoryTerms:
     fixed_overhead_bytes: float
     fragmentation: float
     n_layers: int
+    # Attention's forward transient under ring CP (alive on top of every layer's saved
+    # activations while the last layer's forward runs): the "forward" phase.
+    forward_working_bytes: float = 0.0
+    # Caching allocator (reserved, not allocated): blocks cached by FSDP2's side streams
+    # (all-gather outputs on the copy-in stream, sharded grads = reduce-scatter outputs on
+    # the reduce-scatter stream), never reusable by the compute stream.
+    allocator_pool_bytes: float = 0.0
+    # Free blocks the loss's large tensors leave that no later request of the loss fits
+    # (reserved on top of the loss phase's tensors; see allocator_loss_stranded_bytes).
+    loss_stranded_bytes: float = 0.0
+    # The loss's tensors alone (includes the output projection's grad when chunked).
+    loss_logits_bytes: float = 0.0
+    # The final norm's backward ("norm_backward" phase): its working set, and its saved
+    # input + rstd (alive then, part of root_activation_bytes in the loss phase).
+    norm_backward_working_bytes: float = 0.0
+    final_norm_saved_bytes: float = 0.0
 
     def phases(self, layer_modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
         """Breakdown of each phase for a per-layer AC assignment."""
@@ -78,7 +117,18 @@ class MemoryTerms:
         phases: dict[str, dict[str, float]] = {}
         phases["loss"] = dict(common, fsdp_unsharded=self.root_unsharded_bytes + self.forward_block_bytes,
                               activations=total_saved + self.root_activation_bytes,
-                              logits_loss=self.loss_working_bytes)
+                              logits_loss=self.loss_logits_bytes)
+        if self.loss_stranded_bytes:
+            phases["loss"]["allocator_stranded"] = self.loss_stranded_bytes
+        if self.norm_backward_working_bytes:
+            phases["norm_backward"] = dict(common, fsdp_unsharded=self.root_unsharded_bytes + self.backward_block_bytes
+                                           + self.root_grad_bytes,
+                                           activations=total_saved + self.input_bytes + self.final_norm_saved_bytes,
+                                           recompute_working=self.norm_backward_working_bytes)
+        if self.forward_working_bytes:
+            phases["forward"] = dict(common, fsdp_unsharded=self.root_unsharded_bytes + self.backward_block_bytes,
+                                     activations=total_saved + self.input_bytes,
+                                     recompute_working=self.forward_working_bytes)
         # Backward walks layers from the last; at layer l only layers <= l are saved.
         alive = total_saved
         worst_layer_phase: dict[str, float] | None = None
@@ -103,7 +153,9 @@ class MemoryTerms:
         return phases
 
     def peak_tensor_bytes_for_counts(self, n_full: int, n_selective: int, n_none: int) -> float:
-        """Closed form of max(phases) for layers ordered full, selective, none.
+        """Closed form of max(phases) for layers ordered full, selective, none: tensor
+        bytes + the loss's stranded allocator blocks (what the budget
+        ``(capacity - fixed_overhead_bytes - comm_buffer_bytes) / (1 + fragmentation)`` bounds).
 
         Within a run of same-mode layers the backward phase is linear in the layer
         index, so its maximum is at one end of the run: six values instead of a loop.
@@ -129,6 +181,21 @@ class MemoryTerms:
             peaks.append(base + A["full"] + g * (self.n_layers - 1) + W["full"])
         return max(peaks)
 
+    def reserved_phase_bytes(self, layer_modes: tuple[str, ...]) -> dict[str, float]:
+        """Caching-allocator reserved bytes per phase (what ``torch.cuda.max_memory_reserved``
+        and torchtitan's logged memory see; CUDA context and NCCL are outside it).
+
+        The phase's tensors + the loss's stranded blocks in the loss phase, times (1 + the
+        fitted fragmentation remainder), + the side-stream pools.
+        """
+        out = {}
+        for name, phase in self.phases(layer_modes).items():
+            # Sharded grads live in the reduce-scatter stream's pool and are counted again
+            # in the phase (conservative by at most the sharded grads, and linear for the ILP).
+            compute = sum(phase.values()) - phase.get("comm_buffers", 0.0)
+            out[name] = compute * (1 + self.fragmentation) + self.allocator_pool_bytes
+        return out
+
     def tensor_peak(self, layer_modes: tuple[str, ...]) -> tuple[str, dict[str, float]]:
         phases = self.phases(layer_modes)
         name = max(phases, key=lambda key: sum(phases[key].values()))
@@ -142,11 +209,92 @@ class MemoryEstimate:
     peak_phase: str
     tensor_peak_bytes: float  # what a traced / torch.cuda.max_memory_allocated peak sees
     phase_tensor_bytes: dict[str, float] = field(default_factory=dict)
+    reserved_peak_bytes: float = 0.0  # caching allocator's reserved peak (no context / NCCL)
+    tensor_peak_phase: str = ""  # the phase of tensor_peak_bytes (peak_phase is the reserved one)
 
     @property
     def forward_backward_tensor_peak_bytes(self) -> float:
         """Tensor peak outside the optimizer step (what a trace of forward + backward sees)."""
         return max(v for k, v in self.phase_tensor_bytes.items() if k != "optimizer")
+
+
+def torchtitan_layer_sac_modes(n_layers: int, every: int) -> tuple[str, ...]:
+    """torchtitan's per-layer selective AC (late 2024, ``selective_ac_option="N"``, not in
+    0.3): ``ptd_checkpoint_wrapper._count += 1`` per block in order and the block is
+    wrapped (full AC) when ``_count % N == 0``, else left alone - blocks N, 2N, ... counted
+    from 1 are checkpointed. ``every=0`` checkpoints all of them."""
+    if every < 0:
+        raise ValueError(f"selective_ac_option={every}: must be >= 0")
+    return tuple("full" if not every or (i + 1) % every == 0 else "none" for i in range(n_layers))
+
+
+def save_bytes(model: ModelSpec, cfg: TrainConfig) -> dict[str, float]:
+    """Bytes of each tensor a selective-AC policy may keep for one block (names used by
+    ``ExecutorProfile.selective_saves``), with ``T`` local tokens and ``a`` bytes per
+    activation element. Under TP the column-parallel outputs are split by heads / FFN
+    columns; wo's and w2's matmul outputs are full-width partial sums (before the SP
+    reduce-scatter) and ``wo_rs``/``w2_rs`` are the reduce-scatter outputs (only exist
+    under TP)."""
+    tp = cfg.parallelism.tp
+    a = cfg.precision.activation_bytes
+    T = cfg.tokens_per_gpu
+    d, dq, dkv, f, heads = model.dim, model.q_dim, model.kv_dim, model.ffn_dim, model.n_heads
+    return {
+        "block_input": a * T * d / tp,
+        "wq": a * T * dq / tp, "wk": a * T * dkv / tp, "wv": a * T * dkv / tp,
+        "attention": a * T * dq / tp + FP32 * T * heads / tp,  # output + fp32 logsumexp
+        "wo": a * T * d, "w2": a * T * d,
+        "w1": a * T * f / tp, "w3": a * T * f / tp,
+        "wo_rs": a * T * d / tp if tp > 1 else 0.0, "w2_rs": a * T * d / tp if tp > 1 else 0.0,
+    }
+
+
+def selective_saves(executor: ExecutorProfile) -> tuple[str, ...]:
+    saves = executor.selective_saves
+    if executor.compile:
+        saves = tuple(name for name in saves if name not in executor.compile_drops_saves)
+    return saves
+
+
+def ring_attention_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> tuple[float, float]:
+    """(forward, backward) transient bytes of one attention call under PyTorch's ring CP,
+    as torch 2.13 allocates them (torch/distributed/tensor/experimental/_context_parallel/
+    _attention.py), beyond the block's saved tensors. ``q``/``kv`` are the local query and
+    one of K/V in elements (K/V at query width when the executor expands them).
+
+    Forward (``_templated_ring_attention``): ``torch.cat([key.flatten(), value.flatten()])``
+    (2 kv, activation dtype) is rotated: the allgather rotater gathers it once
+    (``ft_c.all_gather_single``: cp x 2 kv, alive for the whole loop), the alltoall rotater
+    holds the current and the next received copy (2 x 2 kv); the inputs q, k, v are alive; ``_SDPAMerger`` with
+    ``convert_to_f32`` keeps the running output in fp32 (4 q bytes) and, at a merge,
+    the step's bf16 output, its fp32 copy, ``out - block_out`` and the sigmoid product
+    (3 x 4 q bytes), plus fp32 LSE copies (4 x 4 bytes per head and token).
+    Backward (``_templated_ring_attention_backward``): fp32 accumulators ``grad_query``
+    (4 q) and the rotating fp32 dK/dV: the current ones, the new
+    ``torch.cat([grad_key, grad_value])`` and the next received one (3 x 8 kv bytes,
+    all-to-all rotater ``permute_tensor``); the step's dq, dk, dv in the activation dtype,
+    twice (the previous step's stay bound until the op returns the next); the K/V
+    rotation as in forward; FlashAttention-2's fp32 ``dq_accum`` workspace (4 q, an
+    allocator tensor in flash_api.cpp). Checked against a trace of torch's own ring
+    functions (tests/test_memory_ring.py).
+    """
+    par = cfg.parallelism
+    tp, cp = par.tp, par.cp
+    a = cfg.precision.activation_bytes
+    T = cfg.tokens_per_gpu
+    q = T * model.q_dim / tp
+    kv = T * (model.q_dim if executor.sdpa_kv_expanded else model.kv_dim) / tp
+    lse = FP32 * T * model.n_heads / tp
+    allgather = cfg.cp_impl == "ring-allgather"
+    # Forward: exchange_buffers returns None, so each step's cat dies at once; what stays
+    # is the gathered K/V (allgather) or the current and the next received (alltoall; only
+    # the current at the last step, so one buffer when cp == 2).
+    rotation_forward = (cp if allgather else (2 if cp > 2 else 1)) * 2 * a * kv
+    # Backward keeps ``next_kv = torch.cat(...)`` bound through the step.
+    rotation_backward = (cp if allgather else 2) * 2 * a * kv + 2 * a * kv
+    forward = a * (q + 2 * kv) + rotation_forward + 4 * FP32 * q + a * q + 4 * lse
+    backward = 2 * FP32 * q + 2 * a * (q + 2 * kv) + 3 * 2 * FP32 * kv + rotation_backward + lse
+    return forward, backward
 
 
 def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> LayerMemory:
@@ -158,9 +306,11 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
     d, dq, dkv, f, heads = model.dim, model.q_dim, model.kv_dim, model.ffn_dim, model.n_heads
     sp_gathered = d if (tp == 1 or executor.sp_saves_gathered_matmul_input) else d / tp
     # What attention keeps of K and V (runtime/model.py): kv-head width (SDPA's native
-    # GQA), for the whole sequence under all-gather CP.
+    # GQA) or query width when the executor expands them first (torchtitan 2024's
+    # repeat_kv), for the whole sequence under all-gather CP.
     kv_tokens = tokens * cp if cfg.cp_impl == "allgather-kv" else tokens
-    kv_saved = a * kv_tokens * 2 * dkv / tp
+    kv_width = dq if executor.sdpa_kv_expanded else dkv
+    kv_saved = a * kv_tokens * 2 * kv_width / tp
     norm_in = a * tokens * d / tp + FP32 * tokens / tp  # input + rstd
     attention_out = a * tokens * dq / tp + FP32 * tokens * heads / tp  # out + lse
 
@@ -168,21 +318,20 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
             + a * tokens * dq / tp + kv_saved  # q, k, v after RoPE
             + attention_out  # wo's input is a view of the attention output
             + 4 * a * tokens * f / tp)
-    block_input = a * tokens * d / tp
-    # Rowwise (wo, w2) outputs are partial sums over the full sequence before the
-    # reduce-scatter under TP.
-    selective = (block_input + a * tokens * (dq + 2 * dkv) / tp + attention_out
-                 + 2 * a * tokens * d + 2 * a * tokens * f / tp)
-    full = block_input
+    sizes = save_bytes(model, cfg)
+    selective = sum(sizes[name] for name in selective_saves(executor))
+    full = sizes["block_input"]
 
     # Gradient temporaries while one block runs backward. Autograd frees a node's saved
     # tensors once the node has run, so at the SwiGLU product's backward (the widest
     # moment) its two new f-wide input grads exist while w2's saved input is already gone:
     # +2 f. Attention backward holds dq, dk, dv (all-gathered width under CP before the
-    # reduce-scatter). The residual-stream gradient (sequence-sharded under SP) is alive
-    # throughout.
+    # reduce-scatter; under ring CP the ring's fp32 accumulators and rotation buffers).
+    # The residual-stream gradient (sequence-sharded under SP) is alive throughout.
     ffn_grads = 2 * a * tokens * f / tp
     attention_grads = a * tokens * dq / tp + kv_saved
+    if cfg.cp_impl in ("ring-allgather", "ring-alltoall") and cp > 1:
+        attention_grads = ring_attention_bytes(model, cfg, executor)[1]
     transient = max(ffn_grads, attention_grads) + a * tokens * d / tp
     working = {
         "none": transient,
@@ -194,6 +343,8 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
 
 def loss_chunk_tokens(cfg: TrainConfig, executor: ExecutorProfile) -> int:
     tokens = cfg.tokens_per_gpu
+    if executor.loss_num_chunks:
+        return max(1, tokens // executor.loss_num_chunks)
     return min(tokens, executor.loss_chunk_tokens) if executor.loss_chunk_tokens else tokens
 
 
@@ -212,6 +363,10 @@ def loss_working_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorPro
     chunk = loss_chunk_tokens(cfg, executor)
     vocab = model.vocab_size / cfg.parallelism.tp
     upcast = FP32 if executor.loss_upcast_fp32 else executor.logits_bytes
+    if executor.compile and executor.loss_compiled_with_model:
+        # Inductor fuses upcast + log-softmax + nll: forward keeps the logits (read again
+        # in backward) and a per-row logsumexp; backward writes one logits-sized grad.
+        return 2 * executor.logits_bytes * chunk * vocab
     if cfg.parallelism.tp > 1:
         forward = executor.logits_bytes + 4 * upcast
         backward = 5 * upcast + executor.logits_bytes
@@ -219,6 +374,138 @@ def loss_working_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorPro
         forward = executor.logits_bytes + 2 * upcast
         backward = 3 * upcast
     return max(forward, backward) * chunk * vocab
+
+# --- caching allocator -------------------------------------------------------------
+# c10/cuda/CUDACachingAllocator.cpp (torch 2.13): requests are rounded to 512 B
+# (kMinBlockSize); > 1 MiB (kSmallSize) go to the large pool; a cudaMalloc for a large
+# request is 20 MiB (kLargeBuffer) below 10 MiB (kMinLargeAlloc), else rounded up to
+# 2 MiB (kRoundLarge). A request takes the smallest cached free block that fits
+# (best fit) and splits off the rest; freed blocks merge with free neighbours of the
+# same segment and stay reserved. With expandable_segments one segment per stream grows
+# at its end (2 MiB pages), so a request may extend a free tail block.
+MIN_BLOCK_BYTES = 512
+SMALL_SIZE_BYTES = 1 << 20
+MIN_LARGE_ALLOC_BYTES = 10 << 20
+LARGE_BUFFER_BYTES = 20 << 20
+ROUND_LARGE_BYTES = 2 << 20
+
+
+def _round_up(value: float, step: int) -> int:
+    return int(-(-int(value) // step) * step)
+
+
+def _segment_bytes(request: int) -> int:
+    if request <= SMALL_SIZE_BYTES:
+        return 2 << 20  # small pool: 2 MiB segments (kSmallBuffer)
+    if request < MIN_LARGE_ALLOC_BYTES:
+        return LARGE_BUFFER_BYTES
+    return _round_up(request, ROUND_LARGE_BYTES)
+
+
+def simulate_allocator(events: list[tuple[str, str, float]], expandable_segments: bool = False
+                       ) -> tuple[float, float]:
+    """(peak reserved, peak allocated) bytes of a sequence of ``("alloc", name, bytes)`` /
+    ``("free", name, 0)`` events on one stream, starting from an empty cache."""
+    segments: list[list[list]] = []  # per segment: blocks [size, name or None]
+    live: dict[str, tuple[int, int]] = {}
+    allocated = peak_allocated = reserved = peak_reserved = 0
+
+    def find(size):
+        best = None
+        for si, seg in enumerate(segments):
+            for bi, (bsize, owner) in enumerate(seg):
+                if owner is None and bsize >= size and (best is None or bsize < best[0]):
+                    best = (bsize, si, bi)
+        return best
+
+    for kind, name, nbytes in events:
+        if kind == "alloc":
+            size = _round_up(max(nbytes, 1), MIN_BLOCK_BYTES)
+            hit = find(size)
+            if hit is None:
+                if expandable_segments and segments and segments[0][-1][1] is None:
+                    tail = segments[0][-1][0]
+                    grow = _round_up(size - tail, ROUND_LARGE_BYTES)
+                    segments[0][-1][0] += grow
+                    reserved += grow
+                elif expandable_segments and segments:
+                    grow = _round_up(size, ROUND_LARGE_BYTES)
+                    segments[0].append([grow, None])
+                    reserved += grow
+                else:
+                    grow = _segment_bytes(size)
+                    segments.append([[grow, None]])
+                    reserved += grow
+                hit = find(size)
+            bsize, si, bi = hit
+            seg = segments[si]
+            seg[bi] = [size, name]
+            if bsize - size > (SMALL_SIZE_BYTES if size > SMALL_SIZE_BYTES else 0):
+                seg.insert(bi + 1, [bsize - size, None])
+            else:
+                seg[bi][0] = bsize
+            live[name] = (si, size)
+            allocated += size
+        else:
+            si, size = live.pop(name)
+            seg = segments[si]
+            bi = next(i for i, b in enumerate(seg) if b[1] == name)
+            allocated -= size
+            seg[bi][1] = None
+            # merge with free neighbours
+            if bi + 1 < len(seg) and seg[bi + 1][1] is None:
+                seg[bi][0] += seg.pop(bi + 1)[0]
+            if bi > 0 and seg[bi - 1][1] is None:
+                seg[bi - 1][0] += seg.pop(bi)[0]
+        peak_allocated = max(peak_allocated, allocated)
+        peak_reserved = max(peak_reserved, reserved)
+    return float(peak_reserved), float(peak_allocated)
+
+
+def loss_allocation_events(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile
+                           ) -> list[tuple[str, str, float]]:
+    """The loss's large tensors in the order they are requested and freed, per chunk
+    (the sequences behind ``loss_working_bytes``)."""
+    chunk = loss_chunk_tokens(cfg, executor)
+    L = chunk * model.vocab_size / cfg.parallelism.tp
+    b = executor.logits_bytes
+    up = FP32 if executor.loss_upcast_fp32 else b
+    n_chunks = max(1, cfg.tokens_per_gpu // chunk)
+    events: list[tuple[str, str, float]] = []
+    for c in range(n_chunks if n_chunks <= 8 else 2):  # repeats reuse the same blocks
+        k = f"{c}:"
+        A = lambda name, n: events.append(("alloc", k + name, n))  # noqa: E731
+        F = lambda name: events.append(("free", k + name, 0.0))  # noqa: E731
+        if executor.compile and executor.loss_compiled_with_model:
+            A("logits", b * L); A("grad", b * L); F("logits"); F("grad")
+            continue
+        if cfg.parallelism.tp > 1:  # loss_parallel (see loss_working_bytes)
+            A("logits", b * L); A("up", up * L); A("shifted", up * L); A("exp", up * L); A("result", up * L)
+            F("exp"); F("shifted"); F("up")
+            if executor.logits_freed_before_backward:
+                F("logits")
+            A("zeros", up * L); A("exp2", up * L); A("sum", up * L); A("prod", up * L)
+            F("zeros"); F("exp2"); F("sum"); F("result"); A("grad", b * L); F("prod")
+        else:  # F.cross_entropy(logits.float()): log_softmax + nll_loss
+            A("logits", b * L); A("up", up * L); A("lsm", up * L); F("up")
+            if executor.logits_freed_before_backward:
+                F("logits")
+            A("gnll", up * L); A("glsm", up * L); F("gnll"); F("lsm"); A("grad", b * L); F("glsm")
+        if not executor.logits_freed_before_backward:
+            F("logits")
+        F("grad")
+    return events
+
+
+def allocator_loss_stranded_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:
+    """Reserved bytes the loss's request sequence leaves stranded: its peak reserved less
+    its peak allocated. Full-sequence fp32 cross-entropy with ``del pred`` before backward
+    strands the bf16 logits' block: the fp32 copy and the logits free into one block of
+    6 bytes/element that the first 4-byte grad reuses, leaving 2 bytes/element that the
+    second 4-byte grad does not fit."""
+    reserved, allocated = simulate_allocator(loss_allocation_events(model, cfg, executor),
+                                             executor.expandable_segments)
+    return max(0.0, reserved - allocated)
 
 
 def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile | str | None = None
@@ -266,18 +553,54 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
     ids = 2 * INDEX_BYTES * tokens
     root_activations = norm_in + normed + ids
 
-    groups = sum(1 for degree in (par.dp_replicate, shards, par.cp, tp) if degree > 1)
+    loss_extra = 0.0
+    if executor.loss_num_chunks and loss_chunk_tokens(cfg, executor) < tokens:
+        # torchtitan 0.3 ChunkedLossWrapper: contiguous copies of every hidden-state chunk
+        # (a x T x d) and the fp32 GradAccumulator buffer for d(hidden) (4 x T x d).
+        loss_extra = (a + FP32) * tokens * model.dim
+
+    forward_working = 0.0
+    if cfg.cp_impl in ("ring-allgather", "ring-alltoall") and par.cp > 1:
+        forward_working = ring_attention_bytes(model, cfg, executor)[0]
+    # The final norm's backward: its fp32 temporaries + the incoming grad of its output
+    # (gathered for the column-parallel output projection under TP), with every block's
+    # saved activations, the root's gathered params + output-projection grad and the
+    # first blocks prefetched for backward alive.
+    wide = max(a, FP32)
+    norm_temps = 1.0 if executor.compile else executor.norm_backward_fp32_temporaries
+    norm_backward = norm_temps * wide * tokens * model.dim / tp + a * tokens * model.dim
+
+    # Caching-allocator pools of FSDP2's side streams (torch 2.13 _fsdp_collectives.py):
+    # foreach_all_gather allocates the all-gather output (the unit's unsharded params,
+    # param dtype) on the all-gather copy-in stream - the root unit's, or the blocks in
+    # flight - and foreach_reduce allocates the reduce-scatter output on the
+    # reduce-scatter stream, which the sharded grads keep as views until zero_grad.
+    root_unit = root_params / 2 if executor.fsdp_root_units == 2 and not model.tie_embeddings else root_params
+    ag_pool = prec.param_bytes * max(root_unit, in_flight * block_params)
+    rs_pool = model.n_layers * grad_per_layer + grad_root
+    loss_logits = (loss_working_bytes(model, cfg, executor) + loss_extra
+                   + (output_grad if loss_chunk_tokens(cfg, executor) < tokens else 0.0))
+    stranded = allocator_loss_stranded_bytes(model, cfg, executor)
     return MemoryTerms(
         static_bytes=static,
         sharded_grad_bytes_per_layer=grad_per_layer,
         sharded_grad_bytes_root=grad_root,
-        root_unsharded_bytes=root_params * prec.param_bytes,
+        # The root unit stays gathered (FSDP2 never reshards the root after forward); with
+        # the embedding in its own unit (0.3) it is resharded after forward and only
+        # [norm, lm_head] (not resharded by torchtitan's choice) stays gathered.
+        root_unsharded_bytes=root_params * prec.param_bytes * (
+            0.5 if executor.fsdp_root_units == 2 and not model.tie_embeddings else 1.0),
         root_activation_bytes=root_activations,
         input_bytes=ids,
         # With several loss chunks, the output projection's unsharded grad (accumulated
         # over chunks) is alive while later chunks run backward.
-        loss_working_bytes=loss_working_bytes(model, cfg, executor)
-        + (output_grad if loss_chunk_tokens(cfg, executor) < tokens else 0.0),
+        loss_working_bytes=max(loss_logits + stranded,
+                               forward_working + backward_blocks - forward_blocks + ids - root_activations,
+                               norm_backward + backward_blocks - forward_blocks + output_grad + ids + norm_in
+                               - root_activations),
+        norm_backward_working_bytes=norm_backward,
+        final_norm_saved_bytes=norm_in,
+        loss_logits_bytes=loss_logits,
         forward_block_bytes=forward_blocks,
         backward_block_bytes=backward_blocks,
         root_grad_bytes=output_grad,
@@ -287,25 +610,52 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         optimizer_temp_bytes=3 * prec.master_bytes * max(model.vocab_size * model.dim, model.dim * model.ffn_dim,
                                                          model.dim * model.q_dim) / tp / shards,
         layer=layer,
-        comm_buffer_bytes=groups * executor.nccl_buffer_bytes_per_group,
-        fixed_overhead_bytes=executor.cuda_context_bytes,
+        comm_buffer_bytes=nccl_bytes(cfg, executor),
+        # CUDA context + the side-stream allocator pools: bytes the tensor budget never gets.
+        fixed_overhead_bytes=executor.cuda_context_bytes + ag_pool + rs_pool,
         fragmentation=executor.allocator_fragmentation,
         n_layers=model.n_layers,
+        forward_working_bytes=forward_working,
+        allocator_pool_bytes=ag_pool + rs_pool,
+        loss_stranded_bytes=stranded,
     )
+
+
+def nccl_communicators(cfg: TrainConfig) -> int:
+    """NCCL communicators one rank creates: one per process group that runs a collective
+    (ProcessGroupNCCL creates its communicator lazily on first use): FSDP's (dp_shard x
+    cp flattened), TP's, CP's (attention), HSDP's replicate group. A 1-D mesh over the
+    whole world reuses the default group (one communicator)."""
+    par = cfg.parallelism
+    groups = [par.fsdp_degree, par.tp, par.cp, par.dp_replicate]
+    return sum(1 for size in groups if size > 1)
+
+
+def nccl_bytes(cfg: TrainConfig, executor: ExecutorProfile) -> float:
+    """NCCL device memory (outside the caching allocator): per communicator, plus per
+    all-to-all peer. PyTorch's ring CP rotates dK/dV with ``permute_tensor``
+    (all_to_all_single) in backward, for both rotate methods, and the alltoall rotater
+    also K/V in forward: each rank sends to one peer and receives from another, one
+    peer-pair's worth of connections (NCCL #986: a connection per peer)."""
+    peers = 1 if (cfg.cp_impl in ("ring-allgather", "ring-alltoall") and cfg.parallelism.cp > 1) else 0
+    return nccl_communicators(cfg) * executor.nccl_communicator_bytes + peers * executor.nccl_alltoall_peer_bytes
 
 
 def estimate_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile | str | None = None
                     ) -> MemoryEstimate:
-    """Peak bytes one GPU needs (tensors + fragmentation + CUDA context), with breakdown."""
+    """Peak bytes one GPU needs: the caching allocator's reserved peak + CUDA context +
+    NCCL, with the breakdown of the phase that sets it."""
     terms = memory_terms(model, cfg, executor)
     modes = cfg.ac_policy(model.n_layers).layer_modes
     if len(modes) != model.n_layers:
         raise ValueError(f"activation checkpoint policy has {len(modes)} layers, model has {model.n_layers}")
     phases = terms.phases(modes)
-    phase_name = max(phases, key=lambda key: sum(phases[key].values()))
+    tensor = {k: sum(v.values()) - v.get("comm_buffers", 0.0) - v.get("allocator_stranded", 0.0)
+              for k, v in phases.items()}
+    reserved = terms.reserved_phase_bytes(modes)
+    phase_name = max(reserved, key=reserved.get)
+    context = terms.fixed_overhead_bytes - terms.allocator_pool_bytes
     breakdown = dict(phases[phase_name])
-    tensor_peak = sum(breakdown.values()) - breakdown.get("comm_buffers", 0.0)
-    overhead = terms.fixed_overhead_bytes + terms.fragmentation * tensor_peak
     # The names scripts read (design.md): params, grads, optimizer, activations, ...
     sharded = breakdown.pop("params_and_optimizer")
     prec = cfg.precision
@@ -319,17 +669,35 @@ def estimate_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfil
         "recompute_working": breakdown.pop("recompute_working", 0.0),
         "logits_loss": breakdown.pop("logits_loss", 0.0),
         "comm_buffers": breakdown.pop("comm_buffers", 0.0),
-        "overhead": overhead,
+        "overhead": context,
+        "allocator_stranded": breakdown.pop("allocator_stranded", 0.0),
+        # reserved less the tensors and stranded blocks: side-stream pools + fragmentation
+        "allocator_cache": reserved[phase_name] - tensor[phase_name] - phases[phase_name].get("allocator_stranded", 0.0),
     }
     assert not breakdown, breakdown
     return MemoryEstimate(
         peak_bytes=sum(ordered.values()),
         breakdown_bytes=ordered,
         peak_phase=phase_name,
-        tensor_peak_bytes=tensor_peak,
-        phase_tensor_bytes={k: sum(v.values()) - v.get("comm_buffers", 0.0) for k, v in phases.items()},
+        tensor_peak_bytes=max(tensor.values()),
+        phase_tensor_bytes=tensor,
+        reserved_peak_bytes=reserved[phase_name],
+        tensor_peak_phase=max(tensor, key=tensor.get),
     )
 
 
+def predict_reserved_peak_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile | str | None = None,
+                                fragmentation: float | None = None) -> float:
+    """Peak reserved caching-allocator bytes (``torch.cuda.max_memory_reserved``, what
+    torchtitan logs as memory), for the calibration. ``fragmentation`` overrides the
+    profile's fitted remainder."""
+    executor = resolve_executor(executor)
+    if fragmentation is not None:
+        executor = executor.with_overrides(allocator_fragmentation=fragmentation)
+    return estimate_memory(model, cfg, executor).reserved_peak_bytes
+
+
 __all__ = ["AC_MODES", "LayerMemory", "MemoryTerms", "MemoryEstimate", "layer_memory",
-           "loss_working_bytes", "memory_terms", "estimate_memory"]
+           "loss_working_bytes", "memory_terms", "estimate_memory", "predict_reserved_peak_bytes",
+           "ring_attention_bytes", "simulate_allocator", "nccl_bytes", "save_bytes",
+           "torchtitan_layer_sac_modes"]

@@ -58,7 +58,7 @@ class _StorageRecorder(TorchDispatchMode):
 
 
 def _saved_bytes(spec: ModelSpec, mode: str, batch: int, seq_len: int, tp: int, cp: int,
-                 dtype: torch.dtype) -> int:
+                 dtype: torch.dtype, wrap_block=None) -> int:
     from .context_parallel import shard_sequence
     from .mesh import ParallelDims, build_mesh
     from .parallelize import apply_ac, apply_cp, apply_tp
@@ -73,7 +73,11 @@ def _saved_bytes(spec: ModelSpec, mode: str, batch: int, seq_len: int, tp: int, 
         apply_tp(model, mesh["tp"])
     if cp > 1:
         apply_cp(model, mesh["cp"], mesh["cp"].get_local_rank(), cp)
-    apply_ac(model, (mode,) * spec.n_layers)
+    if wrap_block is None:
+        apply_ac(model, (mode,) * spec.n_layers)
+    else:  # another program's AC policy (e.g. torchtitan's), applied per block
+        for name, block in list(model.layers.items()):
+            model.layers[name] = wrap_block(block, name)
     tokens = torch.randint(0, spec.vocab_size, (batch, seq_len))
     positions = torch.arange(seq_len)
     if cp > 1:
@@ -88,8 +92,9 @@ def _saved_bytes(spec: ModelSpec, mode: str, batch: int, seq_len: int, tp: int, 
 
 
 def saved_bytes_per_block(spec: ModelSpec, mode: str = "none", batch: int = 1, seq_len: int = 64, tp: int = 1,
-                          cp: int = 1, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes one block keeps for backward on one rank (``mode``: none / selective / full).
+                          cp: int = 1, dtype: torch.dtype = torch.float32, wrap_block=None) -> int:
+    """Bytes one block keeps for backward on one rank (``mode``: none / selective / full,
+    or ``wrap_block(block, name) -> module`` to apply another program's AC wrapper).
 
     Sets up a fake process group of ``tp x cp`` ranks when none is initialized.
     """
@@ -104,8 +109,8 @@ def saved_bytes_per_block(spec: ModelSpec, mode: str = "none", batch: int = 1, s
     try:
         small = dataclasses.replace(spec, n_layers=1)
         large = dataclasses.replace(spec, n_layers=2)
-        return (_saved_bytes(large, mode, batch, seq_len, tp, cp, dtype)
-                - _saved_bytes(small, mode, batch, seq_len, tp, cp, dtype))
+        return (_saved_bytes(large, mode, batch, seq_len, tp, cp, dtype, wrap_block)
+                - _saved_bytes(small, mode, batch, seq_len, tp, cp, dtype, wrap_block))
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -35,3 +35,17 @@ def test_predicted_peak_within_5_percent_of_traced(parallelism, order, ac, seq_l
     # sharded state is exact arithmetic: it must match to the byte's rounding
     assert predicted.breakdown_bytes["optimizer"] == pytest.approx(traced.components["optimizer"], rel=1e-3)
     assert predicted.breakdown_bytes["params"] == pytest.approx(traced.components["params"], rel=1e-3)
+
+
+@pytest.mark.timeout(300)
+def test_final_norm_backward_phase_against_the_trace():
+    """70B shape, one layer, 64k tokens, no AC: the peak is the final RMSNorm's backward
+    (five fp32 temporaries of its input's size on top of every saved activation), which
+    the loss and layer phases alone missed by 8% (validation grid, before this phase)."""
+    model = replace(MODEL_PRESETS["llama3-70b"], n_layers=1)
+    plan = Plan(seq_len=65536, parallelism={"dp_shard": 8}, model=model.to_dict(),
+                activation_checkpoint=ActivationCheckpointDoc(mode="none"), loss_chunk_tokens=4096)
+    traced = trace_plan_memory(plan)
+    predicted = estimate_memory(model, plan.train_config(), "autoplan")
+    assert predicted.tensor_peak_phase == "norm_backward"
+    assert predicted.forward_backward_tensor_peak_bytes == pytest.approx(traced.peak_bytes, rel=0.02)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-GPU_PARAMS = ("matmul_efficiency", "attention_efficiency", "intra_node_bus_efficiency", "inter_node_bus_efficiency")
+GPU_PARAMS = ("matmul_efficiency", "attention_efficiency", "intra_node_bus_efficiency", "inter_node_bus_efficiency",
+              "clock_fraction_at_limit")
 EXECUTOR_PARAMS = ("allocator_fragmentation", "cuda_context_bytes")
-DEFAULT_PARAMS = GPU_PARAMS + ("allocator_fragmentation",)
+# The clock under a power cap is fitted only on records of capped parts (--params).
+DEFAULT_PARAMS = GPU_PARAMS[:4] + ("allocator_fragmentation",)
 KNOWN_PARAMS = GPU_PARAMS + EXECUTOR_PARAMS
 
 # A fitted parameter whose standard error exceeds this fraction of its value is not
@@ -22,4 +24,5 @@ NOT_SEEN_HINT = {
     "matmul_efficiency": "no record spends measurable time in matmuls",
     "allocator_fragmentation": "no record measured reserved or device memory (peak_memory_kind allocated only sees tensors)",
     "cuda_context_bytes": "no record measured device memory (peak_memory_kind device)",
+    "clock_fraction_at_limit": "no record ran on a power-capped GPU (the clock only slows capped parts)",
 }
