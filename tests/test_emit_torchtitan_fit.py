@@ -28,7 +28,7 @@ def _torchtitan_peak(plan: Plan) -> float:
 
 
 def test_plan_out_writes_torchtitan_files_that_fit_for_torchtitan(tmp_path, capsys):
-    assert main(["--gpus", "64", "--target-seqlen", "256k", "--top", "0", "--out", str(tmp_path)]) == 0
+    assert main(["--gpus", "64", "--target-seqlen", "512k", "--top", "0", "--out", str(tmp_path)]) == 0
     plan = Plan.load(tmp_path / "plan.yaml")
     usable = plan.predicted.memory_usable_bytes
     assert _torchtitan_peak(plan) > usable  # the runtime's plan would not fit under torchtitan ...
@@ -43,7 +43,7 @@ def test_plan_out_writes_torchtitan_files_that_fit_for_torchtitan(tmp_path, caps
 
 
 def test_emit_refuses_torchtitan_files_that_would_not_fit(tmp_path):
-    assert main(["--gpus", "64", "--target-seqlen", "256k", "--top", "0", "--out", str(tmp_path)]) == 0
+    assert main(["--gpus", "64", "--target-seqlen", "512k", "--top", "0", "--out", str(tmp_path)]) == 0
     plan = Plan.load(tmp_path / "plan.yaml")
     try:
         emit(plan, "torchtitan")

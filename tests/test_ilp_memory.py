@@ -2,7 +2,7 @@
 
 For every way to split a model's layers into full / selective / none (laid out in that
 order), the constraints the solver sees must accept the split exactly when the largest
-loss or backward phase of ``MemoryTerms.phases`` - which walks the layers one at a time,
+phase of ``MemoryTerms.phases`` that depends on the split - which walks the layers one at a time,
 sharing no code with the constraints - fits the tensor budget. Budgets sit just above and
 just below each split's own peak, so a constraint that drops a term (a working set, a
 layer's saved activations, a gradient shard) or adds one is caught at the split where it
@@ -23,12 +23,17 @@ GPU = resolve_gpu("h100")
 K = 1024
 
 
+# Phases whose bytes do not depend on the AC split (the end-of-backward reduce and the
+# optimizer step): a candidate they do not fit is dropped when it is priced.
+SPLIT_FREE_PHASES = ("root_reduce", "optimizer")
+
+
 def _walk_peak(memory, counts) -> float:
-    """Largest loss/backward phase (tensor bytes, no NCCL buffers) of this split."""
+    """Largest phase that depends on the split (tensor bytes, no NCCL buffers)."""
     modes = ("full",) * counts["full"] + ("selective",) * counts["selective"] + ("none",) * counts["none"]
     phases = memory.phases(modes)
     return max(sum(v for k, v in phase.items() if k != "comm_buffers")
-               for name, phase in phases.items() if name in ("loss", "backward"))
+               for name, phase in phases.items() if name not in SPLIT_FREE_PHASES)
 
 
 def _accepts(priced, counts) -> bool:

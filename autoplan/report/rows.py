@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..capacity import CapacityResult
 
 MEMORY_KEYS = ("params", "grads", "optimizer", "fsdp_unsharded", "activations", "recompute_working", "logits_loss",
-               "comm_buffers", "overhead")
+               "comm_buffers", "overhead", "allocator_stranded", "allocator_cache")
 _INT_FIELDS = {"gpus", "max_seq_len", "seq_len"}
 _BOOL_FIELDS = {"fits", "fewest"}
 _STR_FIELDS = {"knob", "gpu", "layout", "ac", "note", "family"}
@@ -105,7 +105,7 @@ def format_sweep_table(rows: list[dict]) -> str:
         return "\n".join(lines)
     short = {"params": "param", "grads": "grad", "optimizer": "optim", "fsdp_unsharded": "unshard",
              "activations": "act", "recompute_working": "recomp", "logits_loss": "loss", "comm_buffers": "comm",
-             "overhead": "other"}
+             "overhead": "other", "allocator_stranded": "strand", "allocator_cache": "cache"}
     width = max([len(rows[0]["knob"])] + [len(str(r["value"])) for r in rows]) + 2
     head = (f"{rows[0]['knob']:>{width}}{'GPUs':>6}{'max seq':>9}{'at seq':>8}{'tok/s/GPU':>11}{'MFU':>7}{'peak':>7}  "
             + "".join(f"{short[k]:>8}" for k in MEMORY_KEYS) + "  layout")
