@@ -30,11 +30,11 @@ class ExecutorProfile:
     # Under sequence parallel, DTensor saves the all-gathered (full-sequence) input of the
     # column-parallel matmuls; Megatron-style SP would save the shard (factor 1/tp).
     sp_saves_gathered_matmul_input: bool = True
-    # Memory not in tensors: CUDA context + cuBLAS/cuDNN workspaces + NCCL buffers.
-    # The CUDA context on a Hopper GPU takes ~500-600 MiB (nvidia-smi of an idle
-    # torch process); NCCL allocates NCCL_BUFFSIZE (4 MiB) per channel and peer.
+    # Memory outside the caching allocator: the CUDA context (+ cuBLAS/cuDNN handles) on a
+    # Hopper GPU takes ~500-600 MiB (nvidia-smi of an idle torch process). NCCL's share is
+    # nccl_communicator_bytes / nccl_alltoall_peer_bytes below (it replaced a flat 64 MiB
+    # per group, far below the measured footprints cited there).
     cuda_context_bytes: int = 600 * MiB
-    nccl_buffer_bytes_per_group: int = 64 * MiB
     # HBM bytes moved per activation element by the memory-bound forward ops, as eager
     # PyTorch runs them with bf16 activations (backward moves about twice as much):
     # RMSNorm upcasts to fp32 (read 2 + write 4), squares/means (read 4), scales (read 4
