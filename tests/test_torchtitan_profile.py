@@ -199,3 +199,23 @@ def test_published_reserved_memory_of_torchtitan_8b_fsdp8(compiled, published_gi
     for gib in published_gib:
         assert est.reserved_peak_bytes / 2**30 == pytest.approx(gib, rel=0.03)
     assert est.peak_bytes < 95 * 2**30  # it ran on 95 GiB parts
+
+
+def test_torchtitan_03_chunked_loss_by_hand():
+    """0.3's Llama 3 8B config: ChunkedLossWrapper(num_chunks=8). Per chunk the fp32 CE
+    holds 12 B per logit (log-softmax output + two fp32 grads), the lm_head's bf16 grad
+    (V x d) stays across chunks (kept unsharded), the hidden states are split into
+    contiguous chunk copies (2 B x T x d) and d(hidden) gathers in an fp32 buffer (4 B x
+    T x d). Compiled loss (compile.components has "loss"): logits + one logits-sized grad."""
+    from cost_models.memory import memory_terms
+    from cost_models.specs import MODEL_PRESETS
+
+    model = MODEL_PRESETS["llama3-8b"]
+    V, d, T = 128256, 4096, 16384
+    cfg = TrainConfig(Parallelism(dp_shard=8), 8192, 2, ac=ACPolicy.uniform("selective", 32))
+    eager = memory_terms(model, cfg, "torchtitan-0.3")
+    assert eager.loss_logits_bytes == pytest.approx(12 * (T // 8) * V + 2 * V * d + (2 + 4) * T * d)
+    compiled = memory_terms(model, cfg, resolve_executor("torchtitan-0.3").with_overrides(compile=True))
+    assert compiled.loss_logits_bytes == pytest.approx(2 * 2 * (T // 8) * V + 2 * V * d + (2 + 4) * T * d)
+    # Only [norm, lm_head] stays gathered (the embedding reshards after forward).
+    assert eager.root_unsharded_bytes == pytest.approx((V * d + d / 2) * 2, rel=1e-6)
