@@ -104,11 +104,15 @@ class ExecutorProfile:
 # ``forward_mm_count`` that recomputes every second mm): of a Llama block's 7 mms in
 # order wq, wk, wv, wo, w1, w3, w2 it keeps wq, wv, w1, w2 (odd counts), recomputes wk,
 # wo, w3; the SDPA output + logsumexp and, under TP, both reduce-scatter outputs are
-# kept. 0.3.0's SelectiveAC (distributed/activation_checkpoint.py, read in the wheel)
-# has the same counter and saves the same outputs for this block; the late-2024 list
-# is transcribed from the source as published, not from a wheel (none on PyPI).
-# Its Attention calls repeat_kv before SDPA (K/V at query width), and train.py does
-# ``del pred`` before ``loss.backward()``.
+# kept. Verified in torchtitan 0.1.0's wheel (PyPI, 2025; models/llama3/infra/
+# parallelize.py has this _save_list and counter verbatim, and the every-Nth-block
+# option; tests trace its functions): its Attention calls repeat_kv before SDPA (K/V at
+# query width), train.py does ``del pred`` before ``loss.backward()``, the last block is
+# not resharded after forward, the root is fully_shard(model). 0.1.0 also compiles the
+# loss under compile; the Dec-2024 compiled run's published 77.0 GiB is only reachable
+# with an uncompiled loss (a compiled one would predict ~57 GiB), so the late-2024 profile
+# keeps loss_compiled_with_model False. 0.3.0's SelectiveAC (read in the wheel) has the
+# same counter and saves the same outputs for this block.
 TORCHTITAN_2024_MEMORY = dict(
     selective_saves=("block_input", "wq", "wv", "attention", "w1", "w2", "wo_rs", "w2_rs"),
     sdpa_kv_expanded=True,

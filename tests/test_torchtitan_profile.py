@@ -16,7 +16,9 @@ op is added to their save sets as its stand-in (same outputs: out + fp32 logsume
 Two policies:
 - late 2024 (the published Dec-2024 runs, torchtitan 9dec370): ``_save_list`` and the
   per-block mm counter, transcribed below from torchtitan/parallelisms/parallelize_llama.py
-  as published (no wheel of that version exists on PyPI);
+  (no wheel of that commit exists); torchtitan 0.1.0 (PyPI, 2025) carries the same text
+  in models/llama3/infra/parallelize.py, and its own functions are traced too when the
+  wheel is unzipped (``TORCHTITAN01_SRC``, default /tmp/tt01src);
 - 0.3.0: ``SelectiveAC._wrap_block`` from the wheel itself, when it can be found
   (``TORCHTITAN_SRC`` = the unzipped wheel, default /tmp/ttsrc); skipped cleanly otherwise.
 """
@@ -77,6 +79,44 @@ def _late_2024_wrap(block, name):
         return create_selective_checkpoint_contexts(_get_custom_policy(meta))
 
     return checkpoint_wrapper(block, context_fn=selective_checkpointing_context_fn, preserve_rng_state=False)
+
+
+def _load_torchtitan_01_ac():
+    """torchtitan 0.1.0's ``_save_list`` and ``_apply_ac_to_transformer_block`` (the
+    late-2024 policy, same text as the transcription above) from the unzipped wheel
+    (``TORCHTITAN01_SRC``, default /tmp/tt01src). The module imports much of torchtitan,
+    so only these two top-level statements are taken out of it with ``ast``."""
+    import ast
+    from collections import defaultdict as _defaultdict
+
+    from torch import nn
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    root = Path(os.environ.get("TORCHTITAN01_SRC", "/tmp/tt01src"))
+    path = root / "torchtitan" / "models" / "llama3" / "infra" / "parallelize.py"
+    if not path.exists():
+        return None
+    tree = ast.parse(path.read_text())
+    keep = [node for node in tree.body
+            if (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_save_list" for t in node.targets))
+            or (isinstance(node, ast.FunctionDef) and node.name == "_apply_ac_to_transformer_block")]
+    namespace = {"torch": torch, "nn": nn, "defaultdict": _defaultdict, "ptd_checkpoint_wrapper": checkpoint_wrapper,
+                 "logger": types.SimpleNamespace(info=lambda *a, **k: None)}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_torchtitan_01_policy_from_the_wheel(tp):
+    namespace = _load_torchtitan_01_ac()
+    if namespace is None:
+        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC); the transcription test covers it")
+    namespace["_save_list"].add(CPU_FLASH)  # stand-in for the CUDA flash op (module docstring)
+    config = types.SimpleNamespace(mode="selective", selective_ac_option="op")
+    traced = saved_bytes_per_block(SPEC, seq_len=64, tp=tp,
+                                   wrap_block=lambda block, name: namespace["_apply_ac_to_transformer_block"](
+                                       block, config))
+    assert traced == _hand_derived(tp)
 
 
 def _load_torchtitan_03_ac():
@@ -219,3 +259,25 @@ def test_torchtitan_03_chunked_loss_by_hand():
     assert compiled.loss_logits_bytes == pytest.approx(2 * 2 * (T // 8) * V + 2 * V * d + (2 + 4) * T * d)
     # Only [norm, lm_head] stays gathered (the embedding reshards after forward).
     assert eager.root_unsharded_bytes == pytest.approx((V * d + d / 2) * 2, rel=1e-6)
+
+
+def test_per_layer_option_matches_torchtitan_01():
+    """The every-Nth-block option applied by torchtitan 0.1.0's own function to 6 blocks."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from cost_models.memory import torchtitan_layer_sac_modes
+
+    namespace = _load_torchtitan_01_ac()
+    if namespace is None:
+        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+    wrapper = namespace["ptd_checkpoint_wrapper"]
+    saved = wrapper.__dict__.pop("_count", None)
+    try:
+        config = types.SimpleNamespace(mode="selective", selective_ac_option="2")
+        blocks = [namespace["_apply_ac_to_transformer_block"](torch.nn.Linear(2, 2), config) for _ in range(6)]
+    finally:
+        wrapper.__dict__.pop("_count", None)
+        if saved is not None:
+            wrapper._count = saved
+    modes = tuple("full" if isinstance(b, CheckpointWrapper) else "none" for b in blocks)
+    assert modes == torchtitan_layer_sac_modes(6, 2)
