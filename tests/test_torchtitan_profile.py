@@ -9,6 +9,9 @@ installed here, and installing them would change the shared environment) and tar
 newer PyTorch (design.md); its AC module is self-contained, so it is loaded from the
 unzipped wheel with two import stubs (its config base class and tyro's annotation).
 
+Also traced: torchtitan 0.1.0's own Llama block (its model file from the wheel, stubs for the
+modules around it) under its own policy function.
+
 The CPU program calls ``_scaled_dot_product_flash_attention_for_cpu`` where CUDA calls
 ``_scaled_dot_product_flash_attention``; both policies save the CUDA flash op, so the CPU
 op is added to their save sets as its stand-in (same outputs: out + fp32 logsumexp).
@@ -117,6 +120,93 @@ def test_torchtitan_01_policy_from_the_wheel(tp):
                                    wrap_block=lambda block, name: namespace["_apply_ac_to_transformer_block"](
                                        block, config))
     assert traced == _hand_derived(tp)
+
+
+def _load_torchtitan_01_model():
+    """torchtitan 0.1.0's own Llama 3 model (models/llama3/model/{args,model}.py and
+    models/attention.py), imported from the unzipped wheel with stubs for the modules
+    outside the model (tokenizer, config manager, protocols, a CUDA capability probe)."""
+    root = Path(os.environ.get("TORCHTITAN01_SRC", "/tmp/tt01src")) / "torchtitan"
+    if not (root / "models" / "llama3" / "model" / "model.py").exists():
+        return None
+
+    def package(name, path=None):
+        module = types.ModuleType(name)
+        module.__path__ = [str(path)] if path else []
+        return module
+
+    stubs = {
+        "torchtitan": package("torchtitan", root), "torchtitan.models": package("torchtitan.models", root / "models"),
+        "torchtitan.models.llama3": package("torchtitan.models.llama3"),
+        "torchtitan.models.llama3.model": package("torchtitan.models.llama3.model"),
+        "torchtitan.tools": package("torchtitan.tools"), "torchtitan.tools.utils": types.ModuleType("u"),
+        "torchtitan.protocols": package("torchtitan.protocols"), "torchtitan.protocols.train_spec": types.ModuleType("t"),
+        "torchtitan.components": package("torchtitan.components"),
+        "torchtitan.components.tokenizer": types.ModuleType("k"), "torchtitan.config_manager": types.ModuleType("c"),
+    }
+    stubs["torchtitan.tools.utils"].has_cuda_capability = lambda major, minor: False
+    stubs["torchtitan.protocols.train_spec"].ModelProtocol = type("ModelProtocol", (), {})
+    stubs["torchtitan.protocols.train_spec"].BaseModelArgs = type("BaseModelArgs", (), {})
+    stubs["torchtitan.components.tokenizer"].Tokenizer = object
+    stubs["torchtitan.config_manager"].JobConfig = object
+    saved = {k: sys.modules.get(k) for k in list(stubs) + ["torchtitan.models.attention",
+                                                           "torchtitan.models.llama3.model.args",
+                                                           "torchtitan.models.llama3.model.model"]}
+    sys.modules.update(stubs)
+    try:
+        loaded = {}
+        for name, rel in [("torchtitan.models.attention", "models/attention.py"),
+                          ("torchtitan.models.llama3.model.args", "models/llama3/model/args.py"),
+                          ("torchtitan.models.llama3.model.model", "models/llama3/model/model.py")]:
+            spec = importlib.util.spec_from_file_location(name, root / rel)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            loaded[name] = module
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return loaded["torchtitan.models.llama3.model.args"], loaded["torchtitan.models.llama3.model.model"]
+
+
+def test_torchtitan_01_own_model_and_policy():
+    """The strongest check here: torchtitan's own block (0.1.0: nn.RMSNorm, complex RoPE,
+    repeat_kv, SDPA) under its own policy function, one rank, fp32 on CPU."""
+    from runtime.saved_tensors import _StorageRecorder
+
+    loaded = _load_torchtitan_01_model()
+    namespace = _load_torchtitan_01_ac()
+    if loaded is None or namespace is None:
+        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+    args_mod, model_mod = loaded
+    namespace["_save_list"].add(CPU_FLASH)  # stand-in for the CUDA flash op (module docstring)
+    config = types.SimpleNamespace(mode="selective", selective_ac_option="op")
+    seq = 64
+
+    def saved(n_layers):
+        # dim 48, 6 heads of 8, 2 kv heads; FFN hidden int(2 x 4 x 48 / 3) = 128 (multiple_of 16)
+        args = args_mod.TransformerModelArgs(dim=48, n_layers=n_layers, n_heads=6, n_kv_heads=2, vocab_size=128,
+                                             multiple_of=16, max_seq_len=seq)
+        torch.manual_seed(0)
+        model = model_mod.Transformer(args)
+        model.init_weights()
+        for name, block in list(model.layers.named_children()):
+            model.layers.register_module(name, namespace["_apply_ac_to_transformer_block"](block, config))
+        recorder = _StorageRecorder()
+        with recorder:
+            out = model(torch.randint(0, 128, (1, seq)))
+        return recorder.alive_bytes([out, *model.parameters(), *model.buffers()])
+
+    traced = saved(2) - saved(1)
+    spec = ModelSpec("tt", vocab_size=128, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=128, rope_theta=1e4)
+    cfg = TrainConfig(Parallelism(), seq, ac=ACPolicy.uniform("selective", 2), precision=Precision.fp32())
+    modeled = layer_memory(spec, cfg, resolve_executor("torchtitan")).saved["selective"]
+    d, dq, dkv, f, H, T, b = 48, 48, 16, 128, 6, seq, 4
+    assert traced == T * (b * (d + dq + dkv + dq + f + d) + 4 * H)
+    assert modeled == pytest.approx(traced, rel=0, abs=0.5)
 
 
 def _load_torchtitan_03_ac():
