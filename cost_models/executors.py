@@ -88,6 +88,11 @@ class ExecutorProfile:
     # dw). Matters for the final norm, whose backward runs with every block's saved
     # activations alive. A compiled (fused) norm writes only dx.
     norm_backward_fp32_temporaries: float = 5.0
+    # Bytes per input element one RMSNorm keeps for backward besides its output, None =
+    # the input in the activation dtype (the runtime's RMSNormFunction: x + rstd).
+    # Eager nn.RMSNorm (composite in torch 2.13) keeps the fp32 upcast input and the fp32
+    # normalized x: 8 (traced on torchtitan 0.1.0's own block, bf16 and fp32). Compiled: None.
+    norm_saved_bytes_per_element: float | None = None
     # Loss in a fixed number of sequence chunks (torchtitan 0.3 ChunkedLossWrapper), or None.
     loss_num_chunks: int | None = None
     # FSDP units outside the blocks: 1 = embedding + norm + output in the root (late-2024
@@ -115,6 +120,7 @@ class ExecutorProfile:
 # same counter and saves the same outputs for this block.
 TORCHTITAN_2024_MEMORY = dict(
     selective_saves=("block_input", "wq", "wv", "attention", "w1", "w2", "wo_rs", "w2_rs"),
+    norm_saved_bytes_per_element=8.0,
     sdpa_kv_expanded=True,
     logits_freed_before_backward=True,
 )

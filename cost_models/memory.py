@@ -314,7 +314,9 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
     kv_tokens = tokens * cp if cfg.cp_impl == "allgather-kv" else tokens
     kv_width = dq if executor.sdpa_kv_expanded else dkv
     kv_saved = a * kv_tokens * 2 * kv_width / tp
-    norm_in = a * tokens * d / tp + FP32 * tokens / tp  # input + rstd
+    norm_bytes = a if (executor.norm_saved_bytes_per_element is None or executor.compile) \
+        else executor.norm_saved_bytes_per_element
+    norm_in = norm_bytes * tokens * d / tp + FP32 * tokens / tp  # input (or its fp32 copies) + rstd
     attention_out = a * tokens * dq / tp + FP32 * tokens * heads / tp  # out + lse
 
     none = (2 * norm_in + 2 * a * tokens * sp_gathered

@@ -371,3 +371,39 @@ def test_per_layer_option_matches_torchtitan_01():
             wrapper._count = saved
     modes = tuple("full" if isinstance(b, CheckpointWrapper) else "none" for b in blocks)
     assert modes == torchtitan_layer_sac_modes(6, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchtitan_01_own_model_without_ac(dtype):
+    """No AC: what torchtitan's own block keeps (nn.RMSNorm's fp32 copies, repeat_kv'd K/V
+    saved by SDPA, the SwiGLU tensors) against the profile's ``none`` bytes."""
+    from runtime.saved_tensors import _StorageRecorder
+
+    loaded = _load_torchtitan_01_model()
+    if loaded is None:
+        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+    args_mod, model_mod = loaded
+    seq = 64
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        def saved(n_layers):
+            args = args_mod.TransformerModelArgs(dim=48, n_layers=n_layers, n_heads=6, n_kv_heads=2, vocab_size=128,
+                                                 multiple_of=16, max_seq_len=seq)
+            torch.manual_seed(0)
+            model = model_mod.Transformer(args)
+            model.init_weights()
+            recorder = _StorageRecorder()
+            with recorder:
+                out = model(torch.randint(0, 128, (1, seq)))
+            return recorder.alive_bytes([out, *model.parameters(), *model.buffers()])
+
+        traced = saved(2) - saved(1)
+    finally:
+        torch.set_default_dtype(previous)
+    spec = ModelSpec("tt", vocab_size=128, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=128, rope_theta=1e4)
+    b = 4 if dtype == torch.float32 else 2
+    cfg = TrainConfig(Parallelism(), seq, ac=ACPolicy.uniform("none", 2),
+                      precision=Precision.fp32() if b == 4 else Precision())
+    modeled = layer_memory(spec, cfg, resolve_executor("torchtitan")).saved["none"]
+    assert modeled == pytest.approx(traced, rel=0, abs=0.5)
