@@ -35,11 +35,11 @@ class ExecutorProfile:
     # Under sequence parallel, DTensor saves the all-gathered (full-sequence) input of the
     # column-parallel matmuls; Megatron-style SP would save the shard (factor 1/tp).
     sp_saves_gathered_matmul_input: bool = True
-    # Memory not in tensors: CUDA context + cuBLAS/cuDNN workspaces + NCCL buffers.
-    # The CUDA context on a Hopper GPU takes ~500-600 MiB (nvidia-smi of an idle
-    # torch process); NCCL allocates NCCL_BUFFSIZE (4 MiB) per channel and peer.
+    # Memory outside the caching allocator: the CUDA context (+ cuBLAS/cuDNN handles) on a
+    # Hopper GPU takes ~500-600 MiB (nvidia-smi of an idle torch process). NCCL's share is
+    # nccl_communicator_bytes / nccl_alltoall_peer_bytes below (it replaced a flat 64 MiB
+    # per group, far below the measured footprints cited there).
     cuda_context_bytes: int = 600 * MiB
-    nccl_buffer_bytes_per_group: int = 64 * MiB
     # HBM bytes moved per activation element by the memory-bound forward ops, as eager
     # PyTorch runs them with bf16 activations (backward moves about twice as much):
     # RMSNorm upcasts to fp32 (read 2 + write 4), squares/means (read 4), scales (read 4
@@ -121,6 +121,11 @@ class ExecutorProfile:
     # dw). Matters for the final norm, whose backward runs with every block's saved
     # activations alive. A compiled (fused) norm writes only dx.
     norm_backward_fp32_temporaries: float = 5.0
+    # Bytes per input element one RMSNorm keeps for backward besides its output, None =
+    # the input in the activation dtype (the runtime's RMSNormFunction: x + rstd).
+    # Eager nn.RMSNorm (composite in torch 2.13) keeps the fp32 upcast input and the fp32
+    # normalized x: 8 (traced on torchtitan 0.1.0's own block, bf16 and fp32). Compiled: None.
+    norm_saved_bytes_per_element: float | None = None
     # Loss in a fixed number of sequence chunks (torchtitan 0.3 ChunkedLossWrapper), or None.
     loss_num_chunks: int | None = None
     # FSDP units outside the blocks: 1 = embedding + norm + output in the root (late-2024
@@ -170,14 +175,19 @@ class ExecutorProfile:
 # ``forward_mm_count`` that recomputes every second mm): of a Llama block's 7 mms in
 # order wq, wk, wv, wo, w1, w3, w2 it keeps wq, wv, w1, w2 (odd counts), recomputes wk,
 # wo, w3; the SDPA output + logsumexp and, under TP, both reduce-scatter outputs are
-# kept. 0.3.0's SelectiveAC (distributed/activation_checkpoint.py, read in the wheel)
-# has the same counter and saves the same outputs for this block; the late-2024 list
-# is transcribed from the source as published, not from a wheel (none on PyPI).
-# Its Attention calls repeat_kv before SDPA (K/V at query width), and train.py does
-# ``del pred`` before ``loss.backward()``.
+# kept. Verified in torchtitan 0.1.0's wheel (PyPI, 2025; models/llama3/infra/
+# parallelize.py has this _save_list and counter verbatim, and the every-Nth-block
+# option; tests trace its functions): its Attention calls repeat_kv before SDPA (K/V at
+# query width), train.py does ``del pred`` before ``loss.backward()``, the last block is
+# not resharded after forward, the root is fully_shard(model). 0.1.0 also compiles the
+# loss under compile; the Dec-2024 compiled run's published 77.0 GiB is only reachable
+# with an uncompiled loss (a compiled one would predict ~57 GiB), so the late-2024 profile
+# keeps loss_compiled_with_model False. 0.3.0's SelectiveAC (read in the wheel) has the
+# same counter and saves the same outputs for this block.
 # Its optimizer and clipping use foreach (multi-tensor) kernels by default.
 TORCHTITAN_2024 = dict(
     selective_saves=("block_input", "wq", "wv", "attention", "w1", "w2", "wo_rs", "w2_rs"),
+    norm_saved_bytes_per_element=8.0,
     native_gqa=False,
     logits_freed_before_backward=True,
     optimizer_foreach=True,

@@ -211,6 +211,9 @@ class MemoryEstimate:
     phase_tensor_bytes: dict[str, float] = field(default_factory=dict)
     reserved_peak_bytes: float = 0.0  # caching allocator's reserved peak (no context / NCCL)
     tensor_peak_phase: str = ""  # the phase of tensor_peak_bytes (peak_phase is the reserved one)
+    # breakdown_bytes["overhead"] in parts: CUDA context, FSDP2 side-stream pools, the loss's
+    # stranded blocks, the fitted fragmentation remainder.
+    overhead_bytes: dict[str, float] = field(default_factory=dict)
 
     @property
     def forward_backward_tensor_peak_bytes(self) -> float:
@@ -311,7 +314,9 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
     kv_tokens = tokens * cp if cfg.cp_impl == "allgather-kv" else tokens
     kv_width = dq if executor.sdpa_kv_expanded else dkv
     kv_saved = a * kv_tokens * 2 * kv_width / tp
-    norm_in = a * tokens * d / tp + FP32 * tokens / tp  # input + rstd
+    norm_bytes = a if (executor.norm_saved_bytes_per_element is None or executor.compile) \
+        else executor.norm_saved_bytes_per_element
+    norm_in = norm_bytes * tokens * d / tp + FP32 * tokens / tp  # input (or its fp32 copies) + rstd
     attention_out = a * tokens * dq / tp + FP32 * tokens * heads / tp  # out + lse
 
     none = (2 * norm_in + 2 * a * tokens * sp_gathered
@@ -669,12 +674,18 @@ def estimate_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfil
         "recompute_working": breakdown.pop("recompute_working", 0.0),
         "logits_loss": breakdown.pop("logits_loss", 0.0),
         "comm_buffers": breakdown.pop("comm_buffers", 0.0),
-        "overhead": context,
-        "allocator_stranded": breakdown.pop("allocator_stranded", 0.0),
-        # reserved less the tensors and stranded blocks: side-stream pools + fragmentation
-        "allocator_cache": reserved[phase_name] - tensor[phase_name] - phases[phase_name].get("allocator_stranded", 0.0),
+        # Everything not a tensor nor NCCL: CUDA context + the caching allocator's reserve
+        # (details in MemoryEstimate.overhead_bytes).
+        "overhead": context + reserved[phase_name] - tensor[phase_name],
     }
+    stranded = breakdown.pop("allocator_stranded", 0.0)
     assert not breakdown, breakdown
+    overhead = {
+        "cuda_context": context,
+        "allocator_side_stream_pools": terms.allocator_pool_bytes,
+        "allocator_stranded": stranded,
+        "allocator_fragmentation": reserved[phase_name] - tensor[phase_name] - stranded - terms.allocator_pool_bytes,
+    }
     return MemoryEstimate(
         peak_bytes=sum(ordered.values()),
         breakdown_bytes=ordered,
@@ -683,6 +694,7 @@ def estimate_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfil
         phase_tensor_bytes=tensor,
         reserved_peak_bytes=reserved[phase_name],
         tensor_peak_phase=max(tensor, key=tensor.get),
+        overhead_bytes=overhead,
     )
 
 

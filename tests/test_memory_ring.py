@@ -121,7 +121,7 @@ def test_ring_transients_match_a_trace_of_torch_ring_attention(method, cp):
     traced = [_traced_peaks(cp, r, method, 1, spec.n_heads, T, spec.head_dim) for r in range(cp)]
     forward_traced = max(f for f, _ in traced)
     backward_traced = max(b for _, b in traced)
-    print(method, cp, "forward model/trace", (forward_model - inputs_forward) / forward_traced,
-          "backward", (backward_model - flash_dq_accum) / backward_traced)
-    assert forward_model - inputs_forward == pytest.approx(forward_traced, rel=0.10)
+    assert forward_model - inputs_forward == pytest.approx(forward_traced, rel=0.03)
+    # measured: forward within 1.1%, backward within 0.5% except alltoall at cp=2 (+8.9%:
+    # with two ranks the last step's rotation buffers are not all alive at once)
     assert backward_model - flash_dq_accum == pytest.approx(backward_traced, rel=0.10)

@@ -9,6 +9,9 @@ installed here, and installing them would change the shared environment) and tar
 newer PyTorch (design.md); its AC module is self-contained, so it is loaded from the
 unzipped wheel with two import stubs (its config base class and tyro's annotation).
 
+Also traced: torchtitan 0.1.0's own Llama block (its model file from the wheel, stubs for the
+modules around it) under its own policy function.
+
 The CPU program calls ``_scaled_dot_product_flash_attention_for_cpu`` where CUDA calls
 ``_scaled_dot_product_flash_attention``; both policies save the CUDA flash op, so the CPU
 op is added to their save sets as its stand-in (same outputs: out + fp32 logsumexp).
@@ -16,7 +19,9 @@ op is added to their save sets as its stand-in (same outputs: out + fp32 logsume
 Two policies:
 - late 2024 (the published Dec-2024 runs, torchtitan 9dec370): ``_save_list`` and the
   per-block mm counter, transcribed below from torchtitan/parallelisms/parallelize_llama.py
-  as published (no wheel of that version exists on PyPI);
+  (no wheel of that commit exists); torchtitan 0.1.0 (PyPI, 2025) carries the same text
+  in models/llama3/infra/parallelize.py, and its own functions are traced too when the
+  wheel is unzipped (``TORCHTITAN01_SRC``, default /tmp/tt01src);
 - 0.3.0: ``SelectiveAC._wrap_block`` from the wheel itself, when it can be found
   (``TORCHTITAN_SRC`` = the unzipped wheel, default /tmp/ttsrc); skipped cleanly otherwise.
 """
@@ -77,6 +82,131 @@ def _late_2024_wrap(block, name):
         return create_selective_checkpoint_contexts(_get_custom_policy(meta))
 
     return checkpoint_wrapper(block, context_fn=selective_checkpointing_context_fn, preserve_rng_state=False)
+
+
+def _load_torchtitan_01_ac():
+    """torchtitan 0.1.0's ``_save_list`` and ``_apply_ac_to_transformer_block`` (the
+    late-2024 policy, same text as the transcription above) from the unzipped wheel
+    (``TORCHTITAN01_SRC``, default /tmp/tt01src). The module imports much of torchtitan,
+    so only these two top-level statements are taken out of it with ``ast``."""
+    import ast
+    from collections import defaultdict as _defaultdict
+
+    from torch import nn
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    root = Path(os.environ.get("TORCHTITAN01_SRC", "/tmp/tt01src"))
+    path = root / "torchtitan" / "models" / "llama3" / "infra" / "parallelize.py"
+    if not path.exists():
+        return None
+    tree = ast.parse(path.read_text())
+    keep = [node for node in tree.body
+            if (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_save_list" for t in node.targets))
+            or (isinstance(node, ast.FunctionDef) and node.name == "_apply_ac_to_transformer_block")]
+    namespace = {"torch": torch, "nn": nn, "defaultdict": _defaultdict, "ptd_checkpoint_wrapper": checkpoint_wrapper,
+                 "logger": types.SimpleNamespace(info=lambda *a, **k: None)}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_torchtitan_01_policy_from_the_wheel(tp):
+    namespace = _load_torchtitan_01_ac()
+    if namespace is None:
+        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC); the transcription test covers it")
+    namespace["_save_list"].add(CPU_FLASH)  # stand-in for the CUDA flash op (module docstring)
+    config = types.SimpleNamespace(mode="selective", selective_ac_option="op")
+    traced = saved_bytes_per_block(SPEC, seq_len=64, tp=tp,
+                                   wrap_block=lambda block, name: namespace["_apply_ac_to_transformer_block"](
+                                       block, config))
+    assert traced == _hand_derived(tp)
+
+
+def _load_torchtitan_01_model():
+    """torchtitan 0.1.0's own Llama 3 model (models/llama3/model/{args,model}.py and
+    models/attention.py), imported from the unzipped wheel with stubs for the modules
+    outside the model (tokenizer, config manager, protocols, a CUDA capability probe)."""
+    root = Path(os.environ.get("TORCHTITAN01_SRC", "/tmp/tt01src")) / "torchtitan"
+    if not (root / "models" / "llama3" / "model" / "model.py").exists():
+        return None
+
+    def package(name, path=None):
+        module = types.ModuleType(name)
+        module.__path__ = [str(path)] if path else []
+        return module
+
+    stubs = {
+        "torchtitan": package("torchtitan", root), "torchtitan.models": package("torchtitan.models", root / "models"),
+        "torchtitan.models.llama3": package("torchtitan.models.llama3"),
+        "torchtitan.models.llama3.model": package("torchtitan.models.llama3.model"),
+        "torchtitan.tools": package("torchtitan.tools"), "torchtitan.tools.utils": types.ModuleType("u"),
+        "torchtitan.protocols": package("torchtitan.protocols"), "torchtitan.protocols.train_spec": types.ModuleType("t"),
+        "torchtitan.components": package("torchtitan.components"),
+        "torchtitan.components.tokenizer": types.ModuleType("k"), "torchtitan.config_manager": types.ModuleType("c"),
+    }
+    stubs["torchtitan.tools.utils"].has_cuda_capability = lambda major, minor: False
+    stubs["torchtitan.protocols.train_spec"].ModelProtocol = type("ModelProtocol", (), {})
+    stubs["torchtitan.protocols.train_spec"].BaseModelArgs = type("BaseModelArgs", (), {})
+    stubs["torchtitan.components.tokenizer"].Tokenizer = object
+    stubs["torchtitan.config_manager"].JobConfig = object
+    saved = {k: sys.modules.get(k) for k in list(stubs) + ["torchtitan.models.attention",
+                                                           "torchtitan.models.llama3.model.args",
+                                                           "torchtitan.models.llama3.model.model"]}
+    sys.modules.update(stubs)
+    try:
+        loaded = {}
+        for name, rel in [("torchtitan.models.attention", "models/attention.py"),
+                          ("torchtitan.models.llama3.model.args", "models/llama3/model/args.py"),
+                          ("torchtitan.models.llama3.model.model", "models/llama3/model/model.py")]:
+            spec = importlib.util.spec_from_file_location(name, root / rel)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            loaded[name] = module
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return loaded["torchtitan.models.llama3.model.args"], loaded["torchtitan.models.llama3.model.model"]
+
+
+def test_torchtitan_01_own_model_and_policy():
+    """The strongest check here: torchtitan's own block (0.1.0: nn.RMSNorm, complex RoPE,
+    repeat_kv, SDPA) under its own policy function, one rank, fp32 on CPU."""
+    from runtime.saved_tensors import _StorageRecorder
+
+    loaded = _load_torchtitan_01_model()
+    namespace = _load_torchtitan_01_ac()
+    if loaded is None or namespace is None:
+        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+    args_mod, model_mod = loaded
+    namespace["_save_list"].add(CPU_FLASH)  # stand-in for the CUDA flash op (module docstring)
+    config = types.SimpleNamespace(mode="selective", selective_ac_option="op")
+    seq = 64
+
+    def saved(n_layers):
+        # dim 48, 6 heads of 8, 2 kv heads; FFN hidden int(2 x 4 x 48 / 3) = 128 (multiple_of 16)
+        args = args_mod.TransformerModelArgs(dim=48, n_layers=n_layers, n_heads=6, n_kv_heads=2, vocab_size=128,
+                                             multiple_of=16, max_seq_len=seq)
+        torch.manual_seed(0)
+        model = model_mod.Transformer(args)
+        model.init_weights()
+        for name, block in list(model.layers.named_children()):
+            model.layers.register_module(name, namespace["_apply_ac_to_transformer_block"](block, config))
+        recorder = _StorageRecorder()
+        with recorder:
+            out = model(torch.randint(0, 128, (1, seq)))
+        return recorder.alive_bytes([out, *model.parameters(), *model.buffers()])
+
+    traced = saved(2) - saved(1)
+    spec = ModelSpec("tt", vocab_size=128, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=128, rope_theta=1e4)
+    cfg = TrainConfig(Parallelism(), seq, ac=ACPolicy.uniform("selective", 2), precision=Precision.fp32())
+    modeled = layer_memory(spec, cfg, resolve_executor("torchtitan")).saved["selective"]
+    d, dq, dkv, f, H, T, b = 48, 48, 16, 128, 6, seq, 4
+    assert traced == T * (b * (d + dq + dkv + dq + f + d) + 4 * H)
+    assert modeled == pytest.approx(traced, rel=0, abs=0.5)
 
 
 def _load_torchtitan_03_ac():
@@ -199,3 +329,81 @@ def test_published_reserved_memory_of_torchtitan_8b_fsdp8(compiled, published_gi
     for gib in published_gib:
         assert est.reserved_peak_bytes / 2**30 == pytest.approx(gib, rel=0.03)
     assert est.peak_bytes < 95 * 2**30  # it ran on 95 GiB parts
+
+
+def test_torchtitan_03_chunked_loss_by_hand():
+    """0.3's Llama 3 8B config: ChunkedLossWrapper(num_chunks=8). Per chunk the fp32 CE
+    holds 12 B per logit (log-softmax output + two fp32 grads), the lm_head's bf16 grad
+    (V x d) stays across chunks (kept unsharded), the hidden states are split into
+    contiguous chunk copies (2 B x T x d) and d(hidden) gathers in an fp32 buffer (4 B x
+    T x d). Compiled loss (compile.components has "loss"): logits + one logits-sized grad."""
+    from cost_models.memory import memory_terms
+    from cost_models.specs import MODEL_PRESETS
+
+    model = MODEL_PRESETS["llama3-8b"]
+    V, d, T = 128256, 4096, 16384
+    cfg = TrainConfig(Parallelism(dp_shard=8), 8192, 2, ac=ACPolicy.uniform("selective", 32))
+    eager = memory_terms(model, cfg, "torchtitan-0.3")
+    assert eager.loss_logits_bytes == pytest.approx(12 * (T // 8) * V + 2 * V * d + (2 + 4) * T * d)
+    compiled = memory_terms(model, cfg, resolve_executor("torchtitan-0.3").with_overrides(compile=True))
+    assert compiled.loss_logits_bytes == pytest.approx(2 * 2 * (T // 8) * V + 2 * V * d + (2 + 4) * T * d)
+    # Only [norm, lm_head] stays gathered (the embedding reshards after forward).
+    assert eager.root_unsharded_bytes == pytest.approx((V * d + d / 2) * 2, rel=1e-6)
+
+
+def test_per_layer_option_matches_torchtitan_01():
+    """The every-Nth-block option applied by torchtitan 0.1.0's own function to 6 blocks."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from cost_models.memory import torchtitan_layer_sac_modes
+
+    namespace = _load_torchtitan_01_ac()
+    if namespace is None:
+        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+    wrapper = namespace["ptd_checkpoint_wrapper"]
+    saved = wrapper.__dict__.pop("_count", None)
+    try:
+        config = types.SimpleNamespace(mode="selective", selective_ac_option="2")
+        blocks = [namespace["_apply_ac_to_transformer_block"](torch.nn.Linear(2, 2), config) for _ in range(6)]
+    finally:
+        wrapper.__dict__.pop("_count", None)
+        if saved is not None:
+            wrapper._count = saved
+    modes = tuple("full" if isinstance(b, CheckpointWrapper) else "none" for b in blocks)
+    assert modes == torchtitan_layer_sac_modes(6, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchtitan_01_own_model_without_ac(dtype):
+    """No AC: what torchtitan's own block keeps (nn.RMSNorm's fp32 copies, repeat_kv'd K/V
+    saved by SDPA, the SwiGLU tensors) against the profile's ``none`` bytes."""
+    from runtime.saved_tensors import _StorageRecorder
+
+    loaded = _load_torchtitan_01_model()
+    if loaded is None:
+        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+    args_mod, model_mod = loaded
+    seq = 64
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        def saved(n_layers):
+            args = args_mod.TransformerModelArgs(dim=48, n_layers=n_layers, n_heads=6, n_kv_heads=2, vocab_size=128,
+                                                 multiple_of=16, max_seq_len=seq)
+            torch.manual_seed(0)
+            model = model_mod.Transformer(args)
+            model.init_weights()
+            recorder = _StorageRecorder()
+            with recorder:
+                out = model(torch.randint(0, 128, (1, seq)))
+            return recorder.alive_bytes([out, *model.parameters(), *model.buffers()])
+
+        traced = saved(2) - saved(1)
+    finally:
+        torch.set_default_dtype(previous)
+    spec = ModelSpec("tt", vocab_size=128, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=128, rope_theta=1e4)
+    b = 4 if dtype == torch.float32 else 2
+    cfg = TrainConfig(Parallelism(), seq, ac=ACPolicy.uniform("none", 2),
+                      precision=Precision.fp32() if b == 4 else Precision())
+    modeled = layer_memory(spec, cfg, resolve_executor("torchtitan")).saved["none"]
+    assert modeled == pytest.approx(traced, rel=0, abs=0.5)
