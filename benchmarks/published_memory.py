@@ -26,7 +26,7 @@ from cost_models.memory import memory_terms, predict_reserved_peak_bytes
 from cost_models.specs import resolve_model
 
 GiB = 2**30
-DEFAULT_RUNS = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "published-runs" / "calibration-runs.json"
+DEFAULT_RUNS = Path(__file__).resolve().parents[1] / ".." / "shared" / "published-runs" / "calibration-runs.json"
 MODELS = {"Llama 3.1 8B": "llama3-8b", "Llama 3 8B": "llama3-8b", "Llama 3 70B": "llama3-70b"}
 
 

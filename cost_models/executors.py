@@ -12,7 +12,6 @@ from typing import Any
 
 from .specs import GiB, MiB, SpecError
 
-
 # A Llama block's matmuls in call order (runtime/model.py; torchtitan's model alike).
 BLOCK_MATMULS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 

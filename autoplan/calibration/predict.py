@@ -33,7 +33,9 @@ def predict(record: CalibrationRecord, values: dict[str, float] | None = None) -
     if record.peak_memory_kind == "allocated":
         return step.step_time_s, memory.tensor_peak_bytes
     if record.peak_memory_kind == "reserved":
-        return step.step_time_s, memory.tensor_peak_bytes * (1 + executor.allocator_fragmentation)
+        # The allocator model's reserved peak (block rounding, stranded loss blocks,
+        # side-stream pools, the fragmentation remainder): what torchtitan logs.
+        return step.step_time_s, memory.reserved_peak_bytes
     return step.step_time_s, memory.peak_bytes
 
 
