@@ -21,16 +21,15 @@ Two policies:
   per-block mm counter, transcribed below from torchtitan/parallelisms/parallelize_llama.py
   (no wheel of that commit exists); torchtitan 0.1.0 (PyPI, 2025) carries the same text
   in models/llama3/infra/parallelize.py, and its own functions are traced too when the
-  wheel is unzipped (``TORCHTITAN01_SRC``, default /tmp/tt01src);
+  wheel is found (``TORCHTITAN01_SRC``, or downloaded from PyPI by tests/torchtitan_wheels.py);
 - 0.3.0: ``SelectiveAC._wrap_block`` from the wheel itself, when it can be found
-  (``TORCHTITAN_SRC`` = the unzipped wheel, default /tmp/ttsrc); skipped cleanly otherwise.
+  (``TORCHTITAN_SRC`` = the unzipped wheel, else downloaded from PyPI by tests/torchtitan_wheels.py; fails under CI without it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import sys
 import types
 from collections import defaultdict
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchtitan_wheels import missing, torchtitan_source
 
 from cost_models.config import ACPolicy, Parallelism, Precision, TrainConfig
 from cost_models.executors import resolve_executor
@@ -87,7 +87,7 @@ def _late_2024_wrap(block, name):
 def _load_torchtitan_01_ac():
     """torchtitan 0.1.0's ``_save_list`` and ``_apply_ac_to_transformer_block`` (the
     late-2024 policy, same text as the transcription above) from the unzipped wheel
-    (``TORCHTITAN01_SRC``, default /tmp/tt01src). The module imports much of torchtitan,
+    (tests/torchtitan_wheels.py). The module imports much of torchtitan,
     so only these two top-level statements are taken out of it with ``ast``."""
     import ast
     from collections import defaultdict as _defaultdict
@@ -95,7 +95,7 @@ def _load_torchtitan_01_ac():
     from torch import nn
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    root = Path(os.environ.get("TORCHTITAN01_SRC", "/tmp/tt01src"))
+    root = (torchtitan_source("0.1.0") or Path("/nonexistent"))
     path = root / "torchtitan" / "models" / "llama3" / "infra" / "parallelize.py"
     if not path.exists():
         return None
@@ -113,7 +113,7 @@ def _load_torchtitan_01_ac():
 def test_torchtitan_01_policy_from_the_wheel(tp):
     namespace = _load_torchtitan_01_ac()
     if namespace is None:
-        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC); the transcription test covers it")
+        missing("0.1.0")
     namespace["_save_list"].add(CPU_FLASH)  # stand-in for the CUDA flash op (module docstring)
     config = types.SimpleNamespace(mode="selective", selective_ac_option="op")
     traced = saved_bytes_per_block(SPEC, seq_len=64, tp=tp,
@@ -126,7 +126,7 @@ def _load_torchtitan_01_model():
     """torchtitan 0.1.0's own Llama 3 model (models/llama3/model/{args,model}.py and
     models/attention.py), imported from the unzipped wheel with stubs for the modules
     outside the model (tokenizer, config manager, protocols, a CUDA capability probe)."""
-    root = Path(os.environ.get("TORCHTITAN01_SRC", "/tmp/tt01src")) / "torchtitan"
+    root = (torchtitan_source("0.1.0") or Path("/nonexistent")) / "torchtitan"
     if not (root / "models" / "llama3" / "model" / "model.py").exists():
         return None
 
@@ -180,7 +180,7 @@ def test_torchtitan_01_own_model_and_policy():
     loaded = _load_torchtitan_01_model()
     namespace = _load_torchtitan_01_ac()
     if loaded is None or namespace is None:
-        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+        missing("0.1.0")
     args_mod, model_mod = loaded
     namespace["_save_list"].add(CPU_FLASH)  # stand-in for the CUDA flash op (module docstring)
     config = types.SimpleNamespace(mode="selective", selective_ac_option="op")
@@ -211,7 +211,7 @@ def test_torchtitan_01_own_model_and_policy():
 
 def _load_torchtitan_03_ac():
     """torchtitan 0.3.0's distributed/activation_checkpoint.py from the unzipped wheel."""
-    root = Path(os.environ.get("TORCHTITAN_SRC", "/tmp/ttsrc"))
+    root = (torchtitan_source("0.3.0") or Path("/nonexistent"))
     path = root / "torchtitan" / "distributed" / "activation_checkpoint.py"
     if not path.exists():
         return None
@@ -277,7 +277,7 @@ def test_late_2024_policy_trace_matches_the_torchtitan_profile(tp):
 def test_torchtitan_03_selective_ac_from_the_wheel(tp):
     module = _load_torchtitan_03_ac()
     if module is None:
-        pytest.skip("torchtitan 0.3.0 wheel not unzipped (set TORCHTITAN_SRC); the late-2024 test covers the policy")
+        missing("0.3.0")
 
     class CpuSelectiveAC(module.SelectiveAC):
         def get_save_ops(self):
@@ -359,7 +359,7 @@ def test_per_layer_option_matches_torchtitan_01():
 
     namespace = _load_torchtitan_01_ac()
     if namespace is None:
-        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+        missing("0.1.0")
     wrapper = namespace["ptd_checkpoint_wrapper"]
     saved = wrapper.__dict__.pop("_count", None)
     try:
@@ -381,7 +381,7 @@ def test_torchtitan_01_own_model_without_ac(dtype):
 
     loaded = _load_torchtitan_01_model()
     if loaded is None:
-        pytest.skip("torchtitan 0.1.0 wheel not unzipped (set TORCHTITAN01_SRC)")
+        missing("0.1.0")
     args_mod, model_mod = loaded
     seq = 64
     previous = torch.get_default_dtype()
