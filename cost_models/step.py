@@ -211,6 +211,9 @@ class StepEstimate:
     def summary(self) -> dict:
         return {
             "peak_memory_bytes": self.peak_memory_bytes,
+            # The caching allocator's reserved peak (torch.cuda.max_memory_reserved, what
+            # torchtitan logs as memory); peak_memory_bytes adds the CUDA context and NCCL.
+            "peak_memory_reserved_bytes": self.memory.reserved_peak_bytes if self.memory is not None else None,
             "memory_breakdown_bytes": dict(self.memory_breakdown_bytes),
             "memory_capacity_bytes": self.memory_capacity_bytes,
             "step_time_s": self.step_time_s,

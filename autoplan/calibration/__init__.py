@@ -25,7 +25,7 @@ some parameters overridden), ``fit`` (the least-squares fit), ``files`` (calibra
 files and applying them), ``params`` (what may be fitted).
 """
 
-from .files import apply_calibration, calibrated, load_calibration
+from .files import apply_calibration, calibrated, load_calibration, resolve_calibration, shipped_calibration
 from .fit import Calibration, fit_calibration
 from .params import DEFAULT_PARAMS, EXECUTOR_PARAMS, GPU_PARAMS, KNOWN_PARAMS, PEAK_MEMORY_KINDS
 from .predict import RecordError, predict, record_errors, residuals
@@ -33,5 +33,5 @@ from .records import CalibrationRecord, load_records, record_from_plan_and_measu
 
 __all__ = ["Calibration", "CalibrationRecord", "DEFAULT_PARAMS", "EXECUTOR_PARAMS", "GPU_PARAMS", "KNOWN_PARAMS",
            "PEAK_MEMORY_KINDS", "RecordError", "apply_calibration", "calibrated", "fit_calibration",
-           "load_calibration", "load_records", "predict", "record_errors", "record_from_plan_and_measurement",
+           "load_calibration", "load_records", "resolve_calibration", "shipped_calibration", "predict", "record_errors", "record_from_plan_and_measurement",
            "residuals", "split_holdout", "write_records"]

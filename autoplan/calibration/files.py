@@ -8,11 +8,50 @@ from typing import Any
 
 import yaml
 
+import cost_models
 from cost_models.executors import ExecutorProfile
-from cost_models.specs import GPUSpec, SpecError
+from cost_models.specs import GPU_PRESETS, GPUSpec, SpecError
 
 from .fit import Calibration
 from .params import EXECUTOR_PARAMS, GPU_PARAMS, KNOWN_PARAMS
+
+# The fits on shared/published-runs shipped with the package, one file per GPU preset
+# (written by benchmarks/published_runs.py --write-calibration).
+SHIPPED_DIR = Path(cost_models.__file__).resolve().parent / "data" / "calibration"
+# What ``--calibration`` accepts besides a file: the shipped fit for the GPU (the default) or none.
+DEFAULT_CALIBRATION = "default"
+NO_CALIBRATION = "none"
+
+
+def shipped_calibration(gpu: GPUSpec) -> Path | None:
+    """The shipped fit for ``gpu``, when the GPU is an unmodified preset that has one.
+
+    A GPU read from a file (``--gpu my.yaml``) or otherwise changed keeps its own values:
+    efficiencies fitted for the preset say nothing about a part someone described anew.
+    """
+    preset = GPU_PRESETS.get(gpu.name)
+    path = SHIPPED_DIR / f"{gpu.name}.yaml"
+    if preset is None or preset.to_dict() != gpu.to_dict() or not path.is_file():
+        return None
+    return path
+
+
+def resolve_calibration(gpu: GPUSpec, executor: ExecutorProfile, choice: str | None
+                        ) -> tuple[GPUSpec, ExecutorProfile, str | None]:
+    """(GPU, executor, source) for ``--calibration CHOICE``: ``default`` (also None) applies
+    the shipped fit for the GPU when there is one, ``none`` the presets' priors, anything
+    else is a calibration file. ``source`` is what the plan records (None: priors)."""
+    choice = choice or DEFAULT_CALIBRATION
+    if choice == NO_CALIBRATION:
+        return gpu, executor, None
+    if choice == DEFAULT_CALIBRATION:
+        path = shipped_calibration(gpu)
+        if path is None:
+            return gpu, executor, None
+        gpu, executor = apply_calibration(gpu, executor, load_calibration(path))
+        return gpu, executor, f"{DEFAULT_CALIBRATION} (published runs: {path.name})"
+    gpu, executor = calibrated(gpu, executor, choice)
+    return gpu, executor, str(choice)
 
 
 def load_calibration(path: str | Path) -> Calibration:

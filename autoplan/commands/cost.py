@@ -63,6 +63,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh-order", default=None,
                         help="mesh dims outermost first, e.g. dp_replicate/dp_shard/cp/tp (the default)")
     options.add_executor(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="the executor compiles each block (torchtitan's per-block torch.compile)")
     options.add_format(parser, ("table", "json"))
 
 
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     model = options.resolve_model_arg(args)
     hardware = options.resolve_hardware_args(args)
     gpu, executor, calibration = options.resolve_executor_args(args, hardware.gpu)
+    if args.compile:
+        executor = executor.with_overrides(compile=True)
     parallelism = Parallelism(args.dp_replicate, args.dp_shard, args.cp, args.tp)
     mesh_order = parse_fix(f"mesh_order={args.mesh_order}")["mesh_order"] if args.mesh_order else DEFAULT_MESH_ORDER
     num_gpus = args.gpus or parallelism.world_size

@@ -114,7 +114,10 @@ def add_global_batch_tokens(parser: argparse.ArgumentParser) -> None:
 def add_executor(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=EXECUTOR_NAMES, default=DEFAULT_EXECUTOR,
                         help="the program that will run the plan (its memory and time profile)")
-    parser.add_argument("--calibration", default=None, help="calibration file from `autoplan calibrate`")
+    parser.add_argument("--calibration", default="default",
+                        help="'default': the fit on published runs shipped for this GPU preset, where there is one "
+                             "(h100-96gb-500w, a100-sxm-80gb); 'none': the presets' priors; or a file written by "
+                             "`autoplan calibrate`")
 
 
 def add_fix(parser: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -170,10 +173,8 @@ def resolve_hardware_args(args: argparse.Namespace) -> Hardware:
 
 
 def resolve_executor_args(args: argparse.Namespace, gpu: GPUSpec) -> tuple[GPUSpec, ExecutorProfile, str | None]:
-    """(GPU, executor profile) with ``--calibration`` applied, and the calibration's source."""
-    executor = EXECUTOR_PROFILES[args.executor]
-    if not getattr(args, "calibration", None):
-        return gpu, executor, None
-    from ..calibration import calibrated
-    gpu, executor = calibrated(gpu, executor, args.calibration)
-    return gpu, executor, str(args.calibration)
+    """(GPU, executor profile) with ``--calibration`` applied, and the calibration's source
+    (None: the presets' priors)."""
+    from ..calibration.files import resolve_calibration
+
+    return resolve_calibration(gpu, EXECUTOR_PROFILES[args.executor], getattr(args, "calibration", None))
