@@ -42,8 +42,8 @@ from functools import lru_cache
 from .config import Parallelism
 from .specs import ClusterSpec
 
-RING_FACTOR = {"all_gather": 1.0, "reduce_scatter": 1.0, "all_reduce": 2.0, "all_to_all": 1.0,
-               "send_recv": None}
+RING_FACTOR: dict[str, float | None] = {"all_gather": 1.0, "reduce_scatter": 1.0, "all_reduce": 2.0,
+                                        "all_to_all": 1.0, "send_recv": None}
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ def collective_link_bytes(kind: str, buffer_bytes: float, group_size: int) -> fl
         return 0.0
     if kind == "send_recv":
         return buffer_bytes
-    return RING_FACTOR[kind] * (group_size - 1) / group_size * buffer_bytes
+    factor = RING_FACTOR[kind]
+    assert factor is not None
+    return factor * (group_size - 1) / group_size * buffer_bytes
 
 
 def group_tier(cluster: ClusterSpec, parallelism: Parallelism, mesh_order: tuple[str, ...],

@@ -184,7 +184,7 @@ class ExecutorProfile:
 # keeps loss_compiled_with_model False. 0.3.0's SelectiveAC (read in the wheel) has the
 # same counter and saves the same outputs for this block.
 # Its optimizer and clipping use foreach (multi-tensor) kernels by default.
-TORCHTITAN_2024 = dict(
+TORCHTITAN_2024: dict[str, Any] = dict(
     selective_saves=("block_input", "wq", "wv", "attention", "w1", "w2", "wo_rs", "w2_rs"),
     norm_saved_bytes_per_element=8.0,
     native_gqa=False,

@@ -33,7 +33,7 @@ def model_flops_per_token(model: ModelSpec, seq_len: int) -> float:
 
     No causal discount and no recompute, so numbers compare with published MFU.
     """
-    return 6.0 * mfu_params(model) + 12.0 * model.n_layers * model.n_heads * model.head_dim * seq_len
+    return 6.0 * mfu_params(model) + 12.0 * model.n_layers * model.q_dim * seq_len
 
 
 def layer_matmul_params(model: ModelSpec) -> int:
@@ -63,7 +63,7 @@ def layer_forward_flops(model: ModelSpec, tokens_per_gpu: int, seq_len: int, cp:
     """
     linear = 2.0 * layer_matmul_params(model) * tokens_per_gpu / tp
     keys_per_query = seq_len / 2.0 if causal_skip else float(seq_len)
-    attention = 4.0 * model.n_heads * model.head_dim * keys_per_query * tokens_per_gpu / tp
+    attention = 4.0 * model.q_dim * keys_per_query * tokens_per_gpu / tp
     return LayerFlops(linear=linear, attention=attention)
 
 

@@ -658,7 +658,7 @@ def estimate_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfil
     tensor = {k: sum(v.values()) - v.get("comm_buffers", 0.0) - v.get("allocator_stranded", 0.0)
               for k, v in phases.items()}
     reserved = terms.reserved_phase_bytes(modes)
-    phase_name = max(reserved, key=reserved.get)
+    phase_name = max(reserved, key=lambda name: reserved[name])
     context = terms.fixed_overhead_bytes - terms.allocator_pool_bytes
     breakdown = dict(phases[phase_name])
     # The names scripts read (design.md): params, grads, optimizer, activations, ...
@@ -693,7 +693,7 @@ def estimate_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfil
         tensor_peak_bytes=max(tensor.values()),
         phase_tensor_bytes=tensor,
         reserved_peak_bytes=reserved[phase_name],
-        tensor_peak_phase=max(tensor, key=tensor.get),
+        tensor_peak_phase=max(tensor, key=lambda name: tensor[name]),
         overhead_bytes=overhead,
     )
 

@@ -46,7 +46,7 @@ def layout_violations(model: ModelSpec, cfg: TrainConfig, cluster: ClusterSpec |
             reasons.append(f"tp={par.tp} does not divide n_kv_heads={model.n_kv_heads}")
         if model.ffn_dim % par.tp:
             reasons.append(f"tp={par.tp} does not divide ffn_dim={model.ffn_dim}")
-        if cluster is not None and par.tp > cluster.gpus_per_node:
+        if cluster is not None and par.tp > cluster.ranks_per_node:
             reasons.append(f"tp={par.tp} spans more than one node ({cluster.gpus_per_node} GPUs per node)")
         if cfg.tokens_per_gpu % par.tp:
             reasons.append(f"tokens per GPU {cfg.tokens_per_gpu} not divisible by tp={par.tp} (sequence parallel)")

@@ -65,11 +65,17 @@ class ModelSpec:
     # Derived sizes ------------------------------------------------------------------
     @cached_property
     def q_dim(self) -> int:
-        return self.n_heads * self.head_dim
+        return self.n_heads * self.head_dim_resolved
 
     @cached_property
     def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
+        return self.n_kv_heads * self.head_dim_resolved
+
+    @property
+    def head_dim_resolved(self) -> int:
+        """``head_dim`` as an ``int`` (``__post_init__`` sets it from dim / heads when absent)."""
+        assert self.head_dim is not None
+        return self.head_dim
 
     @cached_property
     def params_per_layer(self) -> int:
@@ -504,4 +510,10 @@ class ClusterSpec:
 
     @property
     def num_nodes(self) -> int:
-        return max(1, self.num_gpus // self.gpus_per_node)
+        return max(1, self.num_gpus // self.ranks_per_node)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """``gpus_per_node`` as an ``int`` (``__post_init__`` resolves None to the GPU's node size)."""
+        assert self.gpus_per_node is not None
+        return self.gpus_per_node

@@ -68,7 +68,7 @@ def synthetic_records(truth=TRUTH, noise=NOISE, seed=0, layouts=LAYOUTS, gpu_nam
         step = estimate_step(model, ClusterSpec(true_gpu, gpus), cfg, executor)
         kind = KINDS[n % len(KINDS)]
         memory = {"device": step.memory.peak_bytes,
-                  "reserved": step.memory.tensor_peak_bytes * (1 + truth["allocator_fragmentation"]),
+                  "reserved": step.memory.reserved_peak_bytes,
                   "allocated": step.memory.tensor_peak_bytes}[kind]
         records.append(CalibrationRecord(
             model=model.to_dict(), gpu=prior_gpu.to_dict(), num_gpus=gpus, gpus_per_node=min(8, gpus),

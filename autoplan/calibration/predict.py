@@ -30,6 +30,7 @@ def predict(record: CalibrationRecord, values: dict[str, float] | None = None) -
     if record.peak_memory_bytes is None:
         return step.step_time_s, None
     memory = step.memory
+    assert memory is not None  # estimate_step always prices memory
     if record.peak_memory_kind == "allocated":
         return step.step_time_s, memory.tensor_peak_bytes
     if record.peak_memory_kind == "reserved":
@@ -45,7 +46,7 @@ def residuals(records: list[CalibrationRecord], values: dict[str, float]) -> lis
     for record in records:
         time_s, memory = predict(record, values)
         out.append(math.log(time_s / record.step_time_s))
-        if memory is not None:
+        if memory is not None and record.peak_memory_bytes:
             out.append(math.log(memory / record.peak_memory_bytes))
     return out
 
@@ -69,6 +70,6 @@ def record_errors(records: list[CalibrationRecord], before: dict[str, float], af
         t1, m1 = predict(record, after)
         measured_m = record.peak_memory_bytes
         out.append(RecordError(record.label, t0 / record.step_time_s - 1, t1 / record.step_time_s - 1,
-                               None if m0 is None else m0 / measured_m - 1,
-                               None if m1 is None else m1 / measured_m - 1))
+                               None if m0 is None or not measured_m else m0 / measured_m - 1,
+                               None if m1 is None or not measured_m else m1 / measured_m - 1))
     return out
