@@ -107,7 +107,8 @@ def format_cost_report(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
 
 def format_check(result: dict) -> str:
     """``autoplan check``: predicted vs traced memory per component and the verdict."""
-    lines = [f"{'component':<18}{'predicted GiB':>14}{'traced GiB':>12}{'error':>9}"]
+    lines = [result["program"]] if result.get("program") else []
+    lines.append(f"{'component':<18}{'predicted GiB':>14}{'traced GiB':>12}{'error':>9}")
     for name, (pred, traced) in result["rows"].items():
         error = f"{(pred / traced - 1) * 100:+.1f}%" if traced else ("" if not pred else "n/a")
         lines.append(f"{name:<18}{pred / GiB:>14.3f}{traced / GiB:>12.3f}{error:>9}")
@@ -115,7 +116,15 @@ def format_check(result: dict) -> str:
                  f"{result['error'] * 100:>+8.1f}%   (predicted step peak during {result['phase']})")
     lines.append(f"optimizer step (predicted, not traced): {result['optimizer_phase'] / GiB:.3f} GiB")
     lines.append("components are at each side's own peak moment; the peaks are what must fit")
-    if result["capacity"]:
+    if result["capacity"] and result.get("untraced_path_need") is not None:
+        need = needed_bytes(result)
+        verdict = "fits" if need <= result["usable"] else "does not fit"
+        lines.append(f"{result['cp_impl']} was not traced (PyTorch's ring attention runs only on CUDA SDPA kernels): "
+                     "no verdict from the trace")
+        lines.append(f"the model alone, for {result['cp_impl']}: {need / GiB:.2f} GiB of {result['usable'] / GiB:.2f} "
+                     f"usable ({result['capacity'] / GiB:.2f} capacity): {verdict} (model only; its ring transients "
+                     "are checked against a trace of torch's ring functions in the test suite)")
+    elif result["capacity"]:
         need = needed_bytes(result)
         verdict = "fits" if need <= result["usable"] else "DOES NOT FIT"
         lines.append(f"traced peak + {result['non_tensor_bytes'] / GiB:.2f} GiB non-tensor reserve (CUDA context, "
