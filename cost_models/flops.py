@@ -38,7 +38,7 @@ def model_flops_per_token(model: ModelSpec, seq_len: int) -> float:
 
 def layer_matmul_params(model: ModelSpec) -> int:
     """Parameters of one block that take part in matmuls (all but the norm weights)."""
-    return model.params_per_layer - 2 * model.dim
+    return model.params_per_layer - 2 * model.dim - model.bias_params_per_layer
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,11 @@ class ModelSpec:
     activation: str = "swiglu"
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
+    # Biases on the q, k, v projections (Qwen2's attention); no other biases are modeled.
+    qkv_bias: bool = False
+    # A config's RoPE scaling (e.g. Llama 3.1's "llama3"): it changes the rotary
+    # frequencies, not FLOPs or memory; kept so the plan says what it planned.
+    rope_scaling: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
@@ -69,10 +74,15 @@ class ModelSpec:
 
     @cached_property
     def params_per_layer(self) -> int:
-        """wq, wk, wv, wo + w1, w2, w3 + two RMSNorm weights."""
+        """wq, wk, wv, wo + w1, w2, w3 + two RMSNorm weights (+ q, k, v biases)."""
         attention = self.dim * self.q_dim + 2 * self.dim * self.kv_dim + self.q_dim * self.dim
         ffn = 3 * self.dim * self.ffn_dim
-        return attention + ffn + 2 * self.dim
+        return attention + ffn + 2 * self.dim + self.bias_params_per_layer
+
+    @cached_property
+    def bias_params_per_layer(self) -> int:
+        """q, k and v biases (``qkv_bias``): element-wise adds, no matmul work."""
+        return self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0
 
     @cached_property
     def embedding_params(self) -> int:
@@ -145,6 +155,26 @@ MODEL_ALIASES = {
 _HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "vocab_size")
 _HF_SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
+# Qwen2's attention always has q, k, v biases (transformers' Qwen2Attention: bias=True on
+# q_proj, k_proj, v_proj, none on o_proj); Llama and Mistral have none unless a flag says so.
+_HF_QKV_BIAS_TYPES = {"qwen2"}
+
+
+def _hf_refuse_unmodeled(config: dict, path: Path) -> None:
+    """One line for a config field that would change the cost but is not modeled, instead
+    of planning another model than the one described."""
+    where = f"--model {path}"
+    if config.get("attention_bias"):
+        raise SpecError(f"{where}: attention_bias=true (biases on q, k, v and o_proj) is not modeled; "
+                        "only Qwen2-style q/k/v biases are: set it to false to plan without biases")
+    if config.get("mlp_bias"):
+        raise SpecError(f"{where}: mlp_bias=true (biases on the MLP projections) is not modeled; "
+                        "set it to false to plan without them")
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", config.get("model_type") != "qwen2")
+    if window is not None and uses_window:
+        raise SpecError(f"{where}: sliding_window={window} (sliding-window attention) is not modeled: the planner "
+                        "would price full causal attention; set it to null to plan full attention")
 
 
 def model_from_hf_config(path: str | Path) -> ModelSpec:
@@ -169,6 +199,10 @@ def model_from_hf_config(path: str | Path) -> ModelSpec:
             raise SpecError(f"--model {path}: config.json lacks the field {key!r}")
     if config.get("hidden_act", "silu") != "silu":
         raise SpecError(f"--model {path}: hidden_act={config['hidden_act']!r}; only silu (SwiGLU) is supported")
+    _hf_refuse_unmodeled(config, path)
+    scaling = config.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise SpecError(f"--model {path}: rope_scaling={scaling!r} must be an object or null")
     n_heads = config["num_attention_heads"]
     return ModelSpec(
         name=config.get("_name_or_path") or path.parent.name or path.stem,
@@ -182,6 +216,8 @@ def model_from_hf_config(path: str | Path) -> ModelSpec:
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         norm_eps=float(config.get("rms_norm_eps", 1e-5)),
         rope_theta=float(config.get("rope_theta", 10000.0)),
+        qkv_bias=model_type in _HF_QKV_BIAS_TYPES,
+        rope_scaling=str(scaling.get("rope_type") or scaling.get("type") or "unnamed") if scaling else None,
     )
 
 

@@ -311,9 +311,9 @@ FOREACH_PER_TENSOR_OP_S = 1e-6
 
 
 def parameter_tensors(model: ModelSpec) -> int:
-    """Parameter tensors the optimizer walks: 7 linears + 2 norms per block, embedding,
-    final norm, output (291 for Llama 3 8B)."""
-    return 9 * model.n_layers + 2 + (0 if model.tie_embeddings else 1)
+    """Parameter tensors the optimizer walks: 7 linears + 2 norms (+ 3 q/k/v biases) per
+    block, embedding, final norm, output (291 for Llama 3 8B)."""
+    return (9 + (3 if model.qkv_bias else 0)) * model.n_layers + 2 + (0 if model.tie_embeddings else 1)
 
 
 def optimizer_time_s(model: ModelSpec, gpu: GPUSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:

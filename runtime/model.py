@@ -125,9 +125,10 @@ class Attention(nn.Module):
         self.n_heads = spec.n_heads
         self.n_kv_heads = spec.n_kv_heads
         self.head_dim = spec.head_dim
-        self.wq = nn.Linear(spec.dim, spec.q_dim, bias=False)
-        self.wk = nn.Linear(spec.dim, spec.kv_dim, bias=False)
-        self.wv = nn.Linear(spec.dim, spec.kv_dim, bias=False)
+        # q/k/v biases when the model has them (Qwen2); ColwiseParallel shards them with the weights.
+        self.wq = nn.Linear(spec.dim, spec.q_dim, bias=spec.qkv_bias)
+        self.wk = nn.Linear(spec.dim, spec.kv_dim, bias=spec.qkv_bias)
+        self.wv = nn.Linear(spec.dim, spec.kv_dim, bias=spec.qkv_bias)
         self.wo = nn.Linear(spec.q_dim, spec.dim, bias=False)
         # Replaced by context parallel (runtime/context_parallel.py).
         self.attention_fn: AttentionFn = causal_attention
@@ -203,6 +204,8 @@ def init_weights(model: Transformer, seed: int) -> None:
         full_shape = param.shape
         if name.endswith("norm.weight"):
             full = torch.ones(full_shape)
+        elif name.endswith(".bias"):
+            full = torch.zeros(full_shape)
         else:
             std = 0.02 if "tok_embeddings" in name else 1.0 / math.sqrt(full_shape[-1])
             full = torch.randn(full_shape, generator=generator) * std
