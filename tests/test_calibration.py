@@ -223,8 +223,15 @@ def test_json_list_and_jsonl_read_the_same(tmp_path):
 def test_calibrate_command_and_the_planner_uses_the_file(tmp_path, capsys):
     path = write_records(synthetic_records(seed=6), tmp_path / "records.jsonl")
     out = tmp_path / "calibration.yaml"
-    assert main(["calibrate", str(path), "--out", str(out), "--holdout", "0.25", "--seed", "1"]) == 0
+    # Synthetic records are refused unless asked for, then fitted with a loud warning.
+    assert main(["calibrate", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "24 of 24 record(s) are synthetic" in err and "--allow-synthetic" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["calibrate", str(path), "--out", str(out), "--holdout", "0.25", "--seed", "1",
+                 "--allow-synthetic"]) == 0
     printed = capsys.readouterr().out
+    assert "WARNING: fitting 24 synthetic record(s)" in printed
     assert "held-out records (6" in printed and "mean |error|" in printed
     calibration = load_calibration(out)
     assert calibration.gpu == "h100-sxm-80gb" and calibration.records == 18
@@ -243,7 +250,7 @@ def test_calibrate_command_errors_are_one_line(tmp_path, capsys):
     path = write_records(synthetic_records(layouts=LAYOUTS[:2]), tmp_path / "records.jsonl")
     assert main(["calibrate", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: file not found" in capsys.readouterr().err
-    assert main(["calibrate", str(path), "--params", "matmul_efficiency,bogus", "--out", ""]) == 2
+    assert main(["calibrate", str(path), "--params", "matmul_efficiency,bogus", "--out", "", "--allow-synthetic"]) == 2
     assert "'bogus'" in capsys.readouterr().err
     assert main(["calibrate", str(path), "--holdout", "1.5"]) == 2
     assert "--holdout" in capsys.readouterr().err

@@ -28,6 +28,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: skipped {len(skipped)} record(s) measured on cpu (timings do not calibrate a GPU)")
     if not records:
         raise SpecError("calibrate: no GPU-measured records left to fit")
+    synthetic = [r for r in records if r.source.lower().startswith("synthetic")]
+    if synthetic and not args.allow_synthetic:
+        raise SpecError(f"calibrate: {len(synthetic)} of {len(records)} record(s) are synthetic, not measurements "
+                        f"(source {synthetic[0].source[:60]!r}); a fit to them calibrates nothing real "
+                        "(pass --allow-synthetic to fit them anyway, e.g. to test the fit)")
+    if synthetic:
+        print(f"WARNING: fitting {len(synthetic)} synthetic record(s): the result describes the generator, "
+              "not a GPU; do not plan with it")
     params = tuple(p.strip() for p in args.params.split(",") if p.strip()) if args.params else DEFAULT_PARAMS
     fit_records, held_out = split_holdout(records, args.holdout, args.seed)
     result = fit_calibration(fit_records, params)
@@ -70,3 +78,5 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated parameters to fit (default {','.join(DEFAULT_PARAMS)}; "
                              "also cuda_context_bytes)")
     parser.add_argument("--verbose", "-v", action="store_true", help="also print the per-record errors of the fit set")
+    parser.add_argument("--allow-synthetic", action="store_true",
+                        help="fit records whose source says they are synthetic (testing the fit, not calibrating)")
