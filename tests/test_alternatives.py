@@ -68,3 +68,18 @@ def test_table_shows_used_of_usable_and_capacity(capsys):
     gpu = resolve_gpu("h100")
     usable = (gpu.memory_bytes - 8 * GiB) / GiB
     assert f"of {usable:.1f} GiB usable ({gpu.memory_bytes / GiB:.1f} capacity, 8.0 GiB headroom)" in out
+
+
+def test_progress_shows_only_when_enabled(capsys):
+    from autoplan.report.progress import progress, status
+
+    assert list(progress(range(3), 3, "cells", enabled=False)) == [0, 1, 2]
+    status("tracing", enabled=False)
+    assert capsys.readouterr().err == ""
+    assert list(progress(range(3), 3, "cells", enabled=True)) == [0, 1, 2]
+    status("tracing two steps", enabled=True)
+    err = capsys.readouterr().err
+    assert "cells:" in err and "/3 [" in err and "tracing two steps" in err
+    # Under pytest stderr is no terminal: the default is off.
+    assert list(progress(range(2), 2, "quiet")) == [0, 1]
+    assert capsys.readouterr().err == ""

@@ -13,6 +13,7 @@ from . import options
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan_path", metavar="PLAN.yaml")
     options.add_memory_headroom(parser, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     parser.epilog = "--memory-headroom defaults to the headroom the plan was made with (5% when it says none)."
 
 
@@ -22,8 +23,12 @@ def run(args: argparse.Namespace) -> int:
     from ..checking import check_plan, fits
     from ..plan import Plan
     from ..report.plan_text import format_check
+    from ..report.progress import status, wanted
 
     plan = Plan.load(args.plan_path)
+    status(f"tracing two training steps of rank 0 of {plan.parallelism.world_size} "
+           f"({plan.model_spec().n_layers} layers, {plan.seq_len:,} tokens) under fake tensors: "
+           "seconds for small models, a minute or two for 70B", wanted(args.quiet))
     result = check_plan(plan, args.memory_headroom)
     print(format_check(result))
     return 0 if fits(result) else 1

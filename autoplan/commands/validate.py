@@ -15,22 +15,23 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ac", default=",".join(ACS))
     parser.add_argument("--seq", default=",".join(str(s) for s in SEQS))
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..report.progress import progress, wanted
     from ..validation import run_cell
 
     rows = []
+    cells = [(model_key, layout, ac, int(seq)) for model_key in args.models.split(",")
+             for layout in args.layouts.split(",") for ac in args.ac.split(",") for seq in args.seq.split(",")]
     print(f"{'model':<6}{'layout':<18}{'AC':<10}{'seq':>7}{'traced GiB':>12}{'predicted':>11}{'error':>8}  phase")
-    for model_key in args.models.split(","):
-        for layout in args.layouts.split(","):
-            for ac in args.ac.split(","):
-                for seq in (int(s) for s in args.seq.split(",")):
-                    row = run_cell(model_key, layout, ac, seq)
-                    rows.append(row)
-                    print(f"{model_key:<6}{layout:<18}{ac:<10}{seq:>7}{row['traced_bytes'] / GiB:>12.2f}"
-                          f"{row['predicted_bytes'] / GiB:>11.2f}{row['error'] * 100:>+7.1f}%  {row['phase']}",
-                          flush=True)
+    for model_key, layout, ac, seq in progress(cells, len(cells), "tracing cells", wanted(args.quiet)):
+        row = run_cell(model_key, layout, ac, seq)
+        rows.append(row)
+        print(f"{model_key:<6}{layout:<18}{ac:<10}{seq:>7}{row['traced_bytes'] / GiB:>12.2f}"
+              f"{row['predicted_bytes'] / GiB:>11.2f}{row['error'] * 100:>+7.1f}%  {row['phase']}",
+              flush=True)
     worst = max(rows, key=lambda r: abs(r["error"]))
     outside = [r for r in rows if abs(r["error"]) > 0.05]
     print(f"\n{len(rows)} cells; worst error {worst['error'] * 100:+.1f}% ({worst['model']} {worst['layout']} "
