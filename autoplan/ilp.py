@@ -113,6 +113,10 @@ def _quiet_native_stdout():
 
 
 def _solver(time_limit_s: float, gap: float):
+    """HiGHS through highspy; CBC (``pip install pulp[cbc]``, pulp's COIN_CMD) as the fallback.
+
+    pulp 3.3 deprecates its bundled PULP_CBC_CMD (gone in 4.0), so it is not used.
+    """
     try:
         solver = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, log_to_console=False,
                             output_flag=False)
@@ -120,7 +124,10 @@ def _solver(time_limit_s: float, gap: float):
             return solver
     except (AttributeError, pulp.PulpSolverError):
         pass
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap)
+    cbc = pulp.COIN_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap)
+    if cbc.available():
+        return cbc
+    raise SolverError("no MILP solver: install highspy (pip install highspy) or CBC (pip install pulp[cbc])")
 
 
 def choose(priced: list[PricedCandidate], allowed_modes: tuple[str, ...] = AC_MODES,
@@ -165,11 +172,11 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
     for i in indices:
         p = priced[i]
         L = p.n_layers
-        x[i] = pulp.LpVariable(f"x_{i}", cat="Binary")
-        e[i] = pulp.LpVariable(f"e_{i}", lowBound=0)
+        x[i] = prob.add_variable(f"x_{i}", cat="Binary")
+        e[i] = prob.add_variable(f"e_{i}", lowBound=0)
         for m in allowed_modes:
-            n[i, m] = pulp.LpVariable(f"n_{i}_{m}", lowBound=0, upBound=L, cat="Integer")
-            u[i, m] = pulp.LpVariable(f"u_{i}_{m}", cat="Binary")
+            n[i, m] = prob.add_variable(f"n_{i}_{m}", lowBound=0, upBound=L, cat="Integer")
+            u[i, m] = prob.add_variable(f"u_{i}_{m}", cat="Binary")
             prob += n[i, m] <= L * u[i, m]
             prob += u[i, m] <= x[i]
         prob += pulp.lpSum(n[i, m] for m in allowed_modes) == L * x[i]
