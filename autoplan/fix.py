@@ -82,3 +82,14 @@ def parse_fix(text: str) -> dict[str, Any]:
         raise UsageError(f"--fix seq_len={fixed['seq_len']} with cp={cp}: {violation}")
     fixed.pop("pp", None)
     return fixed
+
+
+def check_conflicts(fixed: dict[str, Any], target_seq_len: int | None = None, ac: str | None = None) -> None:
+    """Pins that contradict another flag are a usage error, not a silent choice of one."""
+    from .units import format_tokens
+
+    if "seq_len" in fixed and target_seq_len is not None and fixed["seq_len"] != target_seq_len:
+        raise UsageError(f"--fix seq_len={format_tokens(fixed['seq_len'])} and --target-seqlen "
+                         f"{format_tokens(target_seq_len)} disagree: give one of them")
+    if "ac" in fixed and ac not in (None, "auto") and fixed["ac"] != ac:
+        raise UsageError(f"--fix ac={fixed['ac']} and --ac {ac} disagree: give one of them")

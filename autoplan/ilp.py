@@ -70,13 +70,34 @@ class PricedCandidate:
         return self.memory.peak_tensor_bytes_for_counts(self.n_layers, 0, 0)
 
 
+def memory_key(candidate: Candidate) -> tuple:
+    """What ``memory_terms`` reads of a candidate: the parallelism only through the FSDP
+    degree (dp_shard x cp), tp, cp and whether a replicate group exists (one more NCCL
+    communicator), never the mesh order or the gradient accumulation. Candidates with
+    equal keys have equal memory terms (tests/test_search_speed.py checks it)."""
+    p = candidate.parallelism
+    return (p.dp_shard, p.cp, p.tp, p.dp_replicate > 1, candidate.seq_len, candidate.local_batch_size,
+            candidate.cp_impl)
+
+
+def tensor_budget_bytes(mem: MemoryTerms, capacity_bytes: float) -> float:
+    """Tensor bytes allowed at the peak: capacity less the fixed overhead and NCCL, over
+    the allocator's fragmentation."""
+    return (capacity_bytes - mem.fixed_overhead_bytes - mem.comm_buffer_bytes) / (1 + mem.fragmentation)
+
+
 def price(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executor: ExecutorProfile,
-          gpus_per_node: int | None, capacity_bytes: float | None = None) -> PricedCandidate:
+          gpus_per_node: int | None, capacity_bytes: float | None = None,
+          memory_cache: dict | None = None) -> PricedCandidate:
     cfg = candidate.train_config()
     cluster = ClusterSpec(gpu, candidate.num_gpus, gpus_per_node)
-    mem = memory_terms(model, cfg, executor)
+    if memory_cache is None:
+        mem = memory_terms(model, cfg, executor)
+    else:
+        key = memory_key(candidate)
+        mem = memory_cache.get(key) or memory_cache.setdefault(key, memory_terms(model, cfg, executor))
     capacity = float(gpu.memory_bytes if capacity_bytes is None else capacity_bytes)
-    budget = (capacity - mem.fixed_overhead_bytes - mem.comm_buffer_bytes) / (1 + mem.fragmentation)
+    budget = tensor_budget_bytes(mem, capacity)
     # Time is only needed for candidates that can fit at all (full AC is the lightest).
     fits_at_all = mem.peak_tensor_bytes_for_counts(mem.n_layers, 0, 0) <= budget
     tim = time_terms(model, cluster, cfg, executor) if fits_at_all else None
@@ -113,6 +134,10 @@ def _quiet_native_stdout():
 
 
 def _solver(time_limit_s: float, gap: float):
+    """HiGHS through highspy; CBC (``pip install pulp[cbc]``, pulp's COIN_CMD) as the fallback.
+
+    pulp 3.3 deprecates its bundled PULP_CBC_CMD (gone in 4.0), so it is not used.
+    """
     try:
         solver = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, log_to_console=False,
                             output_flag=False)
@@ -120,7 +145,10 @@ def _solver(time_limit_s: float, gap: float):
             return solver
     except (AttributeError, pulp.PulpSolverError):
         pass
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap)
+    cbc = pulp.COIN_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap)
+    if cbc.available():
+        return cbc
+    raise SolverError("no MILP solver: install highspy (pip install highspy) or CBC (pip install pulp[cbc])")
 
 
 def choose(priced: list[PricedCandidate], allowed_modes: tuple[str, ...] = AC_MODES,
@@ -165,11 +193,11 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
     for i in indices:
         p = priced[i]
         L = p.n_layers
-        x[i] = pulp.LpVariable(f"x_{i}", cat="Binary")
-        e[i] = pulp.LpVariable(f"e_{i}", lowBound=0)
+        x[i] = prob.add_variable(f"x_{i}", cat="Binary")
+        e[i] = prob.add_variable(f"e_{i}", lowBound=0)
         for m in allowed_modes:
-            n[i, m] = pulp.LpVariable(f"n_{i}_{m}", lowBound=0, upBound=L, cat="Integer")
-            u[i, m] = pulp.LpVariable(f"u_{i}_{m}", cat="Binary")
+            n[i, m] = prob.add_variable(f"n_{i}_{m}", lowBound=0, upBound=L, cat="Integer")
+            u[i, m] = prob.add_variable(f"u_{i}_{m}", cat="Binary")
             prob += n[i, m] <= L * u[i, m]
             prob += u[i, m] <= x[i]
         prob += pulp.lpSum(n[i, m] for m in allowed_modes) == L * x[i]

@@ -2,8 +2,9 @@
 
 Objectives:
 - ``throughput``: the fastest plan (tokens/s per GPU) at the target sequence length.
-- ``max-seqlen``: the longest sequence that fits (feasibility is monotone in the length,
-  so the length is found by bisection over a grid), then the fastest plan at it.
+- ``max-seqlen``: the longest sequence that fits, at a runnable granularity (a multiple
+  of 1k and of what the layout needs), found by bisection on the memory model
+  (``autoplan.longest``), then the fastest plan at it.
 - ``min-gpus``: the fewest GPUs (whole nodes; ``--gpus`` is the upper bound) that fit
   the target, then the fastest plan on that many.
 """
@@ -20,10 +21,13 @@ from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorP
 from cost_models.specs import ClusterSpec, GiB, GPUSpec, ModelSpec, SpecError
 from cost_models.step import StepEstimate, estimate_step
 
+from .caveats import IMPRACTICAL_STEP_S, MAX_SEQ_LEN, caveats
+from .fix import check_conflicts
 from .ilp import Choice, PricedCandidate, choose, price
+from .longest import FitCheck, Longest, longest_fitting_seq
 from .plan import ActivationCheckpointDoc, Plan, PredictedDoc
 from .report.describe import LAYOUT_FAMILIES, describe_ac, describe_degrees, layout_family
-from .search import Candidate, Rejection, build_search_space, check_pins, power_of_two_grid
+from .search import Candidate, Rejection, build_search_space, check_pins
 from .units import MemoryHeadroom, format_tokens
 
 # 5% of each GPU (4 GiB of an 80 GB H100) stays free unless --memory-headroom says
@@ -36,7 +40,6 @@ DEFAULT_MEMORY_HEADROOM = MemoryHeadroom(fraction=0.05)
 MODEL_TIME_ACCURACY = 0.10
 
 OBJECTIVES = ("throughput", "max-seqlen", "min-gpus")
-MAX_SEQ_LEN = 16 * 1024 * 1024
 MIN_SEQ_LEN = 1024
 
 
@@ -112,6 +115,8 @@ class PlanResult:
     objective: str
     candidates_priced: int
     proven_optimal: bool = True
+    seq_len_capped: bool = False  # max-seqlen reached MAX_SEQ_LEN: the longest that fits is that or more
+    impractical: bool = False  # a step takes over IMPRACTICAL_STEP_S
 
 
 def _gpu_counts(request: PlanRequest, objective: str) -> list[int]:
@@ -131,8 +136,9 @@ def _price_all(request: PlanRequest, gpu_counts: list[int], seq_lens: list[int]
     candidates = space.candidates
     if request.layout_filter is not None:
         candidates = [c for c in candidates if request.layout_filter(c.parallelism)]
+    memory: dict = {}
     priced = [price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
-                    request.usable_bytes) for c in candidates]
+                    request.usable_bytes, memory) for c in candidates]
     return priced, space.rejections
 
 
@@ -146,14 +152,18 @@ def _uniform(mode: str, n_layers: int) -> dict[str, int]:
 
 
 def make_plan(request: PlanRequest) -> PlanResult:
+    check_conflicts(request.fixed, request.target_seq_len, request.ac)
     objective = request.resolved_objective()
+    if objective != "min-gpus":  # there --gpus is only the upper bound of whole-node counts
+        ClusterSpec(request.gpu, request.num_gpus, request.gpus_per_node)  # whole nodes, or a one-line error
     allowed = request.allowed_modes()
     check_pins(request.model, request.num_gpus, request.fixed,
                request.gpus_per_node or min(request.gpu.gpus_per_node, request.num_gpus))
     target = request.fixed.get("seq_len", request.target_seq_len)
+    longest = None
     if objective == "max-seqlen":
-        seq_len = _longest_fitting_seq(request, allowed)
-        seq_lens = [seq_len] if seq_len else [MIN_SEQ_LEN]
+        longest = _longest_fitting_seq(request, allowed)
+        seq_lens = [longest.seq_len or MIN_SEQ_LEN]
         gpu_counts = [request.num_gpus]
     else:
         if target is None:  # resolved_objective() requires a target for these objectives
@@ -168,38 +178,21 @@ def make_plan(request: PlanRequest) -> PlanResult:
     estimate = _estimate(request, chosen.candidate, choice.counts)
     alternatives, ties = _alternatives(request, priced, choice, estimate, allowed)
     plan = _to_plan(request, chosen.candidate, choice.counts, estimate, alternatives, ties, rejections, objective)
+    capped = bool(longest and longest.capped)
+    plan.explanation[1:1] = caveats(estimate, capped)
     return PlanResult(plan, estimate, alternatives, rejections, plan.explanation, objective, len(priced),
-                      choice.proven_optimal)
+                      choice.proven_optimal, capped, estimate.step_time_s > IMPRACTICAL_STEP_S)
 
 
-def _longest_fitting_seq(request: PlanRequest, allowed: tuple[str, ...]) -> int | None:
-    low_bound = max(MIN_SEQ_LEN, request.target_seq_len or 0) if request.target_seq_len else MIN_SEQ_LEN
-    grid = power_of_two_grid(MIN_SEQ_LEN, MAX_SEQ_LEN)
-    grid = [s for s in grid if s >= min(low_bound, grid[-1])] or grid
-    fits = {}
-
-    def ok(index: int) -> bool:
-        if index not in fits:
-            priced, _ = _price_all(request, [request.num_gpus], [grid[index]])
-            fits[index] = _any_fits(priced, allowed)
-        return fits[index]
-
-    if not ok(0):
-        return None
-    low, high = 0, len(grid) - 1
-    while low < high:  # feasibility falls with length: find the last index that fits
-        mid = (low + high + 1) // 2
-        if ok(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return grid[low]
+def _longest_fitting_seq(request: PlanRequest, allowed: tuple[str, ...]) -> Longest:
+    low = max(MIN_SEQ_LEN, request.target_seq_len or 0)
+    return longest_fitting_seq(request, allowed, min(low, MAX_SEQ_LEN), MAX_SEQ_LEN)
 
 
 def _fewest_fitting_gpus(request: PlanRequest, allowed: tuple[str, ...], target: int) -> list[int]:
+    check = FitCheck(request, allowed)
     for count in _gpu_counts(request, "min-gpus"):
-        priced, _ = _price_all(request, [count], [target])
-        if _any_fits(priced, allowed):
+        if check.any_fits(count, target):
             return [count]
     return [request.num_gpus]
 
@@ -335,7 +328,7 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
         room = f", {freed / GiB:.1f} GiB more free" if freed >= ROOMIER_SHARE * request.usable_bytes else ""
         explanation.append(f"alternative {alt.candidate.describe()} AC {describe_ac(alt.counts)}: "
                            f"{alt.estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU; {alt.bound_by}{room}")
-    reasons = Counter(r.reason.split(";")[0] for r in rejections)
+    reasons = _reason_counts(rejections)
     for reason, count in reasons.most_common(3):
         explanation.append(f"rejected {count} layout(s): {reason}")
     return Plan(
@@ -365,6 +358,13 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
     )
 
 
+def _reason_counts(rejections: list[Rejection]) -> Counter:
+    reasons: Counter = Counter()
+    for r in rejections:
+        reasons[r.reason.split(";")[0]] += r.count
+    return reasons
+
+
 def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandidate], rejections: list[Rejection],
                 allowed: tuple[str, ...], target: int | None) -> PlanResult:
     """No plan fits: say what came closest and what would make the target fit."""
@@ -384,25 +384,31 @@ def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandida
         lines.append("try --ac auto (full activation checkpointing lowers memory)")
     if request.fixed:
         lines.append(f"try fewer pins than --fix {','.join(f'{k}={v}' for k, v in request.fixed.items())}")
-    if target and objective != "min-gpus":
+    if target and objective == "min-gpus":
+        check = FitCheck(request, allowed)
+        per_node = request.gpus_per_node or request.gpu.gpus_per_node
         for factor in (2, 4, 8, 16, 32, 64):
-            more = replace(request, num_gpus=request.num_gpus * factor, objective="throughput", top_k=0)
-            try:
-                priced_more, _ = _price_all(more, [more.num_gpus], [target])
-            except SpecError:
+            count = -(-request.num_gpus * factor // per_node) * per_node
+            if check.any_fits(count, target):
+                lines.insert(0, f"needs more than {request.num_gpus} GPUs: the target fits on {count} "
+                                f"({factor}x); try --objective min-gpus --gpus {count}")
                 break
-            if _any_fits(priced_more, allowed):
+    if target and objective != "min-gpus":
+        check = FitCheck(request, allowed)
+        for factor in (2, 4, 8, 16, 32, 64):
+            more = replace(request, num_gpus=request.num_gpus * factor)
+            if check.any_fits(more.num_gpus, target):
                 lines.append(f"the target fits on {more.num_gpus} GPUs ({factor}x): try --gpus {more.num_gpus} "
                              f"or --objective min-gpus --gpus {more.num_gpus}")
                 break
         shorter = replace(request, objective="max-seqlen", target_seq_len=None, top_k=0,
                           fixed={k: v for k, v in request.fixed.items() if k != "seq_len"})
-        longest = _longest_fitting_seq(shorter, allowed)
+        longest = _longest_fitting_seq(shorter, allowed).seq_len
         if longest:
             lines.append(f"on {request.num_gpus} GPUs the longest sequence that fits is {format_tokens(longest)} "
                          f"(--objective max-seqlen)")
     if rejections:
-        reasons = Counter(r.reason.split(";")[0] for r in rejections)
+        reasons = _reason_counts(rejections)
         reason, count = reasons.most_common(1)[0]
         lines.append(f"rejected {count} layout(s) before pricing: {reason}")
     return PlanResult(None, None, [], rejections, lines, objective, len(priced))

@@ -31,9 +31,10 @@ from typing import Any
 
 from cost_models.config import Parallelism
 from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorProfile
-from cost_models.specs import GPUSpec, ModelSpec, SpecError, resolve_gpu
+from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError, resolve_gpu
 
 from .errors import UsageError
+from .fix import check_conflicts
 from .planner import DEFAULT_MEMORY_HEADROOM, PlanRequest, PlanResult, make_plan
 from .report.describe import LAYOUT_FAMILIES, layout_family
 from .report.rows import MEMORY_KEYS
@@ -192,8 +193,10 @@ def sweep(setup: SweepSetup, knob: str, values: list, jobs: int | None = None) -
     """Vary one knob (``cp``, ``gpus``, ``seqlen`` or ``gpu``): one row per value, in order."""
     if knob not in KNOBS:
         raise UsageError(f"--knob {knob!r}: use one of {', '.join(KNOBS)}")
-    for value in values:
-        _point_inputs(setup, knob, value)  # bad values fail here, in this process, before any work
+    check_conflicts(setup.fixed, setup.target_seq_len)
+    for value in values:  # bad values fail here, in this process, before any work
+        gpu, gpus, _, _ = _point_inputs(setup, knob, value)
+        ClusterSpec(gpu, gpus, min(setup.gpus_per_node or gpu.gpus_per_node, gpus))  # whole nodes
     return _run([(sweep_point, (setup, knob, v)) for v in values], jobs)
 
 

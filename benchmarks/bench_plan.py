@@ -1,4 +1,4 @@
-"""Planner wall time: the headline command and a 16,384-GPU 405B plan.
+"""Planner wall time: the headline command, a 16,384-GPU 405B plan and a 10^9-GPU max-seqlen answer.
 
 Run: python benchmarks/bench_plan.py
 Each case runs in a fresh interpreter (``autoplan`` as a user would run it), so import
@@ -16,6 +16,8 @@ CASES = [
     ("headline: --gpus 64 --target-seqlen 256k", ["--gpus", "64", "--target-seqlen", "256k"], 1.0),
     ("llama3.1-405b on 16,384 GPUs at 128k",
      ["--model", "llama3.1-405b", "--gpus", "16384", "--target-seqlen", "128k"], 10.0),
+    # divisors by prime factorization: a linear scan never finished here
+    ("--gpus 1000000000 (max-seqlen)", ["--gpus", "1000000000"], 5.0),
 ]
 CHECK_NO_TORCH = ("import sys, runpy; sys.argv = ['autoplan', '--gpus', '64', '--target-seqlen', '256k'];"
                   "from autoplan.cli import main; main(sys.argv[1:]);"

@@ -47,6 +47,7 @@ folded into ``loss_working_bytes`` and the pools into ``fixed_overhead_bytes``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .activations import (
     LayerMemory,
@@ -266,9 +267,17 @@ def allocator_loss_stranded_bytes(model: ModelSpec, cfg: TrainConfig, executor: 
     strands the bf16 logits' block: the fp32 copy and the logits free into one block of
     6 bytes/element that the first 4-byte grad reuses, leaving 2 bytes/element that the
     second 4-byte grad does not fit."""
-    reserved, allocated = simulate_allocator(loss_allocation_events(model, cfg, executor),
-                                             executor.expandable_segments)
+    events = tuple(loss_allocation_events(model, cfg, executor))
+    reserved, allocated = _simulate_allocator_memo(events, executor.expandable_segments)
     return max(0.0, reserved - allocated)
+
+
+@lru_cache(maxsize=4096)
+def _simulate_allocator_memo(events: tuple[tuple[str, str, float], ...], expandable_segments: bool
+                             ) -> tuple[float, float]:
+    """``simulate_allocator`` remembered by its input: a planner prices thousands of
+    layouts whose loss requests the same few sequences of sizes."""
+    return simulate_allocator(list(events), expandable_segments)
 
 
 def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile | str | None = None

@@ -7,6 +7,7 @@ its solver and keeps the reason for the explanation; the cost model refuses to p
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from .specs import ClusterSpec, ModelSpec
@@ -35,9 +36,19 @@ def degree_product_violation(parallelism: Parallelism, num_gpus: int) -> str | N
     return None
 
 
-def layout_violations(model: ModelSpec, cfg: TrainConfig, cluster: ClusterSpec | None = None) -> list[str]:
-    """Reasons this layout cannot run (empty when it can)."""
-    par = cfg.parallelism
+def seq_len_multiple(parallelism: Parallelism, local_batch_size: int = 1) -> int:
+    """The smallest step between runnable sequence lengths for this layout: a multiple of
+    2 x cp (head-tail load balancing, ``seq_len_divisor``) whose tokens per GPU
+    (batch x seq / cp) split over tp (sequence parallel, ``layout_violations``)."""
+    divisor = seq_len_divisor(parallelism.cp)
+    if parallelism.tp > 1:
+        shard = parallelism.cp * parallelism.tp
+        divisor = math.lcm(divisor, shard // math.gcd(shard, local_batch_size))
+    return divisor
+
+
+def degree_violations(model: ModelSpec, par: Parallelism, cluster: ClusterSpec | None = None) -> list[str]:
+    """Reasons these degrees cannot run at any sequence length (empty when they can)."""
     reasons = []
     if par.tp > 1:
         if model.n_heads % par.tp:
@@ -48,11 +59,18 @@ def layout_violations(model: ModelSpec, cfg: TrainConfig, cluster: ClusterSpec |
             reasons.append(f"tp={par.tp} does not divide ffn_dim={model.ffn_dim}")
         if cluster is not None and par.tp > cluster.ranks_per_node:
             reasons.append(f"tp={par.tp} spans more than one node ({cluster.gpus_per_node} GPUs per node)")
-        if cfg.tokens_per_gpu % par.tp:
-            reasons.append(f"tokens per GPU {cfg.tokens_per_gpu} not divisible by tp={par.tp} (sequence parallel)")
-    # seq_len vs cp is checked when the TrainConfig is built (seq_len_violation).
     if cluster is not None:
         mismatch = degree_product_violation(par, cluster.num_gpus)
         if mismatch:
             reasons.append(mismatch)
+    return reasons
+
+
+def layout_violations(model: ModelSpec, cfg: TrainConfig, cluster: ClusterSpec | None = None) -> list[str]:
+    """Reasons this layout cannot run (empty when it can)."""
+    par = cfg.parallelism
+    reasons = degree_violations(model, par, cluster)
+    if par.tp > 1 and cfg.tokens_per_gpu % par.tp:
+        reasons.append(f"tokens per GPU {cfg.tokens_per_gpu} not divisible by tp={par.tp} (sequence parallel)")
+    # seq_len vs cp is checked when the TrainConfig is built (seq_len_violation).
     return reasons

@@ -38,13 +38,13 @@ def _walk_peak(memory, counts) -> float:
 
 def _accepts(priced, counts) -> bool:
     prob = pulp.LpProblem("check", pulp.LpMinimize)
-    x = pulp.LpVariable("x", lowBound=1, upBound=1)
-    n = {m: pulp.LpVariable(f"n_{m}", lowBound=counts[m], upBound=counts[m]) for m in counts}
-    u = {m: pulp.LpVariable(f"u_{m}", lowBound=int(counts[m] > 0), upBound=int(counts[m] > 0)) for m in counts}
+    x = prob.add_variable("x", lowBound=1, upBound=1)
+    n = {m: prob.add_variable(f"n_{m}", lowBound=counts[m], upBound=counts[m]) for m in counts}
+    u = {m: prob.add_variable(f"u_{m}", lowBound=int(counts[m] > 0), upBound=int(counts[m] > 0)) for m in counts}
     _memory_constraints(prob, priced, x, n, u, 0)
     for var in [x, *n.values(), *u.values()]:
         var.varValue = var.lowBound
-    return all(c.valid(eps=0) for c in prob.constraints.values())
+    return all(c.valid(eps=0) for c in prob.constraints())
 
 
 CASES = [

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from autoplan.planner import PlanRequest, make_plan, power_of_two_grid
+from autoplan.planner import PlanRequest, make_plan
 from autoplan.units import MemoryHeadroom
 from autoplan.search import build_search_space
 from cost_models.config import ACPolicy, Parallelism, TrainConfig
@@ -24,9 +24,10 @@ SHAPES = [replace(MODEL_PRESETS["llama3-8b"], name="8b-5layer", n_layers=5),
           replace(MODEL_PRESETS["llama3-70b"], name="70b-3layer", n_layers=3)]
 
 
-def _best_brute_force(model, gpu, gpu_counts, seq_lens, capacity, allowed=("none", "selective", "full")):
+def _best_brute_force(model, gpu, gpu_counts, seq_lens, capacity, allowed=("none", "selective", "full"),
+                      batches=(1, 2, 4, 8)):
     """(seconds per token, candidate, counts) of the fastest fitting plan, or None."""
-    space = build_search_space(model, gpu, gpu_counts, seq_lens)
+    space = build_search_space(model, gpu, gpu_counts, seq_lens, batches=batches)
     best = None
     L = model.n_layers
     for cand in space.candidates:
@@ -86,15 +87,17 @@ def test_max_seqlen_choice_matches_brute_force(model, gpus, seq, capacity):
     gpu = resolve_gpu("h100")
     result = make_plan(PlanRequest(model=model, gpu=gpu, num_gpus=gpus, objective="max-seqlen", top_k=0,
                                    memory_capacity_bytes=capacity, memory_headroom=NO_HEADROOM))
-    grid = [s for s in power_of_two_grid(1024, 16 * 1024 * 1024)]
-    longest = None
-    for length in grid:  # every length, no bisection: an independent search
-        if _best_brute_force(model, gpu, [gpus], [length], capacity, ("full",)) is not None:
-            longest = length
-    if longest is None:
-        assert result.plan is None
+    # Certificate against the cost model: the answer fits (full AC, brute force), and for
+    # every layout the next length it can run does not (each layout's memory grows with
+    # the length, so nothing longer fits either).
+    if result.plan is None:
+        assert _best_brute_force(model, gpu, [gpus], [1024], capacity, ("full",)) is None
         return
-    assert result.plan.seq_len == longest
+    longest = result.plan.seq_len
+    assert longest % 1024 == 0
+    assert _best_brute_force(model, gpu, [gpus], [longest], capacity, ("full",)) is not None
+    # On <= 16 GPUs every layout runs every multiple of 1k (2 x cp x tp <= 32 divides 1024)
+    assert _best_brute_force(model, gpu, [gpus], [longest + 1024], capacity, ("full",), batches=(1,)) is None
     brute = _best_brute_force(model, gpu, [gpus], [longest], capacity)
     tokens = longest * result.plan.local_batch_size * result.plan.grad_accum_steps / (
         result.plan.parallelism.cp * result.plan.parallelism.tp)

@@ -27,8 +27,13 @@ def _top_memory(breakdown: dict[str, float], count: int = 4) -> str:
 
 def render_plan_table(request: PlanRequest, result: PlanResult) -> str:
     model = request.model
-    lines = [f"autoplan: {model.name} ({model.num_params / 1e9:.2f}B params) on {request.num_gpus} x "
-             f"{request.gpu.name}, objective {result.objective}"
+    if result.objective == "min-gpus":  # the answer's count, and the bound it was searched under
+        gpus = (f"{result.plan.hardware['num_gpus']} x {request.gpu.name} (fewest that fit, searched up to "
+                f"{request.num_gpus})" if result.plan is not None else
+                f"up to {request.num_gpus} x {request.gpu.name}")
+    else:
+        gpus = f"{request.num_gpus} x {request.gpu.name}"
+    lines = [f"autoplan: {model.name} ({model.num_params / 1e9:.2f}B params) on {gpus}, objective {result.objective}"
              + (f", target {format_tokens(request.target_seq_len)}" if request.target_seq_len else "")]
     if result.plan is None or result.estimate is None:
         lines.append("")
