@@ -8,6 +8,7 @@ last block stays gathered, what is counted as reserve) is captured here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from functools import cached_property
 from typing import Any
 
 from .specs import GiB, MiB, SpecError
@@ -139,7 +140,7 @@ class ExecutorProfile:
     def with_overrides(self, **overrides) -> "ExecutorProfile":
         return replace(self, **overrides)
 
-    @property
+    @cached_property
     def selective_recomputed_matmuls(self) -> tuple[str, ...]:
         """Matmuls 'selective' AC recomputes: the block's matmuls it does not save."""
         return tuple(m for m in BLOCK_MATMULS if m not in self.selective_saves)

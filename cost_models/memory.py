@@ -267,9 +267,30 @@ def allocator_loss_stranded_bytes(model: ModelSpec, cfg: TrainConfig, executor: 
     strands the bf16 logits' block: the fp32 copy and the logits free into one block of
     6 bytes/element that the first 4-byte grad reuses, leaving 2 bytes/element that the
     second 4-byte grad does not fit."""
-    events = tuple(loss_allocation_events(model, cfg, executor))
+    return _stranded_bytes(model, cfg.tokens_per_gpu, cfg.parallelism.tp, executor)
+
+
+@lru_cache(maxsize=4096)
+def _stranded_bytes(model: ModelSpec, tokens_per_gpu: int, tp: int, executor: ExecutorProfile) -> float:
+    """The loss's requests depend only on the local tokens, tp and the executor: the
+    planner prices thousands of layouts that share a few of these."""
+    cfg = _LossShape(tokens_per_gpu, _TpOnly(tp))
+    events = tuple(loss_allocation_events(model, cfg, executor))  # type: ignore[arg-type]
     reserved, allocated = _simulate_allocator_memo(events, executor.expandable_segments)
     return max(0.0, reserved - allocated)
+
+
+@dataclass(frozen=True)
+class _TpOnly:
+    tp: int
+
+
+@dataclass(frozen=True)
+class _LossShape:
+    """What ``loss_allocation_events`` reads of a ``TrainConfig``."""
+
+    tokens_per_gpu: int
+    parallelism: _TpOnly
 
 
 @lru_cache(maxsize=4096)
