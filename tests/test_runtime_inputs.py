@@ -137,3 +137,13 @@ def test_autoplan_run_checks_before_torchrun(tmp_path):
                                 capture_output=True, text=True, timeout=90, env=dict(os.environ, OMP_NUM_THREADS="1"))
         one_line(result, "autoplan: error:", text)
         assert not metrics.exists()  # torchrun never started
+
+
+@pytest.mark.timeout(100)
+def test_worker_error_under_autoplan_run_is_one_line(tmp_path):
+    """An error only the workers find (here: seq_len 34 does not split into 2 x cp chunks)
+    is printed once, without each rank's copy or torchrun's ChildFailedError."""
+    plan = write_plan(tmp_path / "plan.yaml", {"cp": 2}, seq_len=34, local_batch_size=1)
+    result = subprocess.run([sys.executable, "-m", "autoplan", "run", str(plan), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=90, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    one_line(result, "autoplan: error: seq_len=34 must split into 2 x cp = 4 equal chunks")
