@@ -147,3 +147,11 @@ def test_worker_error_under_autoplan_run_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "autoplan", "run", str(plan), "--device", "cpu"],
                             capture_output=True, text=True, timeout=90, env=dict(os.environ, OMP_NUM_THREADS="1"))
     one_line(result, "autoplan: error: seq_len=34 must split into 2 x cp = 4 equal chunks")
+
+
+@pytest.mark.timeout(100)
+def test_error_printed_by_rank_0_only_under_torchrun(tmp_path):
+    plan = write_plan(tmp_path / "plan.yaml", {"dp_shard": 2}, local_batch_size=1)
+    code, losses, err = run_plan(plan, 2, 3, tmp_path, extra=["--checkpoint-every", "-1", "--checkpoint-dir",
+                                                             str(tmp_path / "ck")], timeout=90)
+    assert code != 0 and losses == [] and err.count("runtime.train: error: --checkpoint-every -1") == 1, err[-2000:]
