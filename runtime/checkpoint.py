@@ -3,8 +3,10 @@ never leaves a checkpoint that loads wrong.
 
 Every rank writes its shards into ``step-N.tmp``; after a barrier, rank 0 writes the
 trainer state (step, scheduler, data position, RNG) and a ``COMPLETE`` marker, then
-renames the folder to ``step-N``. Loading takes the newest folder with a marker, so a
-half-written ``.tmp`` is ignored.
+renames the folder to ``step-N``. Resuming takes the newest folder whose marker, trainer
+state and every shard the DCP metadata lists (at full length) are present; a damaged
+newer one is skipped with a warning. The trainer state carries the model shape and the
+layout it was written for; another model's or layout's checkpoint is refused.
 """
 
 from __future__ import annotations
@@ -50,6 +52,83 @@ def save(directory: str | Path, step: int, model, optimizer, trainer_state: dict
         tmp.rename(final)
     dist.barrier()
     return final
+
+
+def fingerprint(plan) -> dict:
+    """What a checkpoint must match to be resumed: the model's shape and the layout
+    (the data order depends on the degrees and the batch shape)."""
+    model = {k: v for k, v in plan.model_spec().to_dict().items() if k != "name"}
+    p = plan.parallelism
+    layout = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "cp": p.cp, "tp": p.tp,
+              "mesh_order": list(plan.mesh_order), "seq_len": plan.seq_len,
+              "local_batch_size": plan.local_batch_size, "grad_accum_steps": plan.grad_accum_steps}
+    return {"model": model, "layout": layout}
+
+
+def _first_difference(theirs: dict, mine: dict) -> str:
+    for part in ("model", "layout"):
+        a, b = theirs.get(part, {}), mine.get(part, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{part} {key}={a.get(key)!r}, this plan has {b.get(key)!r}"
+    return "a different plan"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (missing marker, unreadable state, a shard
+    missing or shorter than the metadata says), or None when it looks whole."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (path / MARKER).exists():
+        return f"no {MARKER} marker"
+    try:
+        json.loads((path / TRAINER_STATE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{TRAINER_STATE} is missing or not valid"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+        ends: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as error:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        return f".metadata unreadable ({type(error).__name__})"
+    for name, end in sorted(ends.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"shard {name} is missing"
+        if shard.stat().st_size < end:
+            return f"shard {name} is truncated ({shard.stat().st_size} of {end} bytes)"
+    return None
+
+
+def choose(directory: str | Path, plan) -> tuple[Path | None, list[str]]:
+    """The newest whole checkpoint under ``directory`` and the warnings about newer damaged
+    ones; raises when none is whole though some exist, or when it is another plan's."""
+    root = Path(directory)
+    found = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                    and p.name.split("-")[1].isdigit()), key=step_of, reverse=True) if root.is_dir() else []
+    skipped = []
+    for path in found:
+        reason = problem(path)
+        if reason:
+            skipped.append(f"{path.name} cannot be loaded: {reason}")
+            continue
+        theirs = json.loads((path / TRAINER_STATE).read_text()).get("fingerprint")
+        mine = fingerprint(plan)
+        if theirs is not None and theirs != mine:
+            raise CheckpointError(f"checkpoint {path} was written for another model or layout "
+                                  f"({_first_difference(theirs, mine)}); resume with that plan or point "
+                                  "--checkpoint-dir elsewhere")
+        return path, [f"warning: {s}; resuming from the older {path.name} instead" for s in skipped]
+    if skipped or any(root.glob("step-*")):
+        detail = "; ".join(skipped) or "only partial .tmp folders"
+        raise CheckpointError(f"--resume: no complete checkpoint in {root} ({detail}); delete them or "
+                              "start without --resume")
+    return None, []
 
 
 def latest(directory: str | Path) -> Path | None:

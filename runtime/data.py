@@ -1,6 +1,8 @@
 """Token streams: deterministic synthetic tokens, or a memory-mapped file of token ids.
 
 A file is read in order and wraps around at its end; it must hold at least one step.
+A raw file's dtype is never guessed from its name: it comes from a sidecar
+``PATH.json`` (``{"dtype": "uint16"}``) or ``--data-dtype``; ``.npy`` carries its own.
 Each step draws ``global_batch = local_batch x dp`` sequences of ``seq_len + 1`` tokens;
 data-parallel rank ``i`` takes rows ``[i b, (i+1) b)``. Labels are the inputs shifted by
 one, cut from the full sequence BEFORE context parallel shards it, so every CP rank's
@@ -9,6 +11,7 @@ labels line up with its (head, tail) chunks.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +26,24 @@ class TokenSource:
     """Sequences of ``seq_len + 1`` tokens, indexed by a global sample number."""
 
     def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, path: str | None = None,
-                 sequences_per_step: int = 1):
+                 sequences_per_step: int = 1, dtype: str | None = None):
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.seed = seed
         self.tokens = None
         if path is not None:
-            self.tokens = _open_tokens(Path(path))
+            self.tokens = _open_tokens(Path(path), dtype)
             needed = sequences_per_step * (seq_len + 1)
             if len(self.tokens) < needed:
                 raise DataError(f"--data {path}: {len(self.tokens)} tokens, fewer than one step needs "
                                 f"({sequences_per_step} sequences of seq_len + 1 = {seq_len + 1}: {needed} tokens)")
             top = int(self.tokens.max()) if len(self.tokens) else 0
             if top >= vocab_size:
-                raise DataError(f"--data {path}: token id {top} >= the model's vocab_size {vocab_size}")
+                raise DataError(f"--data {path}: max token id {top} >= the model's vocab_size {vocab_size} "
+                                f"(wrong --data-dtype, or data tokenized for another model)")
+            low = int(self.tokens.min())
+            if low < 0:
+                raise DataError(f"--data {path}: negative token id {low} (wrong --data-dtype?)")
 
     @property
     def num_sequences(self) -> int | None:
@@ -51,13 +58,49 @@ class TokenSource:
         return torch.from_numpy(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
 
 
-def _open_tokens(path: Path):
-    if not path.exists():
+TOKEN_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def token_dtype(path: Path, given: str | None = None) -> np.dtype:
+    """The dtype of a raw token file: its sidecar's, else ``given``; they must agree."""
+    side = sidecar(path)
+    declared = None
+    if side.exists():
+        try:
+            declared = json.loads(side.read_text())["dtype"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"--data {path}: sidecar {side} is not JSON with a \"dtype\" key") from None
+    if declared is not None and given is not None and declared != given:
+        raise DataError(f"--data {path}: --data-dtype {given} contradicts {side} (dtype {declared})")
+    name = declared or given
+    if name is None:
+        raise DataError(f"--data {path}: dtype unknown; pass --data-dtype ({'|'.join(TOKEN_DTYPES)}) or write "
+                        f"{side} with {{\"dtype\": \"uint16\"}}")
+    if name not in TOKEN_DTYPES:
+        raise DataError(f"--data {path}: dtype {name!r}: use one of {', '.join(TOKEN_DTYPES)}")
+    return np.dtype(name)
+
+
+def _open_tokens(path: Path, dtype: str | None = None):
+    if not path.is_file():
         raise DataError(f"--data {path}: file not found")
     if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r").reshape(-1)
-    dtype = np.uint32 if path.suffix in (".u32", ".uint32") or ".u32." in path.name else np.uint16
-    return np.memmap(path, dtype=dtype, mode="r")
+        try:
+            return np.load(path, mmap_mode="r").reshape(-1)
+        except (OSError, ValueError) as error:
+            raise DataError(f"--data {path}: not a readable .npy file ({str(error).splitlines()[0]})") from None
+    kind = token_dtype(path, dtype)
+    size = path.stat().st_size
+    if size % kind.itemsize:
+        raise DataError(f"--data {path}: {size} bytes is not a whole number of {kind.name} tokens "
+                        f"({kind.itemsize} bytes each): truncated, or another dtype")
+    if size == 0:
+        raise DataError(f"--data {path}: empty file")
+    return np.memmap(path, dtype=kind, mode="r")
 
 
 def batch_for_step(source: TokenSource, step: int, local_batch: int, dp_rank: int, dp: int

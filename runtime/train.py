@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -23,12 +24,13 @@ from autoplan.plan import Plan, PlanError
 
 from . import checkpoint as ckpt
 from .context_parallel import shard_sequence
-from .data import DataError, TokenSource, batch_for_step
-from .metrics import StepMetrics, format_summary, summarize_run  # noqa: F401 (re-exported)
+from .data import TOKEN_DTYPES, DataError, TokenSource, batch_for_step
 from .loss import chunked_cross_entropy_sum, parallel_cross_entropy_sum
 from .mesh import LayoutError, ParallelDims, build_mesh
+from .metrics import StepMetrics, format_summary, run_device_name, summarize_run  # noqa: F401 (re-exported)
 from .model import Transformer, init_weights
 from .parallelize import parallelize, uses_native_cp
+from .preflight import DEFAULT_CHECKPOINT_EVERY, ArgumentError, preflight
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -181,13 +183,24 @@ def _init_distributed(device_arg: str) -> torch.device:
 
 def train_loop(plan: Plan, mesh, dims: ParallelDims, device: torch.device, source: TokenSource, steps: int,
                seed: int = 0, metrics_path: str | None = None, checkpoint_dir: str | None = None,
-               checkpoint_every: int = 0, resume: bool = False, shard_over_cp: bool = True) -> list[dict]:
-    """Train ``plan`` on an existing mesh up to step ``steps``; returns the step records."""
+               checkpoint_every: int | None = None, resume: bool = False, shard_over_cp: bool = True,
+               start_checkpoint: Path | None = None, log_every: int = 0) -> list[dict]:
+    """Train ``plan`` on an existing mesh up to step ``steps``; returns the step records.
+
+    With ``checkpoint_dir`` it saves every ``checkpoint_every`` steps (default
+    DEFAULT_CHECKPOINT_EVERY; 0: only at the end) and always after the last step.
+    ``start_checkpoint`` (or, with ``resume``, the newest whole one) is loaded first.
+    """
     state = build_training_state(plan, mesh, dims, device, seed, shard_over_cp=shard_over_cp)
-    if resume and checkpoint_dir:
-        _resume(state, checkpoint_dir)
+    if start_checkpoint is None and resume and checkpoint_dir:
+        start_checkpoint = ckpt.choose(checkpoint_dir, plan)[0]
+    if start_checkpoint is not None:
+        _restore(state, start_checkpoint)
+    if checkpoint_every is None:
+        checkpoint_every = DEFAULT_CHECKPOINT_EVERY
     dp_rank, dp = mesh["dp"].get_local_rank(), dims.dp_replicate * dims.dp_shard
-    log = StepMetrics(plan, device, dist.get_world_size(), metrics_path, write=dist.get_rank() == 0)
+    log = StepMetrics(plan, device, dist.get_world_size(), metrics_path, write=dist.get_rank() == 0,
+                      start_step=state.step, log_every=log_every, last_step=steps)
     try:
         for step in range(state.step, steps):
             batches = [batch_for_step(source, step * plan.grad_accum_steps + m, plan.local_batch_size, dp_rank, dp)
@@ -198,22 +211,18 @@ def train_loop(plan: Plan, mesh, dims: ParallelDims, device: torch.device, sourc
             raw = {key: float(value) for key, value in raw.items()}  # waits for the step
             _synchronize(device)
             log.record(step + 1, raw, time.perf_counter() - began)
-            if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            last = step + 1 == steps
+            if checkpoint_dir and (last or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
                 ckpt.save(checkpoint_dir, step + 1, state.model, state.optimizer,
                           {"step": step + 1, "scheduler": state.scheduler.state_dict(), "rng": ckpt.rng_state(),
-                           "data_position": (step + 1) * plan.grad_accum_steps})
+                           "data_position": (step + 1) * plan.grad_accum_steps,
+                           "fingerprint": ckpt.fingerprint(plan)})
     finally:
         log.close()
     return log.records
 
 
-def _resume(state: TrainingState, checkpoint_dir: str) -> None:
-    found = ckpt.latest(checkpoint_dir)
-    if found is None:
-        if any(Path(checkpoint_dir).glob("step-*")):
-            raise ckpt.CheckpointError(f"--resume: no complete checkpoint in {checkpoint_dir} "
-                                       "(only partial ones); delete them or start without --resume")
-        return  # nothing saved yet: start from step 0
+def _restore(state: TrainingState, found: Path) -> None:
     trainer = ckpt.load(found, state.model, state.optimizer)
     try:
         state.scheduler.load_state_dict(trainer["scheduler"])
@@ -229,25 +238,43 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class PreflightError(Exception):
+    """A one-line error found before any process group exists (printed by rank 0 only)."""
+
+
+def _quiet_other_ranks(rank: int) -> None:
+    """DTensor's 'inconsistent results between ranks' warning is the same on every rank:
+    let rank 0 print it."""
+    if rank != 0:
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+
+
 def run(args) -> dict:
-    plan = Plan.load(args.plan)
-    spec = plan.model_spec()
-    p = plan.parallelism
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world)  # checked before any collective
-    if plan.seq_len % (2 * p.cp) or (p.tp > 1 and (plan.seq_len // p.cp) % p.tp):
-        raise LayoutError(f"seq_len={plan.seq_len} must split into 2 x cp = {2 * p.cp} equal chunks "
-                          f"(and each rank's {plan.seq_len // p.cp} tokens by tp={p.tp})")
-    sequences_per_step = plan.local_batch_size * p.dp_replicate * p.dp_shard * plan.grad_accum_steps
-    source = TokenSource(spec.vocab_size, plan.seq_len, args.seed, args.data, sequences_per_step)
+    rank = int(os.environ.get("RANK", "0"))
+    _quiet_other_ranks(rank)
+    try:
+        plan = Plan.load(args.plan)
+        p = plan.parallelism
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world)  # checked before any collective
+        if plan.seq_len % (2 * p.cp) or (p.tp > 1 and (plan.seq_len // p.cp) % p.tp):
+            raise LayoutError(f"seq_len={plan.seq_len} must split into 2 x cp = {2 * p.cp} equal chunks "
+                              f"(and each rank's {plan.seq_len // p.cp} tokens by tp={p.tp})")
+        start, source = preflight(args, plan)
+    except (PlanError, LayoutError, DataError, ArgumentError, ckpt.CheckpointError) as error:
+        raise PreflightError(str(error)) from None
+    if rank == 0:
+        for warning in start.warnings:
+            print(f"runtime.train: {warning}", file=sys.stderr)
     device = _init_distributed(args.device)
     mesh = build_mesh(dims, device.type, plan.mesh_order)
     records = train_loop(plan, mesh, dims, device, source, args.steps, args.seed, args.metrics,
-                         args.checkpoint_dir, args.checkpoint_every, args.resume,
-                         shard_over_cp=not args.debug_fsdp_over_dp_shard_only)
+                         args.checkpoint_dir, args.checkpoint_every,
+                         shard_over_cp=not args.debug_fsdp_over_dp_shard_only, start_checkpoint=start.checkpoint, log_every=args.log_every)
     summary = summarize_run(plan, records)
     if dist.get_rank() == 0:
-        print(format_summary(plan, summary))
+        run_device = run_device_name(device)
+        print(format_summary(plan, summary, run_device))
         if args.record:
             with open(args.record, "a") as out:
                 out.write(json.dumps({"plan": plan.model_dump(mode="json", exclude={"alternatives"}),
@@ -264,10 +291,15 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--metrics", default=None, help="JSONL, one object per step (rank 0)")
-    parser.add_argument("--data", default=None, help="token ids: .bin (uint16), .u32.bin (uint32) or .npy")
-    parser.add_argument("--checkpoint-dir", default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=0)
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--data", default=None,
+                        help="token ids: .npy, or a raw file whose dtype is in PATH.json or --data-dtype")
+    parser.add_argument("--data-dtype", choices=TOKEN_DTYPES, default=None,
+                        help="dtype of a raw --data file without a PATH.json sidecar")
+    parser.add_argument("--checkpoint-dir", default=None, help="save here (always after the last step)")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help=f"steps between checkpoints (default {DEFAULT_CHECKPOINT_EVERY}; 0: only at the end)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint")
+    parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps (0: none)")
     parser.add_argument("--record", default=None, help="append a calibration record (JSONL)")
     parser.add_argument("--debug-fsdp-over-dp-shard-only", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -279,6 +311,10 @@ def main(argv=None) -> int:
         run(args)
         code = 0
         dist.barrier()  # nobody tears the group down while a peer still talks to it
+    except PreflightError as error:  # the same on every rank: said once
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"runtime.train: error: {error}", file=sys.stderr)
+        code = 2
     except (PlanError, LayoutError, DataError, ckpt.CheckpointError) as error:
         print(f"runtime.train: error: {error}", file=sys.stderr)
         code = 2

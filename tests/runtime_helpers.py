@@ -32,6 +32,7 @@ def write_plan(path: Path, parallelism: dict, seq_len: int = 32, local_batch_siz
 
 
 def free_port() -> int:
+    """A port free now (for single-process runs only: another process may take it later)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -43,8 +44,10 @@ def run_plan(plan_path: Path, nproc: int, steps: int, tmp: Path, extra=(), timeo
     if metrics.exists():
         metrics.unlink()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", "-m", "runtime.train", "--plan", str(plan_path),
+    # --standalone: torchrun's c10d store binds port 0 itself, so no port is picked here and
+    # raced for (free_port() bound, released and reused a port across launches).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "runtime.train", "--plan", str(plan_path),
                "--steps", str(steps), *(() if "--device" in extra else ("--device", "cpu")), "--metrics", str(metrics), *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                             cwd=Path(__file__).resolve().parents[1])

@@ -116,3 +116,23 @@ def test_planning_does_not_import_torch():
     code = ("import sys; from autoplan.cli import main; main(['--gpus', '8', '--target-seqlen', '8k']);"
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_out_is_checked_before_planning(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "bundle"):
+        assert main(["--model", "debug", "--gpus", "1", "--target-seqlen", "1k", "--out", str(out)]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and printed.err.count("\n") == 1 and f"--out {out}: " in printed.err
+
+
+def test_closed_stdout_is_not_a_traceback():
+    """`autoplan ... | head`: the reader goes away; no BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "autoplan", "--model", "debug", "--gpus", "8",
+                                "--target-seqlen", "1k", "--format", "json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the plan is printed: every write meets a closed pipe
+    _, err = process.communicate(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-2000:]
+    assert process.returncode == 141

@@ -149,16 +149,19 @@ def test_plan_path_with_spaces_and_quotes_reaches_torchrun_verbatim(tmp_path, fa
     assert calls["torchrun"][calls["torchrun"].index("--plan") + 1] == weird
 
 
+def sbatch_directives(text):
+    pairs = [line[len("#SBATCH "):].split("=", 1) for line in text.splitlines() if line.startswith("#SBATCH")]
+    return {pair[0]: pair[1] if len(pair) == 2 else True for pair in pairs}
+
+
 @needs_bash
 def test_slurm_script_header_and_launch(tmp_path, fakes):
     plan = make_plan()
     emit(plan, "slurm", tmp_path)
     text = (tmp_path / "slurm.sbatch").read_text()
-    directives = dict(line[len("#SBATCH "):].split("=", 1) for line in text.splitlines()
-                      if line.startswith("#SBATCH"))
-    assert directives == {"--job-name": "autoplan-llama3-8b", "--nodes": "8", "--ntasks-per-node": "1",
-                          "--gpus-per-node": "8", "--cpus-per-task": "64", "--time": "24:00:00",
-                          "--output": "%x-%j.out"}
+    assert sbatch_directives(text) == {"--job-name": "autoplan-llama3-8b", "--nodes": "8", "--ntasks-per-node": "1",
+                                       "--gpus-per-node": "8", "--cpus-per-task": "64", "--time": "24:00:00",
+                                       "--mem": "0", "--exclusive": True, "--output": "%x-%j.out"}
     assert text.splitlines()[1].startswith("#SBATCH")  # directives before any command
     env = {"SLURM_JOB_NODELIST": "gpu-node-[07-09]", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(tmp_path)}
     _, calls = fakes(tmp_path / "slurm.sbatch", "--steps", "5", env=env)
@@ -169,18 +172,65 @@ def test_slurm_script_header_and_launch(tmp_path, fakes):
     assert args[args.index("-m"):] == ["-m", "runtime.train", "--plan", str(tmp_path / "plan.yaml"), "--steps", "5"]
     assert calls["env"]["MASTER_ADDR"] == "gpu-node-07"
     assert calls["env"]["OMP_NUM_THREADS"] == "8"
-    assert calls["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" == calls["env"]["NCCL_ASYNC_ERROR_HANDLING"]
+    assert calls["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert "NCCL_ASYNC_ERROR_HANDLING" not in calls["env"]  # the deprecated name (torch < 2.2) is gone
     assert "NCCL_IB_DISABLE" not in calls["env"]
+
+
+@needs_bash
+def test_slurm_script_reads_its_own_plan_when_submitted_elsewhere(tmp_path, fakes):
+    """sbatch runs a copy of the script from its spool folder, in the submit folder: the
+    plan it reads must still be the one beside the original, and exactly that plan."""
+    bundle, elsewhere, spool = tmp_path / "bundle", tmp_path / "elsewhere", tmp_path / "spool"
+    plan = make_plan()
+    emit(plan, "slurm", bundle)
+    elsewhere.mkdir()
+    spool.mkdir()
+    make_plan({"dp_shard": 8}).save(elsewhere / "plan.yaml")  # a different plan where it is submitted from
+    shutil.copy(bundle / "slurm.sbatch", spool / "slurm_script")
+    env = {"SLURM_JOB_NODELIST": "gpu-node-07", "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(elsewhere)}
+    _, calls = fakes(spool / "slurm_script", env=env, cwd=elsewhere)
+    args = calls["torchrun"]
+    assert args[args.index("--plan") + 1] == str((bundle / "plan.yaml").resolve())
+    (tmp_path / "record" / "srun.args").unlink()
+    (bundle / "plan.yaml").write_text((bundle / "plan.yaml").read_text().replace("seq_len: 262144", "seq_len: 8192"))
+    result, calls = fakes(spool / "slurm_script", env=env, cwd=elsewhere, check=False)
+    assert result.returncode == 2 and "srun" not in calls
+    assert result.stderr.strip().count("\n") == 0 and "changed since this script was written" in result.stderr
+    (bundle / "plan.yaml").unlink()
+    result, calls = fakes(spool / "slurm_script", env=env, cwd=elsewhere, check=False)
+    assert result.returncode == 2 and "srun" not in calls and "not found" in result.stderr
 
 
 def test_slurm_options_and_bad_values():
     plan = make_plan({"dp_shard": 8})
     from autoplan.emit.slurm import slurm_script
-    text = slurm_script(plan, "p.yaml", time_limit="2-00:00:00", cpus_per_task=96)
-    assert "#SBATCH --time=2-00:00:00" in text and "#SBATCH --cpus-per-task=96" in text
-    assert "#SBATCH --nodes=1" in text and "export OMP_NUM_THREADS=12" in text
-    with pytest.raises(UsageError, match="--time"):
-        slurm_script(plan, "p.yaml", time_limit="1 day; rm -rf /")
+    text = slurm_script(plan, "p.yaml", "0" * 64, time_limit="2-00:00:00", cpus_per_task=96, partition="gpu,debug",
+                        account="proj_1", exclusive=False, mem="500G")
+    assert sbatch_directives(text) == {"--job-name": "autoplan-llama3-8b", "--nodes": "1", "--ntasks-per-node": "1",
+                                       "--gpus-per-node": "8", "--cpus-per-task": "96", "--time": "2-00:00:00",
+                                       "--mem": "500G", "--partition": "gpu,debug", "--account": "proj_1",
+                                       "--output": "%x-%j.out"}
+    assert "export OMP_NUM_THREADS=12" in text
+    for bad in ({"time_limit": "1 day; rm -rf /"}, {"mem": "lots"}, {"partition": "a b"}, {"account": "$(x)"}):
+        with pytest.raises(UsageError, match=f"^--{next(iter(bad)).split('_')[0]} "):
+            slurm_script(plan, "p.yaml", "0" * 64, **bad)
+
+
+def test_emit_command_takes_slurm_flags_and_checks_out_first(tmp_path, capsys):
+    from autoplan.cli import main
+    plan_path = make_plan({"dp_shard": 8}).save(tmp_path / "mine.yaml")
+    assert main(["emit", str(plan_path), "--target", "slurm", "--out", str(tmp_path / "b"), "--time", "1:00:00",
+                 "--partition", "h100", "--account", "lab", "--no-exclusive", "--mem", "900G"]) == 0
+    directives = sbatch_directives((tmp_path / "b" / "slurm.sbatch").read_text())
+    assert (directives["--time"], directives["--partition"], directives["--account"], directives["--mem"]) == (
+        "1:00:00", "h100", "lab", "900G") and "--exclusive" not in directives
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["emit", str(plan_path), "--target", "slurm", "--out", str(out)]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and printed.err.count("\n") == 1 and "is a file, not a folder" in printed.err
 
 
 # ----------------------------------------------------------------------- torchtitan 0.3
@@ -451,7 +501,7 @@ def test_without_out_dir_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     files = emit(make_plan(), "slurm")
     assert list(files) == ["slurm.sbatch"] and list(tmp_path.iterdir()) == []
-    assert "PLAN=plan.yaml" in files["slurm.sbatch"]
+    assert f"PLAN={tmp_path / 'plan.yaml'}" in files["slurm.sbatch"]
 
 
 def test_bad_target_and_partial_nodes_are_usage_errors():

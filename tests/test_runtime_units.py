@@ -58,13 +58,13 @@ def test_token_file_and_too_short_file(tmp_path):
     ids = np.arange(1000, dtype=np.uint16) % 100
     path = tmp_path / "tokens.bin"
     ids.tofile(path)
-    source = TokenSource(vocab_size=128, seq_len=31, path=str(path))
+    source = TokenSource(vocab_size=128, seq_len=31, path=str(path), dtype="uint16")
     assert torch.equal(source.sample(1), torch.from_numpy(ids[32:64].astype(np.int64)))
     (tmp_path / "short.bin").write_bytes(ids[:10].tobytes())
     with pytest.raises(DataError, match="fewer than one step needs"):
-        TokenSource(vocab_size=128, seq_len=31, path=str(tmp_path / "short.bin"))
+        TokenSource(vocab_size=128, seq_len=31, path=str(tmp_path / "short.bin"), dtype="uint16")
     with pytest.raises(DataError, match=r"fewer than one step needs \(64 sequences"):
-        TokenSource(vocab_size=128, seq_len=31, path=str(path), sequences_per_step=64)
+        TokenSource(vocab_size=128, seq_len=31, path=str(path), sequences_per_step=64, dtype="uint16")
 
 
 @pytest.mark.timeout(300)
@@ -106,7 +106,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path):
     ids = np.arange(10, dtype=np.uint16)
     (tmp_path / "short.bin").write_bytes(ids.tobytes())
     plan1 = write_plan(tmp_path / "one.yaml", {}, local_batch_size=1)
-    _one_clear_line(_run_single(plan1, tmp_path, "--data", str(tmp_path / "short.bin")), "fewer than one step needs")
+    _one_clear_line(_run_single(plan1, tmp_path, "--data", str(tmp_path / "short.bin"), "--data-dtype", "uint16"), "fewer than one step needs")
     broken = tmp_path / "ckpt" / "step-3"
     broken.mkdir(parents=True)
     (broken / "COMPLETE").write_text("3")

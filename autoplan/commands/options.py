@@ -178,3 +178,32 @@ def resolve_executor_args(args: argparse.Namespace, gpu: GPUSpec) -> tuple[GPUSp
     from ..calibration.files import resolve_calibration
 
     return resolve_calibration(gpu, EXECUTOR_PROFILES[args.executor], getattr(args, "calibration", None))
+
+
+def check_out_dir(flag: str, value: str | None) -> None:
+    """``--out DIR`` must be creatable and writable: checked before any work or output."""
+    from ..paths import folder_problem
+
+    problem = folder_problem(value) if value else None
+    if problem:
+        raise UsageError(f"{flag} {value}: {problem}")
+
+
+def add_slurm(parser: argparse.ArgumentParser) -> None:
+    """sbatch settings of the SLURM script (``emit --target slurm``, ``plan --out``)."""
+    group = parser.add_argument_group("SLURM script")
+    group.add_argument("--time", dest="slurm_time", default="24:00:00", help="sbatch --time (default 24:00:00)")
+    group.add_argument("--partition", default=None, help="sbatch --partition (default: the site's)")
+    group.add_argument("--account", default=None, help="sbatch --account (default: the user's)")
+    group.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True,
+                       help="whole nodes to the job (default: yes)")
+    group.add_argument("--mem", default="0", help="sbatch --mem per node (default 0: all of it)")
+
+
+def slurm_options(args: argparse.Namespace):
+    from ..emit.slurm import SlurmOptions
+
+    options = SlurmOptions(time_limit=args.slurm_time, partition=args.partition, account=args.account,
+                           exclusive=args.exclusive, mem=args.mem)
+    options.check()
+    return options

@@ -26,6 +26,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write plan.yaml and launch scripts to this folder")
     parser.add_argument("--time-limit", type=options.positive_seconds("--time-limit"), default=20.0,
                         help="solver time limit, seconds")
+    options.add_slurm(parser)
 
 
 def request_from_args(args: argparse.Namespace):
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from ..planner import make_plan
     from ..report.plan_text import render_plan_table
 
+    options.check_out_dir("--out", args.out)
+    slurm = options.slurm_options(args)
     request, notes = request_from_args(args)
     result = make_plan(request)
     if args.format == "table":
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
         fit = torchtitan_fit(result.plan)
         titan = plan_for_torchtitan(request) if fit is not None and not fit.fits else None
-        written = write_bundle(result.plan, Path(args.out), torchtitan_plan=titan)
+        written = write_bundle(result.plan, Path(args.out), torchtitan_plan=titan, slurm=slurm)
         if args.format == "table":
             if fit is not None and not fit.fits:
                 print(f"note: torchtitan would not fit this layout ({fit.describe()}); "

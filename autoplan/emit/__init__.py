@@ -8,12 +8,13 @@ run under ``set -euo pipefail``.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ..errors import UsageError
 from ..plan import Plan
 from .common import PLAN_FILE, layout
-from .slurm import slurm_script
+from .slurm import SlurmOptions, slurm_script
 from .torchrun import torchrun_script
 from .torchtitan import torchtitan_files
 from .torchtitan_fit import torchtitan_fit
@@ -24,35 +25,49 @@ TARGETS = ("torchrun", "slurm", "torchtitan")
 
 
 def emit(plan: Plan, target: str, out_dir: Path | str | None = None,
-         plan_path: str | None = None, force: bool = False) -> dict[str, str]:
+         plan_path: str | None = None, force: bool = False, slurm: SlurmOptions | None = None) -> dict[str, str]:
     """Files (name -> text) for ``target``.
 
     With ``out_dir`` the scripts read ``plan.yaml`` beside them (written there too);
-    without it they read ``plan_path`` as given (default ``plan.yaml``).
+    without it they read ``plan_path`` as given (default ``plan.yaml``). The SLURM script
+    names the plan by absolute path and checks its sha256 (of that file, or of the plan as
+    ``Plan.save`` would write it when the file does not exist yet).
     """
     if target not in TARGETS:
         raise UsageError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
     layout(plan)  # a plan whose GPUs do not fill whole nodes fails here, once
-    beside = out_dir is not None
-    if target == "torchrun":
-        files = {"torchrun.sh": torchrun_script(plan, None if beside else (plan_path or PLAN_FILE))}
-    elif target == "slurm":
-        files = {"slurm.sbatch": slurm_script(plan, PLAN_FILE if beside else (plan_path or PLAN_FILE))}
-    else:
+    folder = Path(out_dir) if out_dir is not None else None
+    beside = folder is not None
+    if target == "slurm":
+        (slurm or SlurmOptions()).check()  # before anything is written
+    if target == "torchtitan":
         fit = torchtitan_fit(plan)
         if fit is not None and not fit.fits and not force:
             raise UsageError(f"torchtitan would not fit this layout: {fit.describe()}; re-plan with "
                              "--executor torchtitan (or `autoplan plan ... --out DIR`, which does), or pass --force")
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        plan.save(folder / PLAN_FILE)
+    if target == "torchrun":
+        files = {"torchrun.sh": torchrun_script(plan, None if beside else (plan_path or PLAN_FILE))}
+    elif target == "slurm":
+        path = folder / PLAN_FILE if folder is not None else Path(plan_path or PLAN_FILE)
+        text = path.read_bytes() if path.is_file() else plan_text(plan, path)
+        files = {"slurm.sbatch": slurm_script(plan, str(path), hashlib.sha256(text).hexdigest(), slurm)}
+    else:
         files = torchtitan_files(plan)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        plan.save(out / PLAN_FILE)
-        _write(files, out)
+    if folder is not None:
+        _write(files, folder)
     return files
 
 
-def write_bundle(plan: Plan, out_dir: Path | str, torchtitan_plan: Plan | None = None) -> list[Path]:
+def plan_text(plan: Plan, path: Path) -> bytes:
+    """The bytes ``plan.save(path)`` writes."""
+    return (plan.model_dump_json(indent=2) if path.suffix == ".json" else plan.to_yaml()).encode()
+
+
+def write_bundle(plan: Plan, out_dir: Path | str, torchtitan_plan: Plan | None = None,
+                 slurm: SlurmOptions | None = None) -> list[Path]:
     """The plan and every launch script, in one folder.
 
     The torchtitan files carry ``torchtitan_plan`` (a plan made for torchtitan, saved beside
@@ -62,7 +77,7 @@ def write_bundle(plan: Plan, out_dir: Path | str, torchtitan_plan: Plan | None =
     out = Path(out_dir)
     written = [out / PLAN_FILE]
     for target in ("torchrun", "slurm"):
-        written += [out / name for name in emit(plan, target, out)]
+        written += [out / name for name in emit(plan, target, out, slurm=slurm)]
     titan: Plan | None = plan
     fit = torchtitan_fit(plan)
     if fit is not None and not fit.fits:
@@ -85,4 +100,4 @@ def _write(files: dict[str, str], out: Path) -> dict[str, str]:
     return files
 
 
-__all__ = ["emit", "write_bundle", "TARGETS", "PLAN_FILE"]
+__all__ = ["emit", "write_bundle", "TARGETS", "PLAN_FILE", "SlurmOptions"]
