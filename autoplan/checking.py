@@ -1,7 +1,22 @@
-"""A plan's predicted memory against the runtime's traced memory (fake tensors, no GPU)."""
+"""A plan's predicted memory against the runtime's traced memory (fake tensors, no GPU).
+
+Two programs can be traced. The CUDA program (``runtime/cuda_trace.py``, a process of its
+own on a fake CUDA device): FSDP2 mixed precision as on GPU, the fused SDPA kernel's ops
+and PyTorch's own ring attention - what a GPU would run, less kernel workspaces. The CPU
+program (``runtime/trace.py`` in this process): CPU attention kernels, and ring CP through
+the portable all-gather-K/V path. ``program="auto"`` traces the CUDA program where it can
+be built (torch 2.13.0 and a C++ compiler) and says when it fell back.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
 from .plan import Plan
 from .planner import DEFAULT_MEMORY_HEADROOM
 from .units import MemoryHeadroom
@@ -11,6 +26,41 @@ COMPONENTS = ("params", "optimizer", "grads", "fsdp_unsharded", "activations")
 # (context_parallel) needs CUDA SDPA kernels (design.md), so a ring plan is traced through
 # the portable all-gather-K/V path and the trace gives no verdict on the ring itself.
 TRACEABLE_CP_IMPLS = ("none", "allgather-kv")
+
+
+PROGRAMS = ("auto", "cuda", "cpu")
+
+
+def sdpa_backend(plan: Plan) -> str:
+    """The SDPA kernel the plan's program runs (the cost model's reading of the program)."""
+    from cost_models.kernels import attention_backend_for
+
+    return attention_backend_for(plan.train_config(), plan.executor_spec(), plan.model_spec())
+
+
+def traced_cuda_program(plan: Plan, backend: str) -> str:
+    p = plan.parallelism
+    cp = "" if p.cp == 1 else (f", CP {plan.cp_impl} (PyTorch's context_parallel)" if plan.cp_impl.startswith("ring")
+                               else ", CP all-gather-K/V (portable)")
+    return (f"traced: the CUDA program on a fake CUDA device (fake tensors, rank 0 of {p.world_size}, fake process "
+            f"group): FSDP2 params {plan.precision.param_dtype} / reduce {plan.precision.reduce_dtype}"
+            f"{', TP' if p.tp > 1 else ''}{cp}, SDPA {backend}; tensor bytes only (no kernel workspaces, "
+            "CUDA context, NCCL)")
+
+
+def trace_cuda(plan: Plan, backend: str) -> tuple[dict | None, str]:
+    """(trace, why not): the CUDA program traced in a subprocess, or None and the reason."""
+    with tempfile.TemporaryDirectory() as folder:
+        plan_path = Path(folder) / "plan.yaml"
+        plan.save(plan_path)
+        out = Path(folder) / "trace.json"
+        result = subprocess.run([sys.executable, "-m", "runtime.cuda_trace", str(plan_path), "--json", str(out),
+                                 "--sdpa-backend", backend], capture_output=True, text=True)
+        if out.exists():
+            return json.loads(out.read_text()), ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    why = next((line.split(": ", 1)[1] for line in lines if line.startswith("runtime.cuda_trace: ")), None)
+    return None, why or f"the trace process failed ({lines[-1] if lines else 'exit ' + str(result.returncode)})"
 
 
 def traced_program(plan: Plan) -> str:
@@ -26,21 +76,50 @@ def traced_program(plan: Plan) -> str:
             "CPU attention kernels; not the CUDA program (kernel workspaces, CUDA context, NCCL are not tensors here)")
 
 
-def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None) -> dict:
+def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None, program: str = "auto") -> dict:
     """Predicted vs traced tensor bytes per component, and whether the plan fits in its
     usable memory: capacity less ``memory_headroom`` (default: the headroom the plan was
-    made with, else the planner's default)."""
+    made with, else the planner's default). ``program``: see the module docstring."""
     from cost_models.memory import estimate_memory
+
+    if program not in PROGRAMS:
+        raise UsageError(f"--program {program!r}: use one of {', '.join(PROGRAMS)}")
+    model = plan.model_spec()
+    fallback_note = ""
+    if program in ("auto", "cuda"):
+        backend = sdpa_backend(plan)
+        cuda_trace, why = trace_cuda(plan, backend)
+        if cuda_trace is not None:
+            predicted = estimate_memory(model, plan.train_config(), plan.executor_spec())
+            traced = _Traced(cuda_trace["peak_bytes"], cuda_trace["components"])
+            return _result(plan, predicted, predicted, traced, memory_headroom, traced_cuda_program(plan, backend),
+                           stand_in=False)
+        if program == "cuda":
+            raise UsageError(f"--program cuda: {why}")
+        fallback_note = f"the CUDA program could not be traced here ({why}): traced the CPU program instead"
     from runtime.trace import trace_plan_memory
 
-    model = plan.model_spec()
     stand_in = plan.cp_impl not in TRACEABLE_CP_IMPLS
     traced_plan = plan.model_copy(update={"cp_impl": "allgather-kv"}) if stand_in else plan
     # Compare like with like: the prediction for the program that was traced.
     predicted = estimate_memory(model, traced_plan.train_config(), plan.executor_spec())
-    traced = trace_plan_memory(traced_plan)
+    cpu_trace = trace_plan_memory(traced_plan)
     # The plan's own program, for the verdict when the trace could not run it.
     planned = estimate_memory(model, plan.train_config(), plan.executor_spec()) if stand_in else predicted
+    result = _result(plan, predicted, planned, _Traced(cpu_trace.peak_bytes, cpu_trace.components), memory_headroom,
+                     traced_program(plan), stand_in)
+    result["note"] = fallback_note
+    return result
+
+
+class _Traced:
+    def __init__(self, peak_bytes: float, components: dict[str, float]):
+        self.peak_bytes = peak_bytes
+        self.components = components
+
+
+def _result(plan: Plan, predicted, planned, traced: _Traced, memory_headroom: MemoryHeadroom | None,
+            program: str, stand_in: bool) -> dict:
     tensor_predicted = dict(predicted.breakdown_bytes)
     # Activations on our side = saved activations + working sets + loss tensors.
     tensor_predicted["activations"] = sum(tensor_predicted.pop(k, 0.0) for k in
@@ -66,10 +145,9 @@ def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None) -> dic
             "optimizer_phase": optimizer_phase, "non_tensor_bytes": non_tensor, "capacity": capacity,
             "usable": usable,
             "phase": predicted.peak_phase, "error": predicted_fb / traced.peak_bytes - 1,
-            "program": traced_program(plan), "cp_impl": plan.cp_impl,
+            "program": program, "cp_impl": plan.cp_impl, "note": "",
             # Set when the trace ran another CP path: the verdict is then the model's alone.
             "untraced_path_need": planned.peak_bytes if stand_in else None}
-
 
 def needed_bytes(result: dict) -> float:
     """What must fit: the larger of the traced peak and the optimizer phase, plus the reserve;

@@ -14,6 +14,7 @@ not traced; the comparison is between tensor bytes only.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -55,32 +56,58 @@ class TraceResult:
     components: dict[str, float]
 
 
-def trace_plan_memory(plan: Plan, steps: int = 2) -> TraceResult:
+def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> TraceResult:
+    """Rank 0's forward + backward peak of the plan's second step, traced with fake tensors.
+
+    ``device_type="cpu"``: the CPU program (CPU attention kernels; ring CP runs through the
+    portable all-gather-K/V path). ``"cuda"``: the CUDA program on the fake CUDA device
+    (``runtime/fake_cuda.py``, loaded before torch): the fused SDPA kernels' ops, FSDP2's
+    bf16/fp32 mixed precision as on GPU, and PyTorch's own ring attention for ``ring-*``.
+    """
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from .mesh import ParallelDims, build_mesh
-    from .train import build_parallel_model, build_training_state, local_tokens, micro_loss
+    from .parallelize import uses_native_cp
+    from .train import (
+        _native_cp_micro_step,
+        build_parallel_model,
+        build_training_state,
+        local_tokens,
+        micro_loss,
+    )
 
     p = plan.parallelism
     world = p.world_size
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world)
+    device = torch.device(device_type)
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        # Mesh and sharding metadata need real (tiny) tensors: build them outside fake
-        # mode, on the meta device; only materialization and the steps run under it.
-        mesh = build_mesh(dims, "cpu", plan.mesh_order)
+        mesh = build_mesh(dims, device_type, plan.mesh_order)
         param_dtype = torch.bfloat16 if plan.precision.param_dtype == "bfloat16" else torch.float32
-        model = build_parallel_model(plan, mesh, dims, torch.device("cpu"), param_dtype=param_dtype)
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            state = build_training_state(plan, mesh, dims, torch.device("cpu"), materialize=False, model=model)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        if device_type == "cpu":
+            # Mesh and sharding metadata need real (tiny) tensors on CPU: build them outside
+            # fake mode, on the meta device; only materialization and the steps run under it.
+            model = build_parallel_model(plan, mesh, dims, device, param_dtype=param_dtype)
+        else:
+            # On the fake CUDA device nothing real can exist: build under fake mode.
+            with fake_mode:
+                model = build_parallel_model(plan, mesh, dims, device, param_dtype=param_dtype)
+        native_cp = dims.cp > 1 and uses_native_cp(plan.cp_impl, device_type)
+        with fake_mode:
+            state = build_training_state(plan, mesh, dims, device, materialize=False, model=model)
             tracker = FSDPMemTracker(state.model, state.optimizer)
             vocab = plan.model_spec().vocab_size
             batch = plan.local_batch_size
+            loss_ctx = contextlib.nullcontext()
+            if dims.tp > 1:
+                from torch.distributed.tensor.parallel import loss_parallel
+                loss_ctx = loss_parallel()
             # The last step's optimizer update runs outside the tracker: MemTracker sizes
             # the temporaries AdamW creates from DTensor parameters at their GLOBAL shape
             # (a local-size DTensor shows 28x a plain tensor's peak, see
@@ -92,13 +119,13 @@ def trace_plan_memory(plan: Plan, steps: int = 2) -> TraceResult:
                 for step in range(steps):
                     for _ in range(plan.grad_accum_steps):
                         tokens = torch.randint(0, vocab, (batch, plan.seq_len + 1))
+                        if native_cp:
+                            _native_cp_micro_step(state, tokens[:, :-1], tokens[:, 1:], plan.grad_accum_steps,
+                                                  loss_ctx)
+                            continue
                         inputs, labels, positions = local_tokens(state, tokens[:, :-1], tokens[:, 1:])
                         loss = micro_loss(state, inputs, labels, positions) / plan.grad_accum_steps
-                        if dims.tp > 1:
-                            from torch.distributed.tensor.parallel import loss_parallel
-                            with loss_parallel():
-                                loss.backward()
-                        else:
+                        with loss_ctx:
                             loss.backward()
                     if step == steps - 1:
                         snapshot = tracker.get_tracker_snapshot("peak")
@@ -114,7 +141,8 @@ def trace_plan_memory(plan: Plan, steps: int = 2) -> TraceResult:
                 tracker.__exit__(None, None, None)
     finally:
         dist.destroy_process_group()
-    per_device = next(iter(snapshot.values()))
+    per_device = next((v for k, v in snapshot.items() if str(k).startswith(device_type)),
+                      next(iter(snapshot.values())))
     categories = {getattr(k, "value", str(k)): float(v) for k, v in per_device.items() if k != "Total"}
     components: dict[str, float] = {}
     for category, value in categories.items():

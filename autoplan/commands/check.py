@@ -14,6 +14,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan_path", metavar="PLAN.yaml")
     options.add_memory_headroom(parser, default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    parser.add_argument("--program", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="the program to trace: the CUDA program on a fake CUDA device (cuda; needs torch 2.13.0 "
+                             "and g++), the CPU program (cpu), or cuda where it can be built, else cpu (auto)")
     parser.epilog = "--memory-headroom defaults to the headroom the plan was made with (5% when it says none)."
 
 
@@ -29,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
     status(f"tracing two training steps of rank 0 of {plan.parallelism.world_size} "
            f"({plan.model_spec().n_layers} layers, {plan.seq_len:,} tokens) under fake tensors: "
            "seconds for small models, a minute or two for 70B", wanted(args.quiet))
-    result = check_plan(plan, args.memory_headroom)
+    result = check_plan(plan, args.memory_headroom, args.program)
     print(format_check(result))
     return 0 if fits(result) else 1

@@ -112,7 +112,8 @@ def format_cost_report(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
 
 def format_check(result: dict) -> str:
     """``autoplan check``: predicted vs traced memory per component and the verdict."""
-    lines = [result["program"]] if result.get("program") else []
+    lines = [result["note"]] if result.get("note") else []
+    lines += [result["program"]] if result.get("program") else []
     lines.append(f"{'component':<18}{'predicted GiB':>14}{'traced GiB':>12}{'error':>9}")
     for name, (pred, traced) in result["rows"].items():
         error = f"{(pred / traced - 1) * 100:+.1f}%" if traced else ("" if not pred else "n/a")
