@@ -23,26 +23,54 @@ LAYOUTS = {
     "HSDP": ({"dp_replicate": 2, "dp_shard": 4}, None),
     "HSDPxCP-cp-outer": ({"dp_replicate": 2, "dp_shard": 2, "cp": 2}, ["dp_replicate", "cp", "dp_shard", "tp"]),
 }
+# The CUDA program's grid (``--program cuda``, fake CUDA device): PyTorch's ring attention
+# (both rotations), bf16 mixed precision and the flash SDPA ops, which the CPU trace cannot run.
+CUDA_LAYOUTS = {
+    "FSDP": ({"dp_shard": 8}, None),
+    "FSDPxTP": ({"dp_shard": 4, "tp": 2}, None),
+    "FSDPxCP-allgather-kv": ({"dp_shard": 4, "cp": 2}, None),
+    "FSDPxCP-ring-allgather": ({"dp_shard": 4, "cp": 2}, None),
+    "FSDPxCP-ring-alltoall": ({"dp_shard": 4, "cp": 2}, None),
+    "FSDPxCP4-ring-allgather": ({"dp_shard": 2, "cp": 4}, None),
+    "TPxCP-ring-allgather": ({"tp": 2, "cp": 4}, None),
+}
 MODELS = {"1B": ("llama3.2-1b", 2), "8B": ("llama3-8b", 2), "70B": ("llama3-70b", 1)}
 ACS = ("none", "selective", "full")
 SEQS = (4096, 16384, 65536)
 
 
-def run_cell(model_key: str, layout: str, ac: str, seq_len: int) -> dict:
+def run_cell(model_key: str, layout: str, ac: str, seq_len: int, program: str = "cpu") -> dict:
     from autoplan.plan import ActivationCheckpointDoc, Plan
     from cost_models.memory import estimate_memory
-    from runtime.trace import trace_plan_memory
 
     preset, layers = MODELS[model_key]
     model = replace(MODEL_PRESETS[preset], n_layers=layers)
-    parallelism, order = LAYOUTS[layout]
+    parallelism, order = (CUDA_LAYOUTS if program == "cuda" else LAYOUTS)[layout]
+    cp_impl = next((impl for impl in ("ring-allgather", "ring-alltoall", "allgather-kv") if layout.endswith(impl)),
+                   "allgather-kv" if parallelism.get("cp", 1) > 1 else "none")
     plan = Plan(seq_len=seq_len, parallelism=parallelism, model=model.to_dict(),
-                activation_checkpoint=ActivationCheckpointDoc(mode=ac), loss_chunk_tokens=4096,
+                activation_checkpoint=ActivationCheckpointDoc(mode=ac), loss_chunk_tokens=4096, cp_impl=cp_impl,
                 **({"mesh_order": order} if order else {}))
     began = time.perf_counter()
-    traced = trace_plan_memory(plan)
+    if program == "cuda":
+        from .checking import sdpa_backend, trace_cuda
+
+        found, why = trace_cuda(plan, sdpa_backend(plan))
+        if found is None:
+            raise RuntimeError(f"validate --program cuda: {why}")
+        traced = _Trace(found["peak_bytes"], found["components"])
+    else:
+        from runtime.trace import trace_plan_memory
+
+        traced = trace_plan_memory(plan)
     predicted = estimate_memory(model, plan.train_config(), plan.executor_spec())
     return {"model": model_key, "layers": layers, "layout": layout, "ac": ac, "seq_len": seq_len,
             "traced_bytes": traced.peak_bytes, "predicted_bytes": predicted.forward_backward_tensor_peak_bytes,
             "error": predicted.forward_backward_tensor_peak_bytes / traced.peak_bytes - 1, "phase": predicted.peak_phase,
             "traced_components": traced.components, "trace_s": time.perf_counter() - began}
+
+
+class _Trace:
+    def __init__(self, peak_bytes: float, components: dict[str, float]):
+        self.peak_bytes = peak_bytes
+        self.components = components

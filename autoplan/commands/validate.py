@@ -9,9 +9,11 @@ from cost_models.specs import GiB
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    from ..validation import ACS, LAYOUTS, MODELS, SEQS
+    from ..validation import ACS, MODELS, SEQS
+    parser.add_argument("--program", choices=("cpu", "cuda"), default="cpu",
+                        help="trace the CPU program (default) or the CUDA program on the fake CUDA device")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--layouts", default=None, help="default: every layout of the program's grid")
     parser.add_argument("--ac", default=",".join(ACS))
     parser.add_argument("--seq", default=",".join(str(s) for s in SEQS))
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -20,16 +22,17 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..report.progress import progress, wanted
-    from ..validation import run_cell
+    from ..validation import CUDA_LAYOUTS, LAYOUTS, run_cell
 
     rows = []
+    layouts = args.layouts or ",".join(CUDA_LAYOUTS if args.program == "cuda" else LAYOUTS)
     cells = [(model_key, layout, ac, int(seq)) for model_key in args.models.split(",")
-             for layout in args.layouts.split(",") for ac in args.ac.split(",") for seq in args.seq.split(",")]
-    print(f"{'model':<6}{'layout':<18}{'AC':<10}{'seq':>7}{'traced GiB':>12}{'predicted':>11}{'error':>8}  phase")
+             for layout in layouts.split(",") for ac in args.ac.split(",") for seq in args.seq.split(",")]
+    print(f"{'model':<6}{'layout':<25}{'AC':<10}{'seq':>7}{'traced GiB':>12}{'predicted':>11}{'error':>8}  phase")
     for model_key, layout, ac, seq in progress(cells, len(cells), "tracing cells", wanted(args.quiet)):
-        row = run_cell(model_key, layout, ac, seq)
+        row = run_cell(model_key, layout, ac, seq, args.program)
         rows.append(row)
-        print(f"{model_key:<6}{layout:<18}{ac:<10}{seq:>7}{row['traced_bytes'] / GiB:>12.2f}"
+        print(f"{model_key:<6}{layout:<25}{ac:<10}{seq:>7}{row['traced_bytes'] / GiB:>12.2f}"
               f"{row['predicted_bytes'] / GiB:>11.2f}{row['error'] * 100:>+7.1f}%  {row['phase']}",
               flush=True)
     worst = max(rows, key=lambda r: abs(r["error"]))
