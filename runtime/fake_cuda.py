@@ -122,10 +122,43 @@ class _Stream:
         return False
 
 
-def stub_torch_cuda(device_count: int = 8) -> None:
-    """``torch.cuda``'s device, stream and event calls as no-ops on one fake device."""
+_KEEP: list = []  # the Library objects must outlive the registrations
+
+
+def mirror_cuda_kernels() -> list[str]:
+    """Ops with a CPU kernel and a CompositeImplicitAutograd fallback but no CUDA kernel in
+    the CPU wheel (``silu_backward``, ``mish_backward``, ...): a CUDA build has a fused
+    kernel for them. Without one here the dispatcher decomposes them at the autograd key
+    for CUDA tensors (SwiGLU's backward became sigmoid, three muls and a sub: 4 GiB more
+    than the real program at 64k tokens), so register a CUDA kernel that can never run
+    (every tensor is fake) just to restore the CUDA build's dispatch table."""
     import torch
 
+    names = []
+    library = torch.library.Library("aten", "IMPL")
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("aten::"):
+            continue
+
+        def has(key: str, op: str = name) -> bool:
+            return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+        if has("CPU") and has("CompositeImplicitAutograd") and not has("CUDA"):
+            def unreachable(*args, _op=name, **kwargs):
+                raise RuntimeError(f"{_op} ran on the fake CUDA device: only fake tensors belong there")
+
+            library.impl(name.removeprefix("aten::"), unreachable, "CUDA")
+            names.append(name)
+    _KEEP.append(library)
+    return names
+
+
+def stub_torch_cuda(device_count: int = 8) -> None:
+    """``torch.cuda``'s device, stream and event calls as no-ops on one fake device, and
+    the CUDA build's dispatch table where the CPU wheel's differs (``mirror_cuda_kernels``)."""
+    import torch
+
+    mirror_cuda_kernels()
     stream = _Stream()
     cuda = torch.cuda
     cuda.is_available = lambda: True
