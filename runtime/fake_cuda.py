@@ -153,12 +153,36 @@ def mirror_cuda_kernels() -> list[str]:
     return names
 
 
+def mesh_metadata_outside_fake_mode() -> None:
+    """DeviceMesh computes rank coordinates with small integer CPU tensors (``nonzero``:
+    data-dependent). On the fake CUDA device the model is parallelized under fake mode
+    (nothing real may live there), and FSDP x TP builds a concatenated mesh then: run the
+    mesh's own bookkeeping on real CPU tensors, outside fake mode."""
+    import functools
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = DeviceMesh.__init__
+    if getattr(original, "_outside_fake_mode", False):
+        return
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            original(self, *args, **kwargs)
+
+    init._outside_fake_mode = True  # type: ignore[attr-defined]
+    DeviceMesh.__init__ = init  # type: ignore[method-assign]
+
+
 def stub_torch_cuda(device_count: int = 8) -> None:
     """``torch.cuda``'s device, stream and event calls as no-ops on one fake device, and
     the CUDA build's dispatch table where the CPU wheel's differs (``mirror_cuda_kernels``)."""
     import torch
 
     mirror_cuda_kernels()
+    mesh_metadata_outside_fake_mode()
     stream = _Stream()
     cuda = torch.cuda
     cuda.is_available = lambda: True

@@ -62,7 +62,6 @@ def replicate_shard_mesh(mesh, shard_dims: tuple[str, ...] = ("dp_shard", "cp"))
     in ``mesh_order``; otherwise the same ranks are regrouped into a new mesh (all ranks
     call this in the same order, so the new process groups agree).
     """
-    import torch
     from torch.distributed.device_mesh import DeviceMesh
 
     shard_name = "dp_shard_cp" if len(shard_dims) > 1 else shard_dims[0]

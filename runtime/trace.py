@@ -14,7 +14,6 @@ not traced; the comparison is between tensor bytes only.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +75,7 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
         build_parallel_model,
         build_training_state,
         local_tokens,
+        loss_backward_context,
         micro_loss,
     )
 
@@ -104,10 +104,6 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
             tracker = FSDPMemTracker(state.model, state.optimizer)
             vocab = plan.model_spec().vocab_size
             batch = plan.local_batch_size
-            loss_ctx = contextlib.nullcontext()
-            if dims.tp > 1:
-                from torch.distributed.tensor.parallel import loss_parallel
-                loss_ctx = loss_parallel()
             # The last step's optimizer update runs outside the tracker: MemTracker sizes
             # the temporaries AdamW creates from DTensor parameters at their GLOBAL shape
             # (a local-size DTensor shows 28x a plain tensor's peak, see
@@ -120,12 +116,11 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
                     for _ in range(plan.grad_accum_steps):
                         tokens = torch.randint(0, vocab, (batch, plan.seq_len + 1))
                         if native_cp:
-                            _native_cp_micro_step(state, tokens[:, :-1], tokens[:, 1:], plan.grad_accum_steps,
-                                                  loss_ctx)
+                            _native_cp_micro_step(state, tokens[:, :-1], tokens[:, 1:], plan.grad_accum_steps)
                             continue
                         inputs, labels, positions = local_tokens(state, tokens[:, :-1], tokens[:, 1:])
                         loss = micro_loss(state, inputs, labels, positions) / plan.grad_accum_steps
-                        with loss_ctx:
+                        with loss_backward_context(state.dims):
                             loss.backward()
                     if step == steps - 1:
                         snapshot = tracker.get_tracker_snapshot("peak")

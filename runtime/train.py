@@ -111,7 +111,16 @@ def micro_loss(state: TrainingState, inputs, labels, positions) -> torch.Tensor:
     return loss_sum / labels.numel()
 
 
-def _native_cp_micro_step(state: TrainingState, inputs, labels, accum: int, loss_ctx):
+def loss_backward_context(dims: ParallelDims):
+    """A fresh context for one backward of the loss: TP's ``loss_parallel`` (a generator
+    context, not re-enterable: each micro-batch needs its own) or nothing."""
+    if dims.tp > 1:
+        from torch.distributed.tensor.parallel import loss_parallel
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+def _native_cp_micro_step(state: TrainingState, inputs, labels, accum: int):
     """CUDA ring attention: PyTorch's ``context_parallel`` shards the buffers (its own
     head-tail load balancing) and swaps SDPA for ring attention inside the block."""
     from torch.distributed.tensor.experimental import context_parallel
@@ -121,7 +130,7 @@ def _native_cp_micro_step(state: TrainingState, inputs, labels, accum: int, loss
     with context_parallel(state.mesh["cp"], buffers=[inputs, labels, positions], buffer_seq_dims=[1, 1, 0],
                           no_restore_buffers={inputs, labels, positions}):
         loss = micro_loss(state, inputs, labels, positions) / accum
-        with loss_ctx:
+        with loss_backward_context(state.dims):
             loss.backward()
     return loss
 
@@ -136,18 +145,14 @@ def train_step(state: TrainingState, batches) -> dict:
     plan = state.plan
     accum = plan.grad_accum_steps
     total = torch.zeros((), device=state.device)
-    loss_ctx = contextlib.nullcontext()
-    if state.dims.tp > 1:
-        from torch.distributed.tensor.parallel import loss_parallel
-        loss_ctx = loss_parallel()
     native_cp = state.dims.cp > 1 and uses_native_cp(plan.cp_impl, state.device.type)
     for inputs, labels in batches:
         if native_cp:
-            loss = _native_cp_micro_step(state, inputs, labels, accum, loss_ctx)
+            loss = _native_cp_micro_step(state, inputs, labels, accum)
         else:
             inputs, labels, positions = local_tokens(state, inputs, labels)
             loss = micro_loss(state, inputs, labels, positions) / accum
-            with loss_ctx:
+            with loss_backward_context(state.dims):
                 loss.backward()
         total += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), plan.optimizer.max_norm, foreach=False)

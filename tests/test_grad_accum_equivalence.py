@@ -55,3 +55,18 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         assert params.keys() == big_params.keys()
         worst = max((params[k] - big_params[k]).abs().max().item() for k in params)
         assert worst < 1e-5, f"accum={accum}: parameters differ by {worst:.2e}"
+
+
+@pytest.mark.timeout(300)
+def test_grad_accumulation_under_tensor_parallel(tmp_path):
+    """TP's loss_parallel context is entered once per micro-batch (it cannot be re-entered):
+    2 TP ranks accumulating 2 x 2 sequences match one process with a batch of 4."""
+    from runtime_helpers import run_plan
+
+    single = write_plan(tmp_path / "single.yaml", {}, seq_len=32, local_batch_size=GLOBAL_SEQUENCES)
+    tp_accum = write_plan(tmp_path / "tp2_accum2.yaml", {"tp": 2}, seq_len=32, local_batch_size=2, grad_accum_steps=2)
+    rc1, reference, err1 = run_plan(single, 1, STEPS, tmp_path)
+    rc2, losses, err2 = run_plan(tp_accum, 2, STEPS, tmp_path)
+    assert rc1 == 0 and rc2 == 0, (err1 + err2)[-3000:]
+    assert len(losses) == len(reference) == STEPS
+    assert max(abs(a - b) for a, b in zip(reference, losses)) <= 1e-5
