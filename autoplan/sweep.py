@@ -155,11 +155,17 @@ def _call(task: tuple) -> dict:
 
 
 def _run(tasks: list[tuple], jobs: int | None) -> list[dict]:
-    """Evaluate (function, args) tasks, in worker processes when there are enough of them."""
+    """Evaluate (function, args) tasks, in worker processes when there are enough of them;
+    a progress bar on a terminal (``autoplan.report.progress``)."""
+    from .report.progress import progress
+
+    def serial() -> list[dict]:
+        return list(progress(map(_call, tasks), len(tasks), "planning points"))
+
     jobs = jobs if jobs is not None else min(os.cpu_count() or 1, 8)
     jobs = min(jobs, len(tasks))
     if jobs <= 1 or len(tasks) < _PARALLEL_FROM:
-        return [_call(t) for t in tasks]
+        return serial()
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -168,12 +174,12 @@ def _run(tasks: list[tuple], jobs: int | None) -> list[dict]:
     # threads and hang on its first solve, so stop them first (HiGHS restarts them).
     # Elsewhere (macOS, Windows) points run here: spawned workers would re-run the caller's script.
     if not sys.platform.startswith("linux") or not _stop_highs_threads():
-        return [_call(t) for t in tasks]
+        return serial()
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            return list(pool.map(_call, tasks))
+            return list(progress(pool.map(_call, tasks), len(tasks), "planning points"))
     except (OSError, RuntimeError):  # no processes here (sandbox, limits): run them in this one
-        return [_call(t) for t in tasks]
+        return serial()
 
 
 def _stop_highs_threads() -> bool:
