@@ -32,17 +32,20 @@ GROUPS = {
         "tests": ["tests/test_cost_models.py", "tests/test_cost_properties.py", "tests/test_memory_phases.py",
                   "tests/test_step_time.py", "tests/test_comm.py", "tests/test_published_runs.py",
                   "tests/test_memory_model.py", "tests/test_memory_ring.py", "tests/test_torchtitan_profile.py",
-                  "tests/test_planner_reference.py", "tests/test_ilp_memory.py"],
+                  "tests/test_planner_reference.py", "tests/test_ilp_memory.py",
+                  "tests/test_seeded_cost.py", "tests/test_memory_allocator.py", "tests/test_hf_config.py"],
     },
     "planner": {
         "sources": ["autoplan/search.py", "autoplan/ilp.py", "autoplan/planner.py", "autoplan/fix.py",
-                    "autoplan/units.py", "cost_models/rules.py"],
+                    "autoplan/units.py", "autoplan/longest.py", "cost_models/rules.py"],
         "tests": ["tests/test_planner_bruteforce.py", "tests/test_planner_reference.py", "tests/test_ilp_memory.py",
-                  "tests/test_fix.py", "tests/test_units.py", "tests/test_cli.py", "tests/test_alternatives.py"],
+                  "tests/test_fix.py", "tests/test_units.py", "tests/test_cli.py", "tests/test_alternatives.py",
+                  "tests/test_ilp_objective_accum.py", "tests/test_ilp_memory_binding.py", "tests/test_longest.py",
+                  "tests/test_cli_conflicts.py"],
     },
     "runtime": {
         "sources": ["runtime/context_parallel.py", "runtime/metrics.py", "runtime/data.py"],
-        "tests": ["tests/test_runtime_units.py"],
+        "tests": ["tests/test_runtime_units.py", "tests/test_seeded_runtime.py", "tests/test_runtime_inputs.py"],
     },
 }
 

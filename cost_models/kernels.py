@@ -177,3 +177,40 @@ def attention_backend_for(cfg: TrainConfig, executor: ExecutorProfile, model: Mo
     if executor.native_gqa and model is not None and model.n_heads != model.n_kv_heads:
         return "flash"  # enable_gqa=True: only flash (and math) accept it
     return executor.attention_backend
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+OPTIMIZER_BYTES_PER_PARAM = 28 + 4  # AdamW fp32: read p, g, m, v; write p, m, v; + norm
+# Optimizer + clipping host ops. AdamW(foreach=False) runs, per parameter tensor
+# (torch 2.13 torch/optim/adam.py _single_tensor_adam, non-capturable path), 8 DTensor ops:
+# param.mul_ (decoupled weight decay), exp_avg.lerp_, exp_avg_sq.mul_ + addcmul_,
+# exp_avg_sq.sqrt, / bias correction, .add_(eps), param.addcdiv_; plus step_t += 1 on a
+# plain tensor. clip_grad_norm_(foreach=False): one vector_norm and one mul_ per tensor.
+# With foreach both become ~20 multi-tensor ops over the whole list (each still unwraps
+# every DTensor: ~1 us a tensor).
+OPTIMIZER_DTENSOR_OPS_PER_TENSOR = 8 + 2
+OPTIMIZER_PLAIN_OPS_PER_TENSOR = 1
+OPTIMIZER_FOREACH_OPS = 20
+FOREACH_PER_TENSOR_OP_S = 1e-6
+
+
+def parameter_tensors(model: ModelSpec) -> int:
+    """Parameter tensors the optimizer walks: 7 linears + 2 norms (+ 3 q/k/v biases) per
+    block, embedding, final norm, output (291 for Llama 3 8B)."""
+    return (9 + (3 if model.qkv_bias else 0)) * model.n_layers + 2 + (0 if model.tie_embeddings else 1)
+
+
+def optimizer_time_s(model: ModelSpec, gpu: GPUSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:
+    """AdamW + clip_grad_norm_: HBM traffic of the sharded state, or the host's op issue
+    when that is longer (foreach=False over ~290 DTensor parameters is dispatch-bound)."""
+    par = cfg.parallelism
+    sharded_params = model.num_params / par.tp / par.fsdp_degree
+    hbm_s = sharded_params * OPTIMIZER_BYTES_PER_PARAM / gpu.hbm_bytes_per_s
+    n = parameter_tensors(model)
+    if executor.optimizer_foreach:
+        host_s = OPTIMIZER_FOREACH_OPS * (executor.dtensor_op_overhead_s + n * FOREACH_PER_TENSOR_OP_S)
+    else:
+        host_s = n * (OPTIMIZER_DTENSOR_OPS_PER_TENSOR * executor.dtensor_op_overhead_s
+                      + OPTIMIZER_PLAIN_OPS_PER_TENSOR * executor.host_op_overhead_s)
+    return max(hbm_s, host_s)

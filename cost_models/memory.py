@@ -47,7 +47,6 @@ folded into ``loss_working_bytes`` and the pools into ``fixed_overhead_bytes``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from .activations import (
     LayerMemory,
@@ -59,7 +58,7 @@ from .activations import (
     selective_saves,
     torchtitan_layer_sac_modes,
 )
-from .allocator import simulate_allocator
+from .allocator import allocator_loss_stranded_bytes, simulate_allocator
 from .config import AC_MODES, TrainConfig
 from .executors import ExecutorProfile, resolve_executor
 from .specs import ModelSpec
@@ -224,81 +223,6 @@ class MemoryEstimate:
     def forward_backward_tensor_peak_bytes(self) -> float:
         """Tensor peak outside the optimizer step (what a trace of forward + backward sees)."""
         return max(v for k, v in self.phase_tensor_bytes.items() if k != "optimizer")
-
-
-def loss_allocation_events(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile
-                           ) -> list[tuple[str, str, float]]:
-    """The loss's large tensors in the order they are requested and freed, per chunk
-    (the sequences behind ``loss_working_bytes``)."""
-    chunk = loss_chunk_tokens(cfg, executor)
-    L = chunk * model.vocab_size / cfg.parallelism.tp
-    b = executor.logits_bytes
-    up = FP32 if executor.loss_upcast_fp32 else b
-    n_chunks = max(1, cfg.tokens_per_gpu // chunk)
-    events: list[tuple[str, str, float]] = []
-    for c in range(n_chunks if n_chunks <= 8 else 2):  # repeats reuse the same blocks
-        k = f"{c}:"
-        A = lambda name, n: events.append(("alloc", k + name, n))  # noqa: E731
-        F = lambda name: events.append(("free", k + name, 0.0))  # noqa: E731
-        if executor.compile and executor.loss_compiled_with_model:
-            A("logits", b * L); A("grad", b * L); F("logits"); F("grad")
-            continue
-        if cfg.parallelism.tp > 1:  # loss_parallel (see loss_working_bytes)
-            A("logits", b * L); A("up", up * L); A("shifted", up * L); A("exp", up * L); A("result", up * L)
-            F("exp"); F("shifted"); F("up")
-            if executor.logits_freed_before_backward:
-                F("logits")
-            A("zeros", up * L); A("exp2", up * L); A("sum", up * L); A("prod", up * L)
-            F("zeros"); F("exp2"); F("sum"); F("result"); A("grad", b * L); F("prod")
-        else:  # F.cross_entropy(logits.float()): log_softmax + nll_loss
-            A("logits", b * L); A("up", up * L); A("lsm", up * L); F("up")
-            if executor.logits_freed_before_backward:
-                F("logits")
-            A("gnll", up * L); A("glsm", up * L); F("gnll"); F("lsm"); A("grad", b * L); F("glsm")
-        if not executor.logits_freed_before_backward:
-            F("logits")
-        F("grad")
-    return events
-
-
-def allocator_loss_stranded_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:
-    """Reserved bytes the loss's request sequence leaves stranded: its peak reserved less
-    its peak allocated. Full-sequence fp32 cross-entropy with ``del pred`` before backward
-    strands the bf16 logits' block: the fp32 copy and the logits free into one block of
-    6 bytes/element that the first 4-byte grad reuses, leaving 2 bytes/element that the
-    second 4-byte grad does not fit."""
-    return _stranded_bytes(model, cfg.tokens_per_gpu, cfg.parallelism.tp, executor)
-
-
-@lru_cache(maxsize=4096)
-def _stranded_bytes(model: ModelSpec, tokens_per_gpu: int, tp: int, executor: ExecutorProfile) -> float:
-    """The loss's requests depend only on the local tokens, tp and the executor: the
-    planner prices thousands of layouts that share a few of these."""
-    cfg = _LossShape(tokens_per_gpu, _TpOnly(tp))
-    events = tuple(loss_allocation_events(model, cfg, executor))  # type: ignore[arg-type]
-    reserved, allocated = _simulate_allocator_memo(events, executor.expandable_segments)
-    return max(0.0, reserved - allocated)
-
-
-@dataclass(frozen=True)
-class _TpOnly:
-    tp: int
-
-
-@dataclass(frozen=True)
-class _LossShape:
-    """What ``loss_allocation_events`` reads of a ``TrainConfig``."""
-
-    tokens_per_gpu: int
-    parallelism: _TpOnly
-
-
-@lru_cache(maxsize=4096)
-def _simulate_allocator_memo(events: tuple[tuple[str, str, float], ...], expandable_segments: bool
-                             ) -> tuple[float, float]:
-    """``simulate_allocator`` remembered by its input: a planner prices thousands of
-    layouts whose loss requests the same few sequences of sizes."""
-    return simulate_allocator(list(events), expandable_segments)
 
 
 def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile | str | None = None

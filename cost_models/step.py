@@ -59,12 +59,12 @@ from .kernels import (
     gemm_time_s,
     layer_matmul_s,
     loss_elementwise_bytes_per_token,
+    optimizer_time_s,
 )
 from .memory import MemoryEstimate, estimate_memory
 from .rules import layout_violations
-from .specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
+from .specs import ClusterSpec, ModelSpec, SpecError
 
-OPTIMIZER_BYTES_PER_PARAM = 28 + 4  # AdamW fp32: read p, g, m, v; write p, m, v; + norm
 FP32 = 4
 
 @dataclass(frozen=True)
@@ -295,40 +295,6 @@ class TimeTerms:
 
     def step_s(self, counts: dict[str, int]) -> float:
         return self.grad_accum_steps * self.micro_s(counts) + self.optimizer_s
-
-
-# Optimizer + clipping host ops. AdamW(foreach=False) runs, per parameter tensor
-# (torch 2.13 torch/optim/adam.py _single_tensor_adam, non-capturable path), 8 DTensor ops:
-# param.mul_ (decoupled weight decay), exp_avg.lerp_, exp_avg_sq.mul_ + addcmul_,
-# exp_avg_sq.sqrt, / bias correction, .add_(eps), param.addcdiv_; plus step_t += 1 on a
-# plain tensor. clip_grad_norm_(foreach=False): one vector_norm and one mul_ per tensor.
-# With foreach both become ~20 multi-tensor ops over the whole list (each still unwraps
-# every DTensor: ~1 us a tensor).
-OPTIMIZER_DTENSOR_OPS_PER_TENSOR = 8 + 2
-OPTIMIZER_PLAIN_OPS_PER_TENSOR = 1
-OPTIMIZER_FOREACH_OPS = 20
-FOREACH_PER_TENSOR_OP_S = 1e-6
-
-
-def parameter_tensors(model: ModelSpec) -> int:
-    """Parameter tensors the optimizer walks: 7 linears + 2 norms (+ 3 q/k/v biases) per
-    block, embedding, final norm, output (291 for Llama 3 8B)."""
-    return (9 + (3 if model.qkv_bias else 0)) * model.n_layers + 2 + (0 if model.tie_embeddings else 1)
-
-
-def optimizer_time_s(model: ModelSpec, gpu: GPUSpec, cfg: TrainConfig, executor: ExecutorProfile) -> float:
-    """AdamW + clip_grad_norm_: HBM traffic of the sharded state, or the host's op issue
-    when that is longer (foreach=False over ~290 DTensor parameters is dispatch-bound)."""
-    par = cfg.parallelism
-    sharded_params = model.num_params / par.tp / par.fsdp_degree
-    hbm_s = sharded_params * OPTIMIZER_BYTES_PER_PARAM / gpu.hbm_bytes_per_s
-    n = parameter_tensors(model)
-    if executor.optimizer_foreach:
-        host_s = OPTIMIZER_FOREACH_OPS * (executor.dtensor_op_overhead_s + n * FOREACH_PER_TENSOR_OP_S)
-    else:
-        host_s = n * (OPTIMIZER_DTENSOR_OPS_PER_TENSOR * executor.dtensor_op_overhead_s
-                      + OPTIMIZER_PLAIN_OPS_PER_TENSOR * executor.host_op_overhead_s)
-    return max(hbm_s, host_s)
 
 
 def time_terms(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,

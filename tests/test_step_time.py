@@ -4,9 +4,15 @@ import pytest
 
 from cost_models.config import ACPolicy, Parallelism, TrainConfig
 from cost_models.executors import resolve_executor
-from cost_models.kernels import attention_rate_per_s, elementwise_bytes_per_token, gemm_shape_efficiency, gemm_time_s
+from cost_models.kernels import (
+    attention_rate_per_s,
+    elementwise_bytes_per_token,
+    gemm_shape_efficiency,
+    gemm_time_s,
+    optimizer_time_s,
+)
 from cost_models.specs import MODEL_PRESETS, ClusterSpec, resolve_gpu
-from cost_models.step import estimate_step, layer_time, optimizer_time_s, time_terms
+from cost_models.step import estimate_step, layer_time, time_terms
 
 L8B = MODEL_PRESETS["llama3-8b"]
 L70B = MODEL_PRESETS["llama3-70b"]
