@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     fake_cuda.stub_torch_cuda()
+    fake_cuda.lower_right_causal_as_on_gpu(args.sdpa_backend)
     from autoplan.plan import Plan
 
     from .trace import trace_plan_memory

@@ -176,6 +176,34 @@ def mesh_metadata_outside_fake_mode() -> None:
     DeviceMesh.__init__ = init  # type: ignore[method-assign]
 
 
+def lower_right_causal_as_on_gpu(sdpa_backend: str = "flash") -> None:
+    """The portable all-gather-K/V CP attends with ``causal_lower_right`` masks
+    (``torch.nn.attention.bias.CausalBias``). Two things differ on the fake device:
+    the mask object (metadata: two lengths) cannot be created as a FakeTensor or under
+    the memory tracker's dispatch mode, so it is made outside both; and CausalBias asks ``can_use_flash_attention`` /
+    ``can_use_efficient_attention``, CUDA checks that the CPU wheel answers False, which
+    would trace the materialized-mask math path no GPU runs. They answer as an H100 does
+    for the backend the program asks for (bf16, head dim <= 256: both kernels qualify)."""
+    import functools
+
+    import torch.nn.attention.bias as bias
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    original = bias.causal_lower_right
+    if getattr(original, "_outside_fake_mode", False):
+        return
+
+    @functools.wraps(original)
+    def causal_lower_right(*size):
+        with _disable_current_modes():  # fake mode and the memory tracker's mode
+            return original(*size)
+
+    causal_lower_right._outside_fake_mode = True  # type: ignore[attr-defined]
+    bias.causal_lower_right = causal_lower_right
+    bias.can_use_flash_attention = lambda params, debug=False: sdpa_backend == "flash"
+    bias.can_use_efficient_attention = lambda params, debug=False: sdpa_backend in ("flash", "efficient")
+
+
 def stub_torch_cuda(device_count: int = 8) -> None:
     """``torch.cuda``'s device, stream and event calls as no-ops on one fake device, and
     the CUDA build's dispatch table where the CPU wheel's differs (``mirror_cuda_kernels``)."""
