@@ -29,6 +29,7 @@ TRACEABLE_CP_IMPLS = ("none", "allgather-kv")
 
 
 PROGRAMS = ("auto", "cuda", "cpu")
+TRACE_TIMEOUT_S = 3600.0  # a 405B rank traces in minutes; a hang must not hang check
 
 
 def sdpa_backend(plan: Plan) -> str:
@@ -54,8 +55,12 @@ def trace_cuda(plan: Plan, backend: str) -> tuple[dict | None, str]:
         plan_path = Path(folder) / "plan.yaml"
         plan.save(plan_path)
         out = Path(folder) / "trace.json"
-        result = subprocess.run([sys.executable, "-m", "runtime.cuda_trace", str(plan_path), "--json", str(out),
-                                 "--sdpa-backend", backend], capture_output=True, text=True)
+        try:
+            result = subprocess.run([sys.executable, "-m", "runtime.cuda_trace", str(plan_path), "--json", str(out),
+                                     "--sdpa-backend", backend], capture_output=True, text=True,
+                                    timeout=TRACE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None, f"the trace took more than {TRACE_TIMEOUT_S / 60:.0f} minutes"
         if out.exists():
             return json.loads(out.read_text()), ""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
