@@ -77,3 +77,13 @@ def test_qkv_biases_train_under_tensor_parallel_like_one_process(tmp_path):
     assert len(reference) == len(losses) == 6
     assert max(abs(a - b) for a, b in zip(reference, losses)) <= 1e-4
     assert torch.tensor(reference).isfinite().all()
+
+
+@pytest.mark.parametrize("config, published", [
+    # Parameter totals as published with the weights (safetensors index total_size / 2 bytes, bf16).
+    ("llama3.1-8b.json", 8_030_261_248),
+    ("qwen2-7b.json", 7_615_616_512),  # includes its q/k/v biases
+])
+def test_example_configs_count_the_published_parameters(config, published):
+    spec = resolve_model(str(Path(__file__).resolve().parents[1] / "examples" / "configs" / config))
+    assert spec.num_params == published
