@@ -4,7 +4,11 @@
 once, when torch first asks. It compiles ``fake_cuda.cpp`` once (g++, ~10 s) into a cache
 folder keyed by the source and the torch version, and loads it. ``stub_torch_cuda()`` then
 replaces the device, stream and event functions of ``torch.cuda`` (FSDP2 calls them) with
-no-ops. Every tensor on the fake device must be a FakeTensor: nothing real exists there.
+no-ops and removes the differences between the CPU wheel and a CUDA build that change
+what is traced: ops the wheel only decomposes on CUDA (``mirror_cuda_kernels``), the
+device mesh's own bookkeeping (``mesh_metadata_outside_fake_mode``). The CUDA trace also
+calls ``lower_right_causal_as_on_gpu`` for the portable CP's causal masks. Every tensor on
+the fake device must be a FakeTensor: nothing real exists there.
 
 Pinned to the torch version it was tested on; any other is refused in one line
 (``FakeCudaUnavailable``), and callers fall back to the CPU trace and say so.
