@@ -27,6 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 GROUPS = {
+    # The FLOP and collective formulas with their fast hand-derived tests: a group small
+    # enough to run in ~20 minutes on two cores (the whole cost_models group runs every
+    # memory and published-run test per mutant: hours).
+    "cost_core": {
+        "sources": ["cost_models/flops.py", "cost_models/comm.py"],
+        "tests": ["tests/test_cost_models.py", "tests/test_comm.py", "tests/test_seeded_cost.py",
+                  "tests/test_step_time.py"],
+    },
     "cost_models": {
         "sources": ["cost_models/"],
         "tests": ["tests/test_cost_models.py", "tests/test_cost_properties.py", "tests/test_memory_phases.py",
