@@ -36,7 +36,8 @@ class ParallelismDoc(BaseModel):
     dp_shard: int = Field(1, ge=1)
     cp: int = Field(1, ge=1)
     tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1, le=1)
+    # > 1 only for the runtime: the cost models and the planner price pp = 1 (to_spec refuses more).
+    pp: int = Field(1, ge=1)
 
     @property
     def world_size(self) -> int:
@@ -132,6 +133,12 @@ class Plan(BaseModel):
     calibration: str | None = None  # the calibration file the plan was priced with, if any
     # Tokens per loss chunk in the runtime's chunked cross-entropy (None: one chunk).
     loss_chunk_tokens: int | None = Field(None, ge=1)
+    # Pipeline parallelism (read when parallelism.pp > 1): PyTorch's schedule, the
+    # micro-batches each local batch is split into (None: one sequence each), and the
+    # model chunks per pp rank (> 1 only for the interleaved schedule).
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = "1f1b"
+    pp_microbatches: int | None = Field(None, ge=1)
+    pp_virtual_stages: int = Field(1, ge=1)
     predicted: PredictedDoc | None = None
     alternatives: list[dict[str, Any]] = Field(default_factory=list)
     explanation: list[str] = Field(default_factory=list)
@@ -153,9 +160,25 @@ class Plan(BaseModel):
             )
         if self.parallelism.cp > 1 and self.cp_impl == "none":
             self.cp_impl = "allgather-kv"
+        self._check_pipeline()
         if self.executor not in EXECUTOR_PROFILES:
             raise ValueError(f"executor {self.executor!r}: use one of {', '.join(EXECUTOR_PROFILES)}")
         return self
+
+    def _check_pipeline(self) -> None:
+        interleaved = self.pp_schedule == "interleaved-1f1b"
+        if interleaved != (self.pp_virtual_stages > 1):
+            raise ValueError(f"pp_virtual_stages={self.pp_virtual_stages} with pp_schedule {self.pp_schedule!r}: "
+                             "use pp_virtual_stages >= 2 with 'interleaved-1f1b' and 1 otherwise")
+        pp, micro = self.parallelism.pp, self.microbatches
+        if pp > 1 and (micro < pp or self.local_batch_size % micro):
+            raise ValueError(f"pp_microbatches={micro} with pp={pp} and local_batch_size={self.local_batch_size}: "
+                             f"use a divisor of local_batch_size that is >= pp (raise local_batch_size if none is)")
+
+    @property
+    def microbatches(self) -> int:
+        """Pipeline micro-batches per local batch (default: one sequence each)."""
+        return self.pp_microbatches or self.local_batch_size
 
     # Conversions to the cost-model inputs --------------------------------------------
     def model_spec(self) -> ModelSpec:

@@ -33,11 +33,27 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, output: torch.nn.Linear, lab
     return total
 
 
-def _parallel_chunk_loss_sum(hidden, output: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor.parallel import loss_parallel
+def loss_parallel_once():
+    """``loss_parallel()``, or nothing when it is already active.
 
+    ``loss_parallel`` is not re-entrant: its exit removes the loss ops even when an outer
+    one (around a backward, or around a whole pipeline schedule) still needs them.
+    """
+    import contextlib
+
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+    from torch.distributed.tensor.parallel.loss import customized_loss_ops
+
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    if all(op in handlers for op in customized_loss_ops):
+        return contextlib.nullcontext()
+    return loss_parallel()
+
+
+def _parallel_chunk_loss_sum(hidden, output: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
     logits = output(hidden)  # column-parallel: vocab-sharded DTensor
-    with loss_parallel():
+    with loss_parallel_once():
         return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 

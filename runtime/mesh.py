@@ -23,13 +23,15 @@ class ParallelDims:
     cp: int
     tp: int
     world_size: int
+    pp: int = 1
 
     def __post_init__(self) -> None:
-        product = self.dp_replicate * self.dp_shard * self.cp * self.tp
+        product = self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
         if product != self.world_size:
+            pp = f" x pp={self.pp}" if self.pp > 1 else ""
             raise LayoutError(
                 f"the plan's degrees dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x cp={self.cp} "
-                f"x tp={self.tp} = {product}, but {self.world_size} processes were started "
+                f"x tp={self.tp}{pp} = {product}, but {self.world_size} processes were started "
                 f"(run with --nproc-per-node {product} or re-plan for {self.world_size})")
 
     def degree(self, name: str) -> int:
@@ -38,12 +40,18 @@ class ParallelDims:
 
 def build_mesh(dims: ParallelDims, device_type: str, mesh_order: list[str] | tuple[str, ...]):
     """A 4-D mesh in ``mesh_order`` (outermost first) with flattened submeshes:
-    dp_shard_cp (FSDP), dp (data loading), dp_cp (loss averaging)."""
+    dp_shard_cp (FSDP), dp (data loading), dp_cp (loss averaging).
+
+    With pipeline parallelism a "pp" dim goes outermost (stages exchange one activation
+    per micro-batch, the least traffic of any dim, so it can cross the slowest links);
+    without it the mesh stays 4-D, exactly as before."""
     from torch.distributed.device_mesh import init_device_mesh
 
     order = tuple(mesh_order)
     if sorted(order) != sorted(MESH_DIMS):
         raise LayoutError(f"mesh_order {list(order)} must name each of {', '.join(MESH_DIMS)} once")
+    if dims.pp > 1:
+        order = ("pp", *order)
     mesh = init_device_mesh(device_type, tuple(dims.degree(n) for n in order), mesh_dim_names=order)
     mesh[_in_order(order, ("dp_shard", "cp"))]._flatten("dp_shard_cp")
     mesh[_in_order(order, ("dp_replicate", "dp_shard"))]._flatten("dp")

@@ -34,13 +34,16 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
 
-    parallelize_module(model, tp_mesh, {
+    outer = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         # The loss gathers the normed hidden states once and feeds the projection per chunk.
         "output": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                   use_local_output=not loss_parallel),
-    })
+    }
+    # A pipeline stage (runtime/pipeline.py) holds only some of them.
+    parallelize_module(model, tp_mesh, {name: style for name, style in outer.items()
+                                        if getattr(model, name, None) is not None})
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
@@ -56,7 +59,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool = True
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             "feed_forward.w3": ColwiseParallel(),
         })
-    if model.spec.tie_embeddings:  # parallelize_module unties them
+    if model.spec.tie_embeddings and model.output is not None:  # parallelize_module unties them
         model.output.weight = model.tok_embeddings.weight
 
 

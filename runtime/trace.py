@@ -80,6 +80,10 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
     )
 
     p = plan.parallelism
+    if p.pp > 1:
+        from .mesh import LayoutError
+        raise LayoutError(f"parallelism.pp={p.pp}: memory tracing runs one whole model (pp = 1); pipeline "
+                          "stages are not traced yet")
     world = p.world_size
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world)
     device = torch.device(device_type)

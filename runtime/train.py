@@ -23,6 +23,7 @@ import torch.distributed as dist
 from autoplan.plan import Plan, PlanError
 
 from . import checkpoint as ckpt
+from . import pipeline as pp
 from .context_parallel import shard_sequence
 from .data import TOKEN_DTYPES, DataError, TokenSource, batch_for_step
 from .loss import chunked_cross_entropy_sum, parallel_cross_entropy_sum
@@ -45,6 +46,7 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
     step: int = 0
+    pipeline: pp.Pipeline | None = None  # pp > 1
 
 
 def lr_lambda(warmup: int, total: int | None):
@@ -72,21 +74,54 @@ def build_parallel_model(plan: Plan, mesh, dims: ParallelDims, device: torch.dev
     return model
 
 
+def build_pipeline(plan: Plan, mesh, dims: ParallelDims, device: torch.device, shard_over_cp: bool = True
+                   ) -> tuple[pp.Pipeline, pp.LocalStages]:
+    """This pp rank's stages on the meta device, each parallelized like a whole model."""
+    if dims.cp > 1 and uses_native_cp(plan.cp_impl, device.type):
+        raise LayoutError(f"cp_impl {plan.cp_impl!r} with pp > 1: the ring runs inside context_parallel() around "
+                          "one model's step, not a pipeline schedule; use cp_impl allgather-kv")
+    spec = plan.model_spec()
+    with torch.device("meta"):
+        model = Transformer(spec)
+    pipe = pp.split_model(model, mesh, dims, plan.pp_virtual_stages, plan.pp_schedule, plan.microbatches)
+    layer_modes = plan.activation_checkpoint.layer_modes(spec.n_layers)
+    param_dtype = DTYPES[plan.precision.param_dtype] if device.type == "cuda" else torch.float32
+    reduce_dtype = DTYPES[plan.precision.reduce_dtype] if device.type == "cuda" else torch.float32
+    for stage in pipe.stages:
+        modes = tuple(layer_modes[int(name)] for name in stage.layers)
+        parallelize(stage, dims, mesh, modes, param_dtype, reduce_dtype, shard_over_cp, plan.cp_impl,
+                    device.type)
+    return pipe, pp.LocalStages(pipe.stages)
+
+
 def build_training_state(plan: Plan, mesh, dims: ParallelDims, device: torch.device, seed: int = 0,
                          materialize: bool = True, shard_over_cp: bool = True,
-                         param_dtype: torch.dtype | None = None, model: Transformer | None = None
-                         ) -> TrainingState:
-    """Model built on meta, parallelized, then materialized shard by shard (+ AdamW)."""
-    if model is None:
+                         param_dtype: torch.dtype | None = None, model: Transformer | None = None,
+                         pp_schedule_scales_grads: bool = False) -> TrainingState:
+    """Model built on meta, parallelized, then materialized shard by shard (+ AdamW).
+
+    ``pp_schedule_scales_grads`` (pp > 1, negative control only): PyTorch's default loss
+    scaling, wrong under gradient accumulation (runtime/pipeline.py)."""
+    pipe = None
+    if dims.pp > 1:
+        pipe, model = build_pipeline(plan, mesh, dims, device, shard_over_cp)
+    elif model is None:
         model = build_parallel_model(plan, mesh, dims, device, shard_over_cp, param_dtype)
+    assert model is not None
     model.to_empty(device=device)
     if materialize:
         init_weights(model, seed)
+    if pipe is not None:
+        pipe.scale_grads = pp_schedule_scales_grads
+        tokens = plan.local_batch_size * plan.seq_len // dims.cp * plan.grad_accum_steps  # per rank and step
+        loss_fn = pp.pipeline_loss_fn(pipe.stages[-1], dims.tp, plan.loss_chunk_tokens,
+                                      tokens // pipe.microbatches if pipe.scale_grads else tokens)
+        pp.build_schedule(pipe, device, loss_fn)
     opt = plan.optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas),
                                   weight_decay=opt.weight_decay, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, opt.total_steps))
-    return TrainingState(plan, dims, mesh, model, optimizer, scheduler, device)
+    return TrainingState(plan, dims, mesh, model, optimizer, scheduler, device, pipeline=pipe)
 
 
 def local_tokens(state: TrainingState, inputs: torch.Tensor, labels: torch.Tensor):
@@ -147,6 +182,11 @@ def train_step(state: TrainingState, batches) -> dict:
     total = torch.zeros((), device=state.device)
     native_cp = state.dims.cp > 1 and uses_native_cp(plan.cp_impl, state.device.type)
     for inputs, labels in batches:
+        if state.pipeline is not None:
+            inputs, labels, positions = local_tokens(state, inputs, labels)
+            with loss_backward_context(state.dims):  # the schedule runs every backward
+                total += pp.forward_backward(state.pipeline, inputs, labels, positions)
+            continue
         if native_cp:
             loss = _native_cp_micro_step(state, inputs, labels, accum)
         else:
@@ -155,13 +195,18 @@ def train_step(state: TrainingState, batches) -> dict:
             with loss_backward_context(state.dims):
                 loss.backward()
         total += loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), plan.optimizer.max_norm, foreach=False)
+    if state.pipeline is not None:
+        grad_norm = pp.clip_grad_norm_(state.pipeline, state.model.parameters(), plan.optimizer.max_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), plan.optimizer.max_norm, foreach=False)
     lr = state.scheduler.get_last_lr()[0]
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     dist.all_reduce(total, op=dist.ReduceOp.AVG, group=state.mesh["dp_cp"].get_group())
+    if state.pipeline is not None:
+        pp.broadcast_from_last(state.pipeline, total)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     return {"loss": total, "grad_norm": grad_norm, "lr": lr}
 
@@ -189,14 +234,16 @@ def _init_distributed(device_arg: str) -> torch.device:
 def train_loop(plan: Plan, mesh, dims: ParallelDims, device: torch.device, source: TokenSource, steps: int,
                seed: int = 0, metrics_path: str | None = None, checkpoint_dir: str | None = None,
                checkpoint_every: int | None = None, resume: bool = False, shard_over_cp: bool = True,
-               start_checkpoint: Path | None = None, log_every: int = 0) -> list[dict]:
+               start_checkpoint: Path | None = None, log_every: int = 0,
+               pp_schedule_scales_grads: bool = False) -> list[dict]:
     """Train ``plan`` on an existing mesh up to step ``steps``; returns the step records.
 
     With ``checkpoint_dir`` it saves every ``checkpoint_every`` steps (default
     DEFAULT_CHECKPOINT_EVERY; 0: only at the end) and always after the last step.
     ``start_checkpoint`` (or, with ``resume``, the newest whole one) is loaded first.
     """
-    state = build_training_state(plan, mesh, dims, device, seed, shard_over_cp=shard_over_cp)
+    state = build_training_state(plan, mesh, dims, device, seed, shard_over_cp=shard_over_cp,
+                                 pp_schedule_scales_grads=pp_schedule_scales_grads)
     if start_checkpoint is None and resume and checkpoint_dir:
         start_checkpoint = ckpt.choose(checkpoint_dir, plan)[0]
     if start_checkpoint is not None:
@@ -261,7 +308,10 @@ def run(args) -> dict:
         plan = Plan.load(args.plan)
         p = plan.parallelism
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world)  # checked before any collective
+        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world, p.pp)  # checked before any collective
+        if p.pp > 1 and args.checkpoint_dir:
+            raise LayoutError(f"--checkpoint-dir with parallelism.pp={p.pp}: checkpoints of pipelined runs are not "
+                              "supported yet; train without --checkpoint-dir or with pp=1")
         if plan.seq_len % (2 * p.cp) or (p.tp > 1 and (plan.seq_len // p.cp) % p.tp):
             raise LayoutError(f"seq_len={plan.seq_len} must split into 2 x cp = {2 * p.cp} equal chunks "
                               f"(and each rank's {plan.seq_len // p.cp} tokens by tp={p.tp})")
@@ -275,7 +325,8 @@ def run(args) -> dict:
     mesh = build_mesh(dims, device.type, plan.mesh_order)
     records = train_loop(plan, mesh, dims, device, source, args.steps, args.seed, args.metrics,
                          args.checkpoint_dir, args.checkpoint_every,
-                         shard_over_cp=not args.debug_fsdp_over_dp_shard_only, start_checkpoint=start.checkpoint, log_every=args.log_every)
+                         shard_over_cp=not args.debug_fsdp_over_dp_shard_only, start_checkpoint=start.checkpoint, log_every=args.log_every,
+                         pp_schedule_scales_grads=args.debug_pp_schedule_scales_grads)
     summary = summarize_run(plan, records)
     if dist.get_rank() == 0:
         run_device = run_device_name(device)
@@ -307,6 +358,7 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps (0: none)")
     parser.add_argument("--record", default=None, help="append a calibration record (JSONL)")
     parser.add_argument("--debug-fsdp-over-dp-shard-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--debug-pp-schedule-scales-grads", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
