@@ -33,7 +33,7 @@ GROUPS = {
     "cost_core": {
         "sources": ["cost_models/flops.py", "cost_models/comm.py"],
         "tests": ["tests/test_cost_models.py", "tests/test_comm.py", "tests/test_seeded_cost.py",
-                  "tests/test_step_time.py"],
+                  "tests/test_step_time.py", "tests/test_flops_comm_by_hand.py"],
     },
     "cost_models": {
         "sources": ["cost_models/"],
