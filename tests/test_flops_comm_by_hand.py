@@ -63,6 +63,7 @@ def test_link_bytes_per_collective_kind():
     assert collective_link_bytes("all_to_all", 800.0, 8) == 700.0
     assert collective_link_bytes("send_recv", 800.0, 8) == 800.0
     assert collective_link_bytes("all_reduce", 800.0, 1) == 0.0
+    assert collective_link_bytes("send_recv", 800.0, 1) == 0.0  # no peer: nothing sent
 
 
 def test_collective_time_inside_a_node_by_hand():
@@ -114,6 +115,8 @@ def test_make_collective_and_collective_seconds_place_the_group():
     assert (dp.group, dp.group_size, dp.tier, dp.ranks_per_node) == ("dp_shard+cp", 32, "inter-node", 8)
     one = 10e-6 + 28 * 1e-6 + 3 * 5e-6 + 31 / 32 * GiB / min(NVLINK, 8 * NIC)
     assert dp.time_s == pytest.approx(one, rel=1e-12)
+    assert collective_seconds(cluster, par, order, "reduce_scatter", ("dp_shard", "cp"), GiB) == pytest.approx(
+        one, rel=1e-12)
     assert dp.bytes_per_call == GiB and dp.kind == "reduce_scatter" and dp.name == "fsdp"
     # A group of one moves nothing.
     solo = make_collective(cluster, par, order, "tp", "all_gather", ("tp",), GiB, calls=5)
