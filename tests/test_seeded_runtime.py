@@ -8,10 +8,10 @@
   runtime.train's own parser then reads back.
 """
 
-import subprocess
 
 import pytest
 import torch
+from runtime_helpers import TINY, write_plan
 
 from autoplan.cli import main as autoplan_main
 from autoplan.plan import Plan
@@ -19,7 +19,6 @@ from runtime.context_parallel import head_tail_chunks, shard_sequence
 from runtime.metrics import StepMetrics, summarize_run
 from runtime.model import Transformer
 from runtime.train import parse_args as train_parse_args
-from runtime_helpers import TINY, write_plan
 
 # ----------------------------------------------------------------------------- head-tail CP
 
@@ -100,11 +99,16 @@ def test_run_passes_resume_and_checkpoint_dir_to_training(tmp_path, monkeypatch)
     plan = write_plan(tmp_path / "plan.yaml", {"dp_shard": 2})
     launched = []
 
-    def stand_in(command, **kwargs):  # torchrun's place: record what it was asked to run
-        launched.append(list(command))
-        return subprocess.CompletedProcess(command, 0)
+    from autoplan.commands import run as run_command
 
-    monkeypatch.setattr(subprocess, "run", stand_in)
+    def stand_in(command, env):  # torchrun's place: record what it was asked to run
+        launched.append(list(command))
+        return 0
+
+    monkeypatch.setattr(run_command, "_run_torchrun", stand_in)
+    # The parent's checks before torchrun (an empty folder cannot be resumed) are tested in
+    # tests/test_runtime_resume.py; here only what reaches the training command counts.
+    monkeypatch.setattr(run_command, "_preflight", lambda args, plan: None)
     ckpt = tmp_path / "ckpt"
     assert autoplan_main(["run", str(plan), "--resume", "--checkpoint-dir", str(ckpt), "--steps", "7"]) == 0
     assert autoplan_main(["run", str(plan), "--steps", "3"]) == 0
