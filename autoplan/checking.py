@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
@@ -96,7 +97,7 @@ def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None, progra
         cuda_trace, why = trace_cuda(plan, backend)
         if cuda_trace is not None:
             predicted = estimate_memory(model, plan.train_config(), plan.executor_spec())
-            traced = _Traced(cuda_trace["peak_bytes"], cuda_trace["components"])
+            traced = TracedPeak(cuda_trace["peak_bytes"], cuda_trace["components"])
             return _result(plan, predicted, predicted, traced, memory_headroom, traced_cuda_program(plan, backend),
                            stand_in=False)
         if program == "cuda":
@@ -111,19 +112,21 @@ def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None, progra
     cpu_trace = trace_plan_memory(traced_plan)
     # The plan's own program, for the verdict when the trace could not run it.
     planned = estimate_memory(model, plan.train_config(), plan.executor_spec()) if stand_in else predicted
-    result = _result(plan, predicted, planned, _Traced(cpu_trace.peak_bytes, cpu_trace.components), memory_headroom,
+    result = _result(plan, predicted, planned, TracedPeak(cpu_trace.peak_bytes, cpu_trace.components), memory_headroom,
                      traced_program(plan), stand_in)
     result["note"] = fallback_note
     return result
 
 
-class _Traced:
-    def __init__(self, peak_bytes: float, components: dict[str, float]):
-        self.peak_bytes = peak_bytes
-        self.components = components
+@dataclass(frozen=True)
+class TracedPeak:
+    """What a trace reports, whichever program ran: the peak and its components."""
+
+    peak_bytes: float
+    components: dict[str, float]
 
 
-def _result(plan: Plan, predicted, planned, traced: _Traced, memory_headroom: MemoryHeadroom | None,
+def _result(plan: Plan, predicted, planned, traced: TracedPeak, memory_headroom: MemoryHeadroom | None,
             program: str, stand_in: bool) -> dict:
     tensor_predicted = dict(predicted.breakdown_bytes)
     # Activations on our side = saved activations + working sets + loss tensors.

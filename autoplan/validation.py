@@ -53,12 +53,12 @@ def run_cell(model_key: str, layout: str, ac: str, seq_len: int, program: str = 
                 **({"mesh_order": order} if order else {}))
     began = time.perf_counter()
     if program == "cuda":
-        from .checking import sdpa_backend, trace_cuda
+        from .checking import TracedPeak, sdpa_backend, trace_cuda
 
         found, why = trace_cuda(plan, sdpa_backend(plan))
         if found is None:
             raise RuntimeError(f"validate --program cuda: {why}")
-        traced = _Trace(found["peak_bytes"], found["components"])
+        traced = TracedPeak(found["peak_bytes"], found["components"])
     else:
         from runtime.trace import trace_plan_memory
 
@@ -69,8 +69,3 @@ def run_cell(model_key: str, layout: str, ac: str, seq_len: int, program: str = 
             "error": predicted.forward_backward_tensor_peak_bytes / traced.peak_bytes - 1, "phase": predicted.peak_phase,
             "traced_components": traced.components, "trace_s": time.perf_counter() - began}
 
-
-class _Trace:
-    def __init__(self, peak_bytes: float, components: dict[str, float]):
-        self.peak_bytes = peak_bytes
-        self.components = components
