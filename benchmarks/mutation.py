@@ -53,7 +53,8 @@ GROUPS = {
     },
     "runtime": {
         "sources": ["runtime/context_parallel.py", "runtime/metrics.py", "runtime/data.py"],
-        "tests": ["tests/test_runtime_units.py", "tests/test_seeded_runtime.py", "tests/test_runtime_inputs.py"],
+        "tests": ["tests/test_runtime_units.py", "tests/test_seeded_runtime.py", "tests/test_runtime_inputs.py",
+                  "tests/test_runtime_data.py"],
     },
 }
 

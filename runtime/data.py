@@ -55,7 +55,8 @@ class TokenSource:
             return torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=generator)
         index %= self.num_sequences
         start = index * (self.seq_len + 1)
-        return torch.from_numpy(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
+        # A copy: a memmapped int64 slice would otherwise be a read-only view torch warns about.
+        return torch.from_numpy(np.array(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
 
 
 TOKEN_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
