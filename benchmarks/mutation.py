@@ -80,12 +80,17 @@ def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
     with open(work / "pyproject.toml", "a") as out:
         out.write(config.replace("'", '"'))
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=work,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = work / "mutmut-run.log"
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=work,
+                       stdout=out, stderr=subprocess.STDOUT)
     results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
                              capture_output=True, text=True).stdout
     statuses = dict(re.findall(r"^\s*(\S+): (\S.*)$", results, flags=re.M))
     total = len(statuses)
+    if statuses and all(s == "not checked" for s in statuses.values()):
+        tail = log.read_text(errors="replace")[-600:]
+        print(f"{name}: mutmut checked none of {total} mutants; see {log}:\n{tail}", flush=True)
     killed = sum(1 for s in statuses.values() if s in ("killed", "timeout"))
     survivors = sorted(m for m, s in statuses.items() if s == "survived")
     print(f"{name}: {killed} killed of {total} mutants ({killed / max(total, 1):.0%}), "
