@@ -153,7 +153,11 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
 
 
 def loss_chunk_tokens(cfg: TrainConfig, executor: ExecutorProfile) -> int:
-    tokens = cfg.tokens_per_gpu
+    return chunk_tokens(cfg.tokens_per_gpu, executor)
+
+
+def chunk_tokens(tokens: int, executor: ExecutorProfile) -> int:
+    """Tokens per loss chunk for ``tokens`` local tokens under the executor's chunking."""
     if executor.loss_num_chunks:
         return max(1, tokens // executor.loss_num_chunks)
     return min(tokens, executor.loss_chunk_tokens) if executor.loss_chunk_tokens else tokens

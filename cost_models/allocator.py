@@ -6,10 +6,9 @@ loss's own request sequence, whose freed blocks are what the allocator strands.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
-from .activations import FP32, loss_chunk_tokens
+from .activations import FP32, chunk_tokens
 from .config import TrainConfig
 from .executors import ExecutorProfile
 from .specs import ModelSpec
@@ -104,11 +103,16 @@ def loss_allocation_events(model: ModelSpec, cfg: TrainConfig, executor: Executo
                            ) -> list[tuple[str, str, float]]:
     """The loss's large tensors in the order they are requested and freed, per chunk
     (the sequences behind ``loss_working_bytes``)."""
-    chunk = loss_chunk_tokens(cfg, executor)
-    L = chunk * model.vocab_size / cfg.parallelism.tp
+    return _loss_events(model, cfg.tokens_per_gpu, cfg.parallelism.tp, executor)
+
+
+def _loss_events(model: ModelSpec, tokens_per_gpu: int, tp: int, executor: ExecutorProfile
+                 ) -> list[tuple[str, str, float]]:
+    chunk = chunk_tokens(tokens_per_gpu, executor)
+    L = chunk * model.vocab_size / tp
     b = executor.logits_bytes
     up = FP32 if executor.loss_upcast_fp32 else b
-    n_chunks = max(1, cfg.tokens_per_gpu // chunk)
+    n_chunks = max(1, tokens_per_gpu // chunk)
     events: list[tuple[str, str, float]] = []
     for c in range(n_chunks if n_chunks <= 8 else 2):  # repeats reuse the same blocks
         k = f"{c}:"
@@ -117,7 +121,7 @@ def loss_allocation_events(model: ModelSpec, cfg: TrainConfig, executor: Executo
         if executor.compile and executor.loss_compiled_with_model:
             A("logits", b * L); A("grad", b * L); F("logits"); F("grad")
             continue
-        if cfg.parallelism.tp > 1:  # loss_parallel (see loss_working_bytes)
+        if tp > 1:  # loss_parallel (see loss_working_bytes)
             A("logits", b * L); A("up", up * L); A("shifted", up * L); A("exp", up * L); A("result", up * L)
             F("exp"); F("shifted"); F("up")
             if executor.logits_freed_before_backward:
@@ -148,28 +152,6 @@ def allocator_loss_stranded_bytes(model: ModelSpec, cfg: TrainConfig, executor: 
 def _stranded_bytes(model: ModelSpec, tokens_per_gpu: int, tp: int, executor: ExecutorProfile) -> float:
     """The loss's requests depend only on the local tokens, tp and the executor: the
     planner prices thousands of layouts that share a few of these."""
-    cfg = _LossShape(tokens_per_gpu, _TpOnly(tp))
-    events = tuple(loss_allocation_events(model, cfg, executor))  # type: ignore[arg-type]
-    reserved, allocated = _simulate_allocator_memo(events, executor.expandable_segments)
+    reserved, allocated = simulate_allocator(_loss_events(model, tokens_per_gpu, tp, executor),
+                                             executor.expandable_segments)
     return max(0.0, reserved - allocated)
-
-
-@dataclass(frozen=True)
-class _TpOnly:
-    tp: int
-
-
-@dataclass(frozen=True)
-class _LossShape:
-    """What ``loss_allocation_events`` reads of a ``TrainConfig``."""
-
-    tokens_per_gpu: int
-    parallelism: _TpOnly
-
-
-@lru_cache(maxsize=4096)
-def _simulate_allocator_memo(events: tuple[tuple[str, str, float], ...], expandable_segments: bool
-                             ) -> tuple[float, float]:
-    """``simulate_allocator`` remembered by its input: a planner prices thousands of
-    layouts whose loss requests the same few sequences of sizes."""
-    return simulate_allocator(list(events), expandable_segments)
