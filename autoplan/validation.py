@@ -25,14 +25,14 @@ LAYOUTS = {
 }
 # The CUDA program's grid (``--program cuda``, fake CUDA device): PyTorch's ring attention
 # (both rotations), bf16 mixed precision and the flash SDPA ops, which the CPU trace cannot run.
-CUDA_LAYOUTS = {
-    "FSDP": ({"dp_shard": 8}, None),
-    "FSDPxTP": ({"dp_shard": 4, "tp": 2}, None),
-    "FSDPxCP-allgather-kv": ({"dp_shard": 4, "cp": 2}, None),
-    "FSDPxCP-ring-allgather": ({"dp_shard": 4, "cp": 2}, None),
-    "FSDPxCP-ring-alltoall": ({"dp_shard": 4, "cp": 2}, None),
-    "FSDPxCP4-ring-allgather": ({"dp_shard": 2, "cp": 4}, None),
-    "TPxCP-ring-allgather": ({"tp": 2, "cp": 4}, None),
+CUDA_LAYOUTS = {  # name: (degrees, mesh order, CP implementation)
+    "FSDP": ({"dp_shard": 8}, None, "none"),
+    "FSDPxTP": ({"dp_shard": 4, "tp": 2}, None, "none"),
+    "FSDPxCP-allgather-kv": ({"dp_shard": 4, "cp": 2}, None, "allgather-kv"),
+    "FSDPxCP-ring-allgather": ({"dp_shard": 4, "cp": 2}, None, "ring-allgather"),
+    "FSDPxCP-ring-alltoall": ({"dp_shard": 4, "cp": 2}, None, "ring-alltoall"),
+    "FSDPxCP4-ring-allgather": ({"dp_shard": 2, "cp": 4}, None, "ring-allgather"),
+    "TPxCP-ring-allgather": ({"tp": 2, "cp": 4}, None, "ring-allgather"),
 }
 MODELS = {"1B": ("llama3.2-1b", 2), "8B": ("llama3-8b", 2), "70B": ("llama3-70b", 1)}
 ACS = ("none", "selective", "full")
@@ -45,9 +45,11 @@ def run_cell(model_key: str, layout: str, ac: str, seq_len: int, program: str = 
 
     preset, layers = MODELS[model_key]
     model = replace(MODEL_PRESETS[preset], n_layers=layers)
-    parallelism, order = (CUDA_LAYOUTS if program == "cuda" else LAYOUTS)[layout]
-    cp_impl = next((impl for impl in ("ring-allgather", "ring-alltoall", "allgather-kv") if layout.endswith(impl)),
-                   "allgather-kv" if parallelism.get("cp", 1) > 1 else "none")
+    if program == "cuda":
+        parallelism, order, cp_impl = CUDA_LAYOUTS[layout]
+    else:  # the CPU program runs CP through the portable all-gather-K/V path
+        parallelism, order = LAYOUTS[layout]
+        cp_impl = "allgather-kv" if parallelism.get("cp", 1) > 1 else "none"
     plan = Plan(seq_len=seq_len, parallelism=parallelism, model=model.to_dict(),
                 activation_checkpoint=ActivationCheckpointDoc(mode=ac), loss_chunk_tokens=4096, cp_impl=cp_impl,
                 **({"mesh_order": order} if order else {}))
