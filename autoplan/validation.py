@@ -33,6 +33,10 @@ CUDA_LAYOUTS = {  # name: (degrees, mesh order, CP implementation)
     "FSDPxCP-ring-alltoall": ({"dp_shard": 4, "cp": 2}, None, "ring-alltoall"),
     "FSDPxCP4-ring-allgather": ({"dp_shard": 2, "cp": 4}, None, "ring-allgather"),
     "TPxCP-ring-allgather": ({"tp": 2, "cp": 4}, None, "ring-allgather"),
+    # TP 8 (a whole node, as in the README's 70B plan): the vocab-sharded embedding's dense
+    # backward grad and the loss no longer shrink together with tp.
+    "TP8": ({"tp": 8}, None, "none"),
+    "TP8xCP2-ring-allgather": ({"tp": 8, "cp": 2}, None, "ring-allgather"),
 }
 MODELS = {"1B": ("llama3.2-1b", 2), "8B": ("llama3-8b", 2), "70B": ("llama3-70b", 1)}
 ACS = ("none", "selective", "full")

@@ -171,9 +171,13 @@ def loss_working_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorPro
     backward holds the saved log-softmax output, nll_loss's dense gradient and
     log-softmax's input gradient (3 x 4).
     tp > 1, ``loss_parallel`` on vocab-sharded logits (torch/distributed/tensor/parallel/
-    loss.py): forward holds logits, the fp32 copy, the max-shifted copy, its exp and the
-    result (logits + 4 x 4); backward holds the saved result, a zeros gradient, exp(x),
-    their sum and the product with grad_output (5 x 4) plus the cast-back gradient.
+    loss.py): forward holds logits, the fp32 copy, the max-shifted copy and its exp; exp
+    is freed after its all-reduced sum, before the result is written (logits + 3 x 4).
+    Backward holds the saved result, a zeros gradient, exp(result) and their sum
+    (4 x 4); three are freed before the gradient is cast back to the logits' dtype.
+    Traced op by op at TP 2 and 8 (tests/test_memory_vs_trace.py); DTensor's sharding
+    propagation adds global-shape copies under a naive fake-tensor trace, not on a GPU
+    (runtime/trace.py).
     """
     chunk = loss_chunk_tokens(cfg, executor)
     vocab = model.vocab_size / cfg.parallelism.tp
@@ -183,8 +187,8 @@ def loss_working_bytes(model: ModelSpec, cfg: TrainConfig, executor: ExecutorPro
         # in backward) and a per-row logsumexp; backward writes one logits-sized grad.
         return 2 * executor.logits_bytes * chunk * vocab
     if cfg.parallelism.tp > 1:
-        forward = executor.logits_bytes + 4 * upcast
-        backward = 5 * upcast + executor.logits_bytes
+        forward = executor.logits_bytes + 3 * upcast
+        backward = 4 * upcast
     else:
         forward = executor.logits_bytes + 2 * upcast
         backward = 3 * upcast

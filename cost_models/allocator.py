@@ -122,12 +122,12 @@ def _loss_events(model: ModelSpec, tokens_per_gpu: int, tp: int, executor: Execu
             A("logits", b * L); A("grad", b * L); F("logits"); F("grad")
             continue
         if tp > 1:  # loss_parallel (see loss_working_bytes)
-            A("logits", b * L); A("up", up * L); A("shifted", up * L); A("exp", up * L); A("result", up * L)
-            F("exp"); F("shifted"); F("up")
+            A("logits", b * L); A("up", up * L); A("shifted", up * L); A("exp", up * L); F("exp")
+            A("result", up * L); F("shifted"); F("up")
             if executor.logits_freed_before_backward:
                 F("logits")
-            A("zeros", up * L); A("exp2", up * L); A("sum", up * L); A("prod", up * L)
-            F("zeros"); F("exp2"); F("sum"); F("result"); A("grad", b * L); F("prod")
+            A("zeros", up * L); A("exp2", up * L); A("sum", up * L)
+            F("zeros"); F("exp2"); A("grad", b * L); F("sum"); F("result")
         else:  # F.cross_entropy(logits.float()): log_softmax + nll_loss
             A("logits", b * L); A("up", up * L); A("lsm", up * L); F("up")
             if executor.logits_freed_before_backward:

@@ -112,6 +112,12 @@ class MemoryTerms:
     # input + rstd (alive then, part of root_activation_bytes in the loss phase).
     norm_backward_working_bytes: float = 0.0
     final_norm_saved_bytes: float = 0.0
+    # The vocab-sharded embedding's backward under TP ("embedding_backward" phase): its
+    # working set (a dense full-vocabulary grad + the gathered incoming grad) and what else
+    # is alive then (gathered root params, grads not yet reduced, FSDP's held buffers).
+    embedding_backward_working_bytes: float = 0.0
+    embedding_backward_unsharded_bytes: float = 0.0
+    embedding_backward_grad_bytes: float = 0.0
 
     def phases(self, layer_modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
         """Breakdown of each phase for a per-layer AC assignment."""
@@ -150,6 +156,11 @@ class MemoryTerms:
             alive -= saved[index]
         if worst_layer_phase is not None:
             phases["backward"] = worst_layer_phase
+        if self.embedding_backward_working_bytes:
+            phases["embedding_backward"] = dict(common, grads=self.embedding_backward_grad_bytes,
+                                                fsdp_unsharded=self.embedding_backward_unsharded_bytes,
+                                                activations=self.input_bytes,
+                                                recompute_working=self.embedding_backward_working_bytes)
         phases["root_reduce"] = dict(common, grads=self.n_layers * self.sharded_grad_bytes_per_layer,
                                      fsdp_unsharded=self.root_reduce_bytes, activations=self.input_bytes)
         phases["optimizer"] = dict(common, grads=self.n_layers * self.sharded_grad_bytes_per_layer
@@ -171,6 +182,8 @@ class MemoryTerms:
             + self.loss_working_bytes + saved_full + saved_sel + saved_none,
             self.static_bytes + self.n_layers * g + self.sharded_grad_bytes_root + self.optimizer_temp_bytes,
             self.static_bytes + self.n_layers * g + self.root_reduce_bytes + self.input_bytes,
+            self.static_bytes + self.embedding_backward_grad_bytes + self.embedding_backward_unsharded_bytes
+            + self.input_bytes + self.embedding_backward_working_bytes,
         ]
         base = (self.static_bytes + self.root_unsharded_bytes + self.backward_block_bytes + self.root_grad_bytes
                 + self.input_bytes)
@@ -275,6 +288,11 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         # torchtitan 0.3 ChunkedLossWrapper: contiguous copies of every hidden-state chunk
         # (a x T x d) and the fp32 GradAccumulator buffer for d(hidden) (4 x T x d).
         loss_extra = (a + FP32) * tokens * model.dim
+    elif loss_chunk_tokens(cfg, executor) < tokens:
+        # Our runtime's chunks are checkpointed slices of the hidden states (runtime/loss.py):
+        # autograd accumulates d(hidden) over the chunks in one T x d tensor, alive while
+        # the later chunks run backward.
+        loss_extra = a * tokens * model.dim
 
     forward_working = 0.0
     if cfg.cp_impl in ("ring-allgather", "ring-alltoall") and par.cp > 1:
@@ -295,6 +313,27 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
     root_unit = root_params / 2 if executor.fsdp_root_units == 2 and not model.tie_embeddings else root_params
     ag_pool = prec.param_bytes * max(root_unit, in_flight * block_params)
     rs_pool = model.n_layers * grad_per_layer + grad_root
+    # TP's vocab-sharded embedding (RowwiseParallel, ours and torchtitan's): DTensor has no
+    # strategy that writes embedding_dense_backward's grad sharded by vocabulary rows
+    # (torch 2.13 distributed/tensor/_ops/_embedding_ops.py), so each TP rank gathers the
+    # incoming grad over the sequence (tokens x d) and writes a dense [vocab, d] grad in
+    # the param dtype, then copies out its own rows. Meanwhile every block's grads are
+    # reduced, FSDP2 still holds the last block's reduce-scatter input (reduce dtype) until
+    # the next reduce-scatter, and the root's params are gathered; with one root unit its
+    # output-projection grad is still unsharded, with torchtitan 0.3's two units the
+    # [norm, output] unit was reduced before the blocks ran backward.
+    embedding_backward = embedding_unsharded = embedding_grads = 0.0
+    if tp > 1 and not model.tie_embeddings:
+        own_rows = model.vocab_size / tp * model.dim * prec.param_bytes
+        embedding_backward = (model.vocab_size * model.dim * prec.param_bytes
+                              + max(a * tokens * model.dim, own_rows))
+        held_reduce_input = block_params * prec.grad_reduce_bytes
+        if executor.fsdp_root_units == 2:
+            embedding_unsharded = root_params * prec.param_bytes + held_reduce_input
+            embedding_grads = model.n_layers * grad_per_layer + grad_root / 2
+        else:
+            embedding_unsharded = root_params * prec.param_bytes + output_grad + held_reduce_input
+            embedding_grads = model.n_layers * grad_per_layer
     loss_logits = (loss_working_bytes(model, cfg, executor) + loss_extra
                    + (output_grad if loss_chunk_tokens(cfg, executor) < tokens else 0.0))
     stranded = allocator_loss_stranded_bytes(model, cfg, executor)
@@ -322,6 +361,9 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         backward_block_bytes=backward_blocks,
         root_grad_bytes=output_grad,
         root_reduce_bytes=root_reduce,
+        embedding_backward_working_bytes=embedding_backward,
+        embedding_backward_unsharded_bytes=embedding_unsharded,
+        embedding_backward_grad_bytes=embedding_grads,
         # AdamW (foreach=False) updates one parameter at a time: sqrt(v), its bias-
         # corrected copy and the update are three fp32 temporaries of that shard.
         optimizer_temp_bytes=3 * prec.master_bytes * max(model.vocab_size * model.dim, model.dim * model.ffn_dim,

@@ -10,10 +10,20 @@ Parameters are kept in the plan's precision (bf16 compute, fp32 master), as on G
 What is not the same as a GPU run: kernels' scratch space (cuBLAS / flash workspaces),
 the CUDA context, NCCL buffers and allocator fragmentation are not tensors, so they are
 not traced; the comparison is between tensor bytes only.
+
+DTensor's sharding propagation runs each new op signature once on GLOBAL-shape fake
+tensors to learn the output's shape (``ShardingPropagator._propagate_tensor_meta_non_cached``,
+torch 2.13). On a GPU those tensors live in a fresh ``FakeTensorMode`` and take no
+memory; under our trace ``detect_fake_mode()`` returns the trace's own mode, so the
+tracker would count them: a global [tokens, vocab] fp32 log-softmax input and output
+(2 x 1.96 GiB for a 4k-token chunk of Llama 3's vocabulary) on top of the real,
+vocab-sharded loss at TP 8. ``propagation_blind`` trackers inside ``sharding_propagation_untracked`` leave them out.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +44,48 @@ CATEGORY_TO_COMPONENT = {
     "Inputs": "activations",
     "Buffer": "activations",
 }
+
+
+class _Propagation(threading.local):
+    depth = 0
+
+
+_PROPAGATING = _Propagation()
+
+
+@contextmanager
+def sharding_propagation_untracked():
+    """Mark DTensor's shape propagation while inside, so a ``propagation_blind`` tracker
+    skips the ops it runs (module docstring)."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def propagate(self, op_schema):
+        _PROPAGATING.depth += 1
+        try:
+            return original(self, op_schema)
+        finally:
+            _PROPAGATING.depth -= 1
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = propagate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = original  # type: ignore[method-assign]
+
+
+def propagation_blind(tracker_class):
+    """A subclass of a PyTorch memory tracker that does not count the global-shape tensors
+    of DTensor's sharding propagation (inside ``sharding_propagation_untracked``)."""
+
+    class PropagationBlind(tracker_class):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if _PROPAGATING.depth:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return PropagationBlind
 
 
 def _reset_peak(tracker) -> None:
@@ -105,7 +157,7 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
         native_cp = dims.cp > 1 and uses_native_cp(plan.cp_impl, device_type)
         with fake_mode:
             state = build_training_state(plan, mesh, dims, device, materialize=False, model=model)
-            tracker = FSDPMemTracker(state.model, state.optimizer)
+            tracker = propagation_blind(FSDPMemTracker)(state.model, state.optimizer)
             vocab = plan.model_spec().vocab_size
             batch = plan.local_batch_size
             # The last step's optimizer update runs outside the tracker: MemTracker sizes
@@ -114,6 +166,8 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
             # tests/test_trace_tools.py), which would invent a peak that does not exist.
             # The optimizer phase is exact arithmetic in the model (states, grads and
             # per-parameter temporaries), checked separately.
+            untracked = sharding_propagation_untracked()
+            untracked.__enter__()
             tracker.__enter__()
             try:
                 for step in range(steps):
@@ -138,6 +192,7 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
                         _reset_peak(tracker)
             finally:
                 tracker.__exit__(None, None, None)
+                untracked.__exit__(None, None, None)
     finally:
         dist.destroy_process_group()
     per_device = next((v for k, v in snapshot.items() if str(k).startswith(device_type)),
