@@ -43,9 +43,9 @@ ACS = ("none", "selective", "full")
 SEQS = (4096, 16384, 65536)
 
 
-def run_cell(model_key: str, layout: str, ac: str, seq_len: int, program: str = "cpu") -> dict:
+def cell_plan(model_key: str, layout: str, ac: str, seq_len: int, program: str = "cpu"):
+    """The reduced model and the plan of one grid cell (also used to re-price stored traces)."""
     from autoplan.plan import ActivationCheckpointDoc, Plan
-    from cost_models.memory import estimate_memory
 
     preset, layers = MODELS[model_key]
     model = replace(MODEL_PRESETS[preset], n_layers=layers)
@@ -57,6 +57,14 @@ def run_cell(model_key: str, layout: str, ac: str, seq_len: int, program: str = 
     plan = Plan(seq_len=seq_len, parallelism=parallelism, model=model.to_dict(),
                 activation_checkpoint=ActivationCheckpointDoc(mode=ac), loss_chunk_tokens=4096, cp_impl=cp_impl,
                 **({"mesh_order": order} if order else {}))
+    return model, plan
+
+
+def run_cell(model_key: str, layout: str, ac: str, seq_len: int, program: str = "cpu") -> dict:
+    from cost_models.memory import estimate_memory
+
+    model, plan = cell_plan(model_key, layout, ac, seq_len, program)
+    layers = model.n_layers
     began = time.perf_counter()
     if program == "cuda":
         from .checking import TracedPeak, sdpa_backend, trace_cuda

@@ -139,10 +139,14 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
     # +2 f. Attention backward holds dq, dk, dv (all-gathered width under CP before the
     # reduce-scatter; under ring CP the ring's fp32 accumulators and rotation buffers).
     # The residual-stream gradient (sequence-sharded under SP) is alive throughout.
-    ffn_grads = 2 * a * tokens * f / tp
-    attention_grads = a * tokens * dq / tp + kv_saved
+    # Under TP's sequence parallelism the row-parallel output matmuls (w2, wo) first
+    # all-gather their incoming grad over the sequence (a x T x d) and write their input
+    # grad next to it: at TP 8 that moment outgrows the SwiGLU product's (d > f / tp).
+    gathered_grad = a * tokens * d if tp > 1 else 0.0
+    ffn_grads = max(2 * a * tokens * f / tp, gathered_grad + a * tokens * f / tp)
+    attention_grads = max(a * tokens * dq / tp + kv_saved, gathered_grad + a * tokens * dq / tp)
     if cfg.cp_impl in ("ring-allgather", "ring-alltoall") and cp > 1:
-        attention_grads = ring_attention_bytes(model, cfg, executor)[1]
+        attention_grads = max(ring_attention_bytes(model, cfg, executor)[1], gathered_grad + a * tokens * dq / tp)
     transient = max(ffn_grads, attention_grads) + a * tokens * d / tp
     working = {
         "none": transient,

@@ -291,8 +291,12 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
     elif loss_chunk_tokens(cfg, executor) < tokens:
         # Our runtime's chunks are checkpointed slices of the hidden states (runtime/loss.py):
         # autograd accumulates d(hidden) over the chunks in one T x d tensor, alive while
-        # the later chunks run backward.
-        loss_extra = a * tokens * model.dim
+        # the later chunks run backward, by adding each chunk's slice_backward (a zero-
+        # padded T x d tensor) to it: at that add the accumulator, the padded grad and
+        # their sum (3 x T x d) are alive, the chunk's logits already freed. At TP 8 and
+        # 64k local tokens that moment outgrows the chunk's own working set.
+        hidden_grad = a * tokens * model.dim
+        loss_extra = max(hidden_grad, 3 * hidden_grad - loss_working_bytes(model, cfg, executor))
 
     forward_working = 0.0
     if cfg.cp_impl in ("ring-allgather", "ring-alltoall") and par.cp > 1:
@@ -322,13 +326,15 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
     # the next reduce-scatter, and the root's params are gathered; with one root unit its
     # output-projection grad is still unsharded, with torchtitan 0.3's two units the
     # [norm, output] unit was reduced before the blocks ran backward.
+    # A tied weight's two grads are then summed into a third tensor of the rank's rows.
     embedding_backward = embedding_unsharded = embedding_grads = 0.0
-    if tp > 1 and not model.tie_embeddings:
+    if tp > 1:
         own_rows = model.vocab_size / tp * model.dim * prec.param_bytes
+        copies = 2 if model.tie_embeddings else 1
         embedding_backward = (model.vocab_size * model.dim * prec.param_bytes
-                              + max(a * tokens * model.dim, own_rows))
+                              + max(a * tokens * model.dim, copies * own_rows))
         held_reduce_input = block_params * prec.grad_reduce_bytes
-        if executor.fsdp_root_units == 2:
+        if executor.fsdp_root_units == 2 and not model.tie_embeddings:
             embedding_unsharded = root_params * prec.param_bytes + held_reduce_input
             embedding_grads = model.n_layers * grad_per_layer + grad_root / 2
         else:

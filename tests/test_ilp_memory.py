@@ -25,7 +25,7 @@ K = 1024
 
 # Phases whose bytes do not depend on the AC split (the end-of-backward reduce and the
 # optimizer step): a candidate they do not fit is dropped when it is priced.
-SPLIT_FREE_PHASES = ("root_reduce", "optimizer")
+SPLIT_FREE_PHASES = ("root_reduce", "optimizer", "embedding_backward")
 
 
 def _walk_peak(memory, counts) -> float:
