@@ -347,18 +347,71 @@ def _memory_constraints(prob: pulp.LpProblem, p: PricedCandidate, x, n: dict, u:
             + mt.input_bytes) * gib
     big = max(0.0, base + L * (max(A.values()) + g) + max(W.values()) - budget)
     # (phase bytes) <= budget whenever the mode's block is non-empty (big-M otherwise).
+    # ``base`` and ``W`` are a middle block's (two blocks gathered, the reduce-scatter input
+    # of the block above held). The top block holds no such input (``Wt``, ``delta`` less)
+    # and block 0 gathers one block fewer (``save0`` less). Inside a run the phase changes
+    # by ``A - g`` per block upward, so a run's maximum is on its top side when ``A >= g``
+    # (the top, or the block below it: ``top_step``) and on its bottom side otherwise
+    # (the bottom, or the block above block 0: ``bottom_step``); only that side is
+    # constrained. A run that is a single block at the far end is then priced as a middle
+    # block, which never refuses a split that fits: its neighbour in the next run has a
+    # heavier working set by exactly the saved bytes it lacks (``W`` differs by ``A``), so
+    # its own, exact constraint is the tighter one - except with two blocks in all, where
+    # that neighbour is itself an end block: there both sides are constrained, and
+    # ``alone_top`` / ``alone_bottom`` (1 only for a single-block run at that end, from the
+    # binary ``several``: two blocks or more) take the middle block's extra back out.
+    Wt = {m: v * gib for m, v in mt.top_layer_working.items()} or W
+    delta = {m: W[m] - Wt[m] for m in W}
+    save0 = mt.first_layer_block_saving_bytes * gib
+    if L > 2:
+        top_side = {m: A[m] >= g for m in W}
+        bottom_side = {m: not top_side[m] for m in W}
+        top_step = {m: max(0.0, min(delta[m], g + delta[m] - A[m])) for m in W}
+        bottom_step = {m: max(0.0, min(save0, save0 + A[m] - g)) for m in W}
+    else:  # two blocks or fewer: a run's ends are all its blocks; both are constrained
+        top_side = bottom_side = {m: True for m in W}
+        top_step = bottom_step = {m: 0.0 for m in W}
+    order = [m for m in ("full", "selective", "none") if m in n]
+    alone_top: dict = {m: zero for m in order}
+    alone_bottom: dict = {m: zero for m in order}
+    if L == 2:
+        for i, m in enumerate(order):
+            several = prob.add_variable(f"several_{m}_{tag}", cat="Binary")
+            prob += n[m] >= 2 * several
+            prob += n[m] <= 1 + L * several
+            alone_top[m] = prob.add_variable(f"alone_top_{m}_{tag}", lowBound=0, upBound=1)
+            prob += alone_top[m] <= u[m] - several
+            for above in order[i + 1:]:
+                prob += alone_top[m] <= 1 - u[above]
+            alone_bottom[m] = prob.add_variable(f"alone_bottom_{m}_{tag}", lowBound=0, upBound=1)
+            prob += alone_bottom[m] <= u[m] - several
+            for below in order[:i]:
+                prob += alone_bottom[m] <= 1 - u[below]
     if "none" in n:
-        prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * nn + W["none"] * un \
-            <= budget * x + big * (1 - un), f"mem_none_top_{tag}"
-        prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * un + g * (nn - un) + W["none"] * un \
-            <= budget * x + big * (1 - un), f"mem_none_bottom_{tag}"
+        if top_side["none"]:
+            prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * nn \
+                + (Wt["none"] + top_step["none"]) * un - save0 * alone_bottom["none"] \
+                <= budget * x + big * (1 - un), f"mem_none_top_{tag}"
+        if bottom_side["none"]:
+            for below in [u[m] for m in ("full", "selective") if m in u] or [zero]:
+                prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * un + g * (nn - un) \
+                    + W["none"] * un - (save0 - bottom_step["none"]) * (un - below) - delta["none"] * alone_top["none"] \
+                    <= budget * x + big * (1 - un)
     if "selective" in n:
-        prob += base * x + A["full"] * nf + A["selective"] * ns + g * nn + W["selective"] * us \
-            <= budget * x + big * (1 - us), f"mem_sel_top_{tag}"
-        prob += base * x + A["full"] * nf + A["selective"] * us + g * (nn + ns - us) + W["selective"] * us \
-            <= budget * x + big * (1 - us), f"mem_sel_bottom_{tag}"
+        if top_side["selective"]:
+            prob += base * x + A["full"] * nf + A["selective"] * ns + g * nn \
+                + (Wt["selective"] + top_step["selective"]) * us + (delta["selective"] - top_step["selective"]) * un \
+                - save0 * alone_bottom["selective"] <= budget * x + big * (1 - us), f"mem_sel_top_{tag}"
+        if bottom_side["selective"]:
+            prob += base * x + A["full"] * nf + A["selective"] * us + g * (nn + ns - us) + W["selective"] * us \
+                - (save0 - bottom_step["selective"]) * (us - uf) - delta["selective"] * alone_top["selective"] \
+                <= budget * x + big * (1 - us), f"mem_sel_bottom_{tag}"
     if "full" in n:
-        prob += base * x + A["full"] * nf + g * (nn + ns) + W["full"] * uf \
-            <= budget * x + big * (1 - uf), f"mem_full_top_{tag}"
-        prob += base * x + A["full"] * uf + g * (L * x - uf) + W["full"] * uf \
-            <= budget * x + big * (1 - uf), f"mem_full_bottom_{tag}"
+        if top_side["full"]:
+            for above in [u[m] for m in ("none", "selective") if m in u] or [zero]:
+                prob += base * x + A["full"] * nf + g * (nn + ns) + (Wt["full"] + top_step["full"]) * uf \
+                    + (delta["full"] - top_step["full"]) * above - save0 * alone_bottom["full"] \
+                    <= budget * x + big * (1 - uf)
+        if bottom_side["full"]:
+            prob += base * x + A["full"] * uf + g * (L * x - uf) + W["full"] * uf - (save0 - bottom_step["full"]) * uf \
+                - delta["full"] * alone_top["full"] <= budget * x + big * (1 - uf), f"mem_full_bottom_{tag}"

@@ -147,7 +147,9 @@ def layer_memory(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile) 
     attention_grads = max(a * tokens * dq / tp + kv_saved, gathered_grad + a * tokens * dq / tp)
     if cfg.cp_impl in ("ring-allgather", "ring-alltoall") and cp > 1:
         attention_grads = max(ring_attention_bytes(model, cfg, executor)[1], gathered_grad + a * tokens * dq / tp)
-    transient = max(ffn_grads, attention_grads) + a * tokens * d / tp
+    # Attention runs backward after the FFN, whose four f-wide tensors (saved or
+    # recomputed, in every mode) are freed by then.
+    transient = max(ffn_grads, attention_grads - 4 * a * tokens * f / tp) + a * tokens * d / tp
     working = {
         "none": transient,
         "selective": max(none - selective, 0.0) + transient,

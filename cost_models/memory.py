@@ -116,6 +116,11 @@ class MemoryTerms:
     # working set (a dense full-vocabulary grad + the gathered incoming grad) and what else
     # is alive then (gathered root params, grads not yet reduced, FSDP's held buffers).
     embedding_backward_working_bytes: float = 0.0
+    # Where a block sits matters: the top block's working set holds no reduce-scatter
+    # input from a block above it (``layer.working`` is a middle block's), and block 0
+    # gathers one block fewer (nothing below it to prefetch).
+    top_layer_working: dict[str, float] = field(default_factory=dict)
+    first_layer_block_saving_bytes: float = 0.0
     embedding_backward_unsharded_bytes: float = 0.0
     embedding_backward_grad_bytes: float = 0.0
 
@@ -146,11 +151,10 @@ class MemoryTerms:
             mode = layer_modes[index]
             later_layers = self.n_layers - 1 - index
             phase = dict(common,
-                         fsdp_unsharded=self.root_unsharded_bytes + self.backward_block_bytes
-                         + self.root_grad_bytes,
+                         fsdp_unsharded=self.root_unsharded_bytes + self._blocks_at(index) + self.root_grad_bytes,
                          grads=later_layers * self.sharded_grad_bytes_per_layer,
                          activations=alive + self.input_bytes,
-                         recompute_working=self.layer.working[mode])
+                         recompute_working=self._working_at(index, mode))
             if worst_layer_phase is None or sum(phase.values()) > sum(worst_layer_phase.values()):
                 worst_layer_phase = phase
             alive -= saved[index]
@@ -167,15 +171,26 @@ class MemoryTerms:
                                    + self.sharded_grad_bytes_root, activations=self.optimizer_temp_bytes)
         return phases
 
+    def _blocks_at(self, index: int) -> float:
+        """Gathered block params while block ``index`` runs backward."""
+        return self.backward_block_bytes - (self.first_layer_block_saving_bytes if index == 0 else 0.0)
+
+    def _working_at(self, index: int, mode: str) -> float:
+        if index == self.n_layers - 1 and self.top_layer_working:
+            return self.top_layer_working[mode]
+        return self.layer.working[mode]
+
     def peak_tensor_bytes_for_counts(self, n_full: int, n_selective: int, n_none: int) -> float:
         """Closed form of max(phases) for layers ordered full, selective, none: tensor
         bytes + the loss's stranded allocator blocks (what the budget
         ``(capacity - fixed_overhead_bytes - comm_buffer_bytes) / (1 + fragmentation)`` bounds).
 
         Within a run of same-mode layers the backward phase is linear in the layer
-        index, so its maximum is at one end of the run: six values instead of a loop.
+        index, except that block 0 gathers no prefetched block and the top block holds no
+        reduce-scatter input: the two ends of each run and their neighbours, instead of
+        a loop over layers.
         """
-        A, W, g = self.layer.saved, self.layer.working, self.sharded_grad_bytes_per_layer
+        A, g = self.layer.saved, self.sharded_grad_bytes_per_layer
         saved_full, saved_sel, saved_none = A["full"] * n_full, A["selective"] * n_selective, A["none"] * n_none
         peaks = [
             self.static_bytes + self.root_unsharded_bytes + self.forward_block_bytes + self.root_activation_bytes
@@ -185,17 +200,20 @@ class MemoryTerms:
             self.static_bytes + self.embedding_backward_grad_bytes + self.embedding_backward_unsharded_bytes
             + self.input_bytes + self.embedding_backward_working_bytes,
         ]
-        base = (self.static_bytes + self.root_unsharded_bytes + self.backward_block_bytes + self.root_grad_bytes
-                + self.input_bytes)
-        if n_none:
-            peaks.append(base + saved_full + saved_sel + saved_none + W["none"])
-            peaks.append(base + saved_full + saved_sel + A["none"] + g * (n_none - 1) + W["none"])
-        if n_selective:
-            peaks.append(base + saved_full + saved_sel + g * n_none + W["selective"])
-            peaks.append(base + saved_full + A["selective"] + g * (n_none + n_selective - 1) + W["selective"])
-        if n_full:
-            peaks.append(base + saved_full + g * (n_none + n_selective) + W["full"])
-            peaks.append(base + A["full"] + g * (self.n_layers - 1) + W["full"])
+        base = self.static_bytes + self.root_unsharded_bytes + self.root_grad_bytes + self.input_bytes
+        top = self.n_layers - 1
+        below = 0.0  # saved activations of the runs below this one
+        first = 0
+        for mode, count in (("full", n_full), ("selective", n_selective), ("none", n_none)):
+            if count:
+                last = first + count - 1
+                saved = A[mode]
+                # Linear inside a run; block 0 and the top block differ from their neighbours.
+                for index in {first, min(first + 1, last), max(last - 1, first), last}:
+                    peaks.append(base + self._blocks_at(index) + below + saved * (index - first + 1)
+                                 + g * (top - index) + self._working_at(index, mode))
+                below += saved * count
+                first += count
         return max(peaks)
 
     def reserved_phase_bytes(self, layer_modes: tuple[str, ...]) -> dict[str, float]:
@@ -265,6 +283,8 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
     # LayerMemory.working), it does not add to it.
     in_flight = min(executor.fsdp_blocks_in_flight, model.n_layers)
     backward_blocks = in_flight * gathered_block
+    # Block 0 has no block below it to prefetch (the root unit is already gathered).
+    no_prefetch_saving = gathered_block if in_flight > 1 else 0.0
     first_grads = model.dim * model.ffn_dim / tp * prec.param_bytes
     all_grads = block_params * prec.param_bytes
     reduce_copy = block_params * prec.grad_reduce_bytes if prec.grad_reduce_bytes != prec.param_bytes else 0.0
@@ -273,9 +293,16 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
     # grads reduced: unsharded grads + their reduce-dtype copy.
     root_reduce = root_params * prec.param_bytes + (root_params * prec.grad_reduce_bytes
                                                     if prec.grad_reduce_bytes != prec.param_bytes else 0.0)
+    # FSDP2 keeps the last reduce-scatter's input (the block's grads in the reduce dtype,
+    # unsharded) until the next block's post-backward (torch 2.13 _fsdp_param_group.py,
+    # reduce_scatter_states, max_input_buffers=1): every block but the top one runs its
+    # backward next to the one above's; its own post-backward frees it first.
+    held_reduce_input = block_params * prec.grad_reduce_bytes if model.n_layers > 1 else 0.0
     layer = layer_memory(model, cfg, executor)
+    post_backward = all_grads + reduce_copy - gathered_block
+    top_working = {m: max(w + first_grads, post_backward) for m, w in layer.working.items()}
     layer = LayerMemory(saved=layer.saved,
-                        working={m: max(w + first_grads, all_grads + reduce_copy - gathered_block)
+                        working={m: max(w + first_grads + held_reduce_input, post_backward)
                                  for m, w in layer.working.items()})
 
     norm_in = a * tokens * model.dim / tp + FP32 * tokens / tp
@@ -367,6 +394,8 @@ def memory_terms(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile |
         backward_block_bytes=backward_blocks,
         root_grad_bytes=output_grad,
         root_reduce_bytes=root_reduce,
+        top_layer_working=top_working,
+        first_layer_block_saving_bytes=no_prefetch_saving,
         embedding_backward_working_bytes=embedding_backward,
         embedding_backward_unsharded_bytes=embedding_unsharded,
         embedding_backward_grad_bytes=embedding_grads,
