@@ -28,7 +28,7 @@ import pulp
 from cost_models.config import AC_MODES
 from cost_models.executors import ExecutorProfile
 from cost_models.memory import MemoryTerms, memory_terms
-from cost_models.pipeline import estimate_pipeline, micro_config, rank_counts_policy, rank_layers
+from cost_models.pipeline import estimate_pipeline, max_rank_layers, micro_config, micro_parts, rank_counts_policy
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec
 from cost_models.step import TimeTerms, time_terms
 
@@ -154,7 +154,7 @@ def price_pipeline(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executo
     cluster = ClusterSpec(gpu, candidate.num_gpus, gpus_per_node)
     par = cfg.parallelism
     usable = float(gpu.memory_bytes if capacity_bytes is None else capacity_bytes)
-    k_max = max(len(layers) for layers in rank_layers(model.n_layers, par.pp, cfg.pp_virtual_stages))
+    k_max = max_rank_layers(model.n_layers, par.pp, cfg.pp_virtual_stages)
 
     def evaluate(counts: dict[str, int]):
         modes = rank_counts_policy(model.n_layers, par.pp, cfg.pp_virtual_stages, counts)
@@ -183,7 +183,7 @@ def price_pipeline(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executo
                 found = evaluate(counts)
                 if found.peak_bytes <= usable and (best is None or found.step_time_s < best[0]):
                     best = (found.step_time_s, counts, found.peak_bytes)
-    mem = memory_terms(model, micro_config(cfg), executor)
+    mem = micro_parts(model, cluster, micro_config(cfg), executor)[2]
     tokens = cfg.seq_len * cfg.local_batch_size * cfg.grad_accum_steps / (par.cp * par.tp * par.pp)
     pricing = PipelinePricing(best[1] if best else None, best[0] if best else float("inf"),
                               best[2] if best else full.peak_bytes, full.peak_bytes, usable, full.bubble_fraction)

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from cost_models.config import AC_MODES, ACPolicy, Parallelism
 from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorProfile
-from cost_models.specs import ClusterSpec, GiB, GPUSpec, ModelSpec, SpecError
 from cost_models.pipeline import rank_counts_policy
+from cost_models.specs import ClusterSpec, GiB, GPUSpec, ModelSpec, SpecError
 from cost_models.step import StepEstimate, estimate_step
 
 from .caveats import IMPRACTICAL_STEP_S, MAX_SEQ_LEN, caveats
@@ -130,7 +130,9 @@ def _gpu_counts(request: PlanRequest, objective: str) -> list[int]:
 
 
 def _price_all(request: PlanRequest, gpu_counts: list[int], seq_lens: list[int]
-               ) -> tuple[list[PricedCandidate], list[Rejection]]:
+               ) -> tuple[list[PricedCandidate], list[Rejection], Choice | None]:
+    """Priced candidates, rejections, and the best pp = 1 choice when it was solved already
+    (to decide whether pipelines can win; the pipelines are appended after the pp = 1 ones)."""
     fixed = {k: v for k, v in request.fixed.items() if k not in ("ac", "seq_len")}
     space = build_search_space(request.model, request.gpu, gpu_counts, seq_lens, request.gpus_per_node,
                                fixed, request.global_batch_tokens)
@@ -142,26 +144,46 @@ def _price_all(request: PlanRequest, gpu_counts: list[int], seq_lens: list[int]
     priced = [price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
                     request.usable_bytes, memory, allowed) for c in candidates]
     rejections = space.rejections
-    if "pp" not in fixed and len(gpu_counts) == 1 and len(seq_lens) == 1:
-        more, rejected = _pipeline_priced(request, gpu_counts[0], seq_lens[0], fixed, priced, allowed)
+    base = None
+    # Unpinned pipelines join the throughput objective only: max-seqlen and min-gpus search
+    # the length / GPU count over pp = 1 layouts (pin pp to search pipelines there).
+    if "pp" not in fixed and request.resolved_objective() == "throughput" and len(gpu_counts) == 1 \
+            and len(seq_lens) == 1:
+        more, rejected, base = _pipeline_priced(request, gpu_counts[0], seq_lens[0], fixed, priced, allowed)
         priced += more
         rejections = rejections + rejected
-    return priced, rejections
+    return priced, rejections, base
+
+
+def _choose_with_pipelines(request: PlanRequest, priced: list[PricedCandidate], allowed: tuple[str, ...],
+                           base: Choice | None) -> Choice | None:
+    """The best choice: a pipeline's seconds per token are fixed (its AC is priced already),
+    so with the pp = 1 optimum in hand the best of all is the faster of the two."""
+    if base is None:
+        return choose(priced, allowed, time_limit_s=request.time_limit_s)
+    pipelines = [i for i, p in enumerate(priced) if p.pipeline is not None and p.pipeline.counts is not None]
+    if not pipelines:
+        return base
+    best = min(pipelines, key=lambda i: priced[i].seconds_per_token({}))
+    if priced[best].seconds_per_token({}) < base.seconds_per_token:
+        counts = priced[best].pipeline.counts  # type: ignore[union-attr]
+        return Choice(best, dict(counts or {}), priced[best].seconds_per_token({}), True)
+    return base
 
 
 def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: dict[str, Any],
                      priced: list[PricedCandidate], allowed: tuple[str, ...]
-                     ) -> tuple[list[PricedCandidate], list[Rejection]]:
+                     ) -> tuple[list[PricedCandidate], list[Rejection], Choice | None]:
     """Pipeline candidates, when they can win: pp > 1 adds a bubble of at least
     ``min_bubble_factor`` times the compute, so it is priced only when no pp = 1 layout fits
     or the best one spends more than that factor over its own compute-only time (recompute,
     exposed communication). Each survivor must also beat that plan on a compute-only bound."""
     if request.layout_filter is not None:
-        return [], []
+        return [], [], None
     candidates, rejections = pipeline_candidates(request.model, request.gpu, num_gpus, seq_len,
                                                  request.gpus_per_node, fixed, request.global_batch_tokens)
     if not candidates:
-        return [], []
+        return [], [], None
     factor = min_bubble_factor(candidates)
     best = choose(priced, allowed, time_limit_s=request.time_limit_s) if priced else None
     bound = float("inf")
@@ -171,27 +193,26 @@ def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: d
         compute_only = (winner.terms.grad_accum_steps * winner.terms.compute_s + winner.terms.optimizer_s) \
             / winner.tokens_per_gpu_step
         if bound <= factor * compute_only:
-            return [], []  # not tried: its rejections would only add noise
+            return [], [], best  # not tried: its rejections would only add noise
     out = []
     for c in candidates:
         if bound < float("inf") and _pipeline_lower_bound(request, c) >= bound:
             continue
         out.append(price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
                          request.usable_bytes, None, allowed))
-    return out, rejections
+    return out, rejections, best
 
 
 def _pipeline_lower_bound(request: PlanRequest, candidate: Candidate) -> float:
     """Seconds per token a pipeline candidate cannot beat: its schedule slots x the compute
     (no recompute, no communication) of its rank with the most layers."""
-    from cost_models.pipeline import micro_config, rank_layers, schedule_slots
-    from cost_models.step import layer_time
+    from cost_models.pipeline import max_rank_layers, micro_config, micro_layer_time, schedule_slots
 
     cfg = candidate.train_config()
     par = cfg.parallelism
     cluster = ClusterSpec(request.gpu, candidate.num_gpus, request.gpus_per_node)
-    layer = layer_time(request.model, cluster, micro_config(cfg), request.executor)
-    k = max(len(x) for x in rank_layers(request.model.n_layers, par.pp, cfg.pp_virtual_stages))
+    layer = micro_layer_time(request.model, cluster, micro_config(cfg), request.executor)
+    k = max_rank_layers(request.model.n_layers, par.pp, cfg.pp_virtual_stages)
     step = cfg.grad_accum_steps * schedule_slots(par.pp, cfg.pp_microbatches, cfg.pp_virtual_stages) \
         * k * (layer.forward_s + layer.backward_s)
     return step / (cfg.seq_len * cfg.local_batch_size * cfg.grad_accum_steps / (par.cp * par.tp * par.pp))
@@ -209,6 +230,9 @@ def _uniform(mode: str, n_layers: int) -> dict[str, int]:
 def make_plan(request: PlanRequest) -> PlanResult:
     check_conflicts(request.fixed, request.target_seq_len, request.ac)
     objective = request.resolved_objective()
+    if int(request.fixed.get("pp", 1)) > 1 and objective != "throughput":
+        raise SpecError(f"--fix pp={request.fixed['pp']} with --objective {objective}: pipelines are planned for "
+                        "--objective throughput only (give --target-seqlen); max-seqlen and min-gpus search pp=1")
     if objective != "min-gpus":  # there --gpus is only the upper bound of whole-node counts
         ClusterSpec(request.gpu, request.num_gpus, request.gpus_per_node)  # whole nodes, or a one-line error
     allowed = request.allowed_modes()
@@ -225,8 +249,8 @@ def make_plan(request: PlanRequest) -> PlanResult:
             raise SpecError(f"--objective {objective} needs --target-seqlen")
         gpu_counts = _fewest_fitting_gpus(request, allowed, target) if objective == "min-gpus" else [request.num_gpus]
         seq_lens = [target]
-    priced, rejections = _price_all(request, gpu_counts, seq_lens)
-    choice = choose(priced, allowed, time_limit_s=request.time_limit_s)
+    priced, rejections, base = _price_all(request, gpu_counts, seq_lens)
+    choice = _choose_with_pipelines(request, priced, allowed, base)
     if choice is None:
         return _infeasible(request, objective, priced, rejections, allowed, target)
     chosen = priced[choice.index]
@@ -235,6 +259,7 @@ def make_plan(request: PlanRequest) -> PlanResult:
     plan = _to_plan(request, chosen.candidate, choice.counts, estimate, alternatives, ties, rejections, objective)
     capped = bool(longest and longest.capped)
     plan.explanation[1:1] = caveats(estimate, capped)
+    plan.explanation += _pipeline_lines(priced, chosen)
     return PlanResult(plan, estimate, alternatives, rejections, plan.explanation, objective, len(priced),
                       choice.proven_optimal, capped, estimate.step_time_s > IMPRACTICAL_STEP_S)
 
@@ -440,6 +465,20 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
                        "predicted": a.estimate.summary(), "bound_by": a.bound_by} for a in alternatives],
         explanation=explanation,
     )
+
+
+def _pipeline_lines(priced: list[PricedCandidate], chosen: PricedCandidate) -> list[str]:
+    """What pipeline parallelism would do, when pipelines were priced and another plan won."""
+    pipelines = [p for p in priced if p.pipeline is not None]
+    if not pipelines or chosen.pipeline is not None:
+        return []
+    fitting = [p for p in pipelines if p.pipeline is not None and p.pipeline.counts is not None]
+    degrees = sorted({p.candidate.parallelism.pp for p in pipelines})
+    line = f"pipelines (pp {', '.join(map(str, degrees))}): {len(fitting)} of {len(pipelines)} priced fit"
+    if fitting:
+        best = min(fitting, key=lambda p: p.seconds_per_token({}))
+        line += f"; the fastest, {best.candidate.describe()}, runs {1 / best.seconds_per_token({}):,.0f} tokens/s/GPU"
+    return [line]
 
 
 def _reason_counts(rejections: list[Rejection]) -> Counter:

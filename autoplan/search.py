@@ -299,11 +299,13 @@ def _grad_accum(seq_len: int, batch: int, par: Parallelism, global_batch_tokens:
 
 def pipeline_candidates(model: ModelSpec, gpu: GPUSpec, num_gpus: int, seq_len: int, gpus_per_node: int | None,
                         fixed: dict[str, Any], global_batch_tokens: int | None,
-                        batches: Iterable[int] = (1,)) -> tuple[list[Candidate], list[Rejection]]:
+                        batches: Iterable[int] = DEFAULT_BATCHES) -> tuple[list[Candidate], list[Rejection]]:
     """pp > 1 candidates: pp (pinned, else the divisors of the GPU count up to MAX_PP), the
     inner degrees over the remaining GPUs (dp_replicate 1 unless pinned), schedules 1F1B and
-    interleaved (2 virtual stages), micro-batches pp x PP_MICROBATCH_FACTORS of
-    ``batches`` sequences each; pp is the outermost mesh dim, the inner order the default."""
+    interleaved (2 virtual stages), micro-batches pp x PP_MICROBATCH_FACTORS of ``batches``
+    sequences each (local batch = micro-batches x sequences; a pinned local batch is kept),
+    CP all-gather-K/V (the runtime's only CP under a schedule); pp is the outermost mesh
+    dim, the inner order the default unless pinned."""
     out: list[Candidate] = []
     rejections: list[Rejection] = []
     try:
@@ -322,9 +324,6 @@ def pipeline_candidates(model: ModelSpec, gpu: GPUSpec, num_gpus: int, seq_len: 
         schedules = [("interleaved-1f1b" if virtual > 1 else "1f1b", virtual)]
     else:
         schedules = list(PP_SCHEDULE_OPTIONS)
-    micro_seqs = [1] if "local_batch_size" not in fixed else [None]
-    if "local_batch_size" not in fixed:
-        micro_seqs = [b for b in batches if b == 1 or b * seq_len <= MAX_BATCHED_TOKENS_PER_GPU]
     for pp in pps:
         for degrees in factorizations(num_gpus // pp):
             if any(k in fixed and fixed[k] != v for k, v in zip(MESH_DIMS, degrees)):
@@ -337,6 +336,10 @@ def pipeline_candidates(model: ModelSpec, gpu: GPUSpec, num_gpus: int, seq_len: 
             if reasons:
                 rejections.append(Rejection(what, "; ".join(reasons)))
                 continue
+            # Sequences per micro-batch: as pp = 1 tries local batches (more only while a
+            # micro-batch holds under MAX_BATCHED_TOKENS_PER_GPU tokens per GPU).
+            micro_seqs: list[int | None] = [None] if "local_batch_size" in fixed else [
+                b for b in batches if b == 1 or b * seq_len // par.cp <= MAX_BATCHED_TOKENS_PER_GPU]
             cp_impl = fixed.get("cp_impl", "allgather-kv") if par.cp > 1 else "none"
             order = tuple(fixed["mesh_order"]) if "mesh_order" in fixed else DEFAULT_MESH_ORDER
             for schedule, virtual in schedules:

@@ -71,8 +71,18 @@ def stage_layers(n_layers: int, stages: int) -> list[list[int]]:
 
 def rank_layers(n_layers: int, pp: int, virtual: int = 1) -> list[list[int]]:
     """Layers each pp rank holds: stages ``r, r + pp, ...`` (the runtime's looped placement)."""
+    return [list(layers) for layers in _rank_layers(n_layers, pp, virtual)]
+
+
+@lru_cache(maxsize=1024)
+def _rank_layers(n_layers: int, pp: int, virtual: int) -> tuple[tuple[int, ...], ...]:
     split = stage_layers(n_layers, pp * virtual)
-    return [[i for v in range(virtual) for i in split[r + v * pp]] for r in range(pp)]
+    return tuple(tuple(i for v in range(virtual) for i in split[r + v * pp]) for r in range(pp))
+
+
+def max_rank_layers(n_layers: int, pp: int, virtual: int = 1) -> int:
+    """Layers on the most loaded pp rank."""
+    return max(len(layers) for layers in _rank_layers(n_layers, pp, virtual))
 
 
 def schedule_slots(pp: int, microbatches: int, virtual: int = 1) -> float:
@@ -103,6 +113,7 @@ def fsdp_gathers_per_step(microbatches: int) -> int:
     return microbatches + 1
 
 
+@lru_cache(maxsize=8192)
 def micro_config(cfg: TrainConfig) -> TrainConfig:
     """One micro-batch of one stage, as a pp = 1 config: the per-layer cost models price it."""
     par = cfg.parallelism
@@ -174,8 +185,15 @@ class PipelineEstimate:
 
 
 @lru_cache(maxsize=4096)
-def _micro_parts(model: ModelSpec, cluster: ClusterSpec, micro: TrainConfig, executor: ExecutorProfile):
-    return layer_time(model, cluster, micro, executor), time_terms(model, cluster, micro, executor), \
+def micro_layer_time(model: ModelSpec, cluster: ClusterSpec, micro: TrainConfig, executor: ExecutorProfile):
+    """``layer_time`` of one micro-batch (cached: schedules and micro-batch counts share it)."""
+    return layer_time(model, cluster, micro, executor)
+
+
+@lru_cache(maxsize=4096)
+def micro_parts(model: ModelSpec, cluster: ClusterSpec, micro: TrainConfig, executor: ExecutorProfile):
+    """(layer_time, time_terms, memory_terms) of one micro-batch as a pp = 1 config (cached)."""
+    return micro_layer_time(model, cluster, micro, executor), time_terms(model, cluster, micro, executor), \
         memory_terms(model, micro, executor)
 
 
@@ -185,7 +203,7 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
     par = cfg.parallelism
     pp, m, v = par.pp, cfg.pp_microbatches, cfg.pp_virtual_stages
     micro = micro_config(cfg)
-    layer, terms, mt = _micro_parts(model, cluster, micro, executor)
+    layer, terms, mt = micro_parts(model, cluster, micro, executor)
     prec = cfg.precision
     tp, shards = par.tp, par.fsdp_degree
     block = model.params_per_layer / tp
@@ -202,7 +220,7 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
     a_hidden = p2p_bytes(model, cfg)
     comm = nccl_bytes(micro, executor) + executor.nccl_communicator_bytes + 2 * executor.nccl_alltoall_peer_bytes
     stages = []
-    for r, layers in enumerate(rank_layers(model.n_layers, pp, v)):
+    for r, layers in enumerate(_rank_layers(model.n_layers, pp, v)):
         first, last = r == 0, r == pp - 1
         modes = [layer_modes[i] for i in layers]
         k = len(layers)
@@ -266,7 +284,7 @@ def rank_counts_policy(n_layers: int, pp: int, virtual: int, counts: dict[str, i
     ``counts['full']`` of its layers full, the next ``counts['selective']`` selective,
     the rest none (a rank with fewer layers takes as many as it has)."""
     modes = ["none"] * n_layers
-    for layers in rank_layers(n_layers, pp, virtual):
+    for layers in _rank_layers(n_layers, pp, virtual):
         nf = min(counts.get("full", 0), len(layers))
         ns = min(counts.get("selective", 0), len(layers) - nf)
         for j, i in enumerate(layers):
@@ -275,7 +293,7 @@ def rank_counts_policy(n_layers: int, pp: int, virtual: int, counts: dict[str, i
 
 
 __all__ = ["AC_MODES", "SCHEDULES", "PipelineEstimate", "StageCost", "bubble_fraction", "estimate_pipeline",
-           "in_flight_microbatches", "micro_config", "p2p_bytes", "p2p_seconds_per_microbatch", "p2p_tier",
+           "in_flight_microbatches", "max_rank_layers", "micro_config", "micro_layer_time", "micro_parts", "p2p_bytes", "p2p_seconds_per_microbatch", "p2p_tier",
            "rank_counts_policy", "rank_layers", "schedule_slots", "stage_layers", "FP32"]
 
 

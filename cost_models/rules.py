@@ -114,6 +114,10 @@ def layout_violations(model: ModelSpec, cfg: TrainConfig, cluster: ClusterSpec |
         if stages > model.n_layers:
             reasons.append(f"pp={par.pp} x pp_virtual_stages={cfg.pp_virtual_stages} = {stages} stages exceed "
                            f"n_layers={model.n_layers} (each stage needs a whole layer)")
+        micro_tokens = cfg.tokens_per_gpu // cfg.pp_microbatches
+        if par.tp > 1 and micro_tokens % par.tp:
+            reasons.append(f"tokens per GPU per micro-batch {micro_tokens} not divisible by tp={par.tp} "
+                           "(sequence parallel)")
         if par.cp > 1 and cfg.cp_impl not in ("allgather-kv", "none"):
             reasons.append(f"cp_impl={cfg.cp_impl} with pp={par.pp}: the ring runs inside context_parallel() around "
                            "one model's step, not a pipeline schedule (runtime); use allgather-kv")
