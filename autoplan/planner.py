@@ -308,8 +308,8 @@ def _bound_by(estimate: StepEstimate, usable_bytes: float) -> str:
         parts.append(f"{biggest.replace('_', ' ')} {share * 100:.0f}% of step")
     if estimate.pipeline is not None:
         bubble = getattr(estimate.pipeline, "bubble_fraction")
-        parts.append(f"bubble {bubble:.0%}, worst stage {max(estimate.stage_peak_bytes) / GiB:.1f} GiB, "
-                     f"slowest stage {estimate.slowest_stage}")
+        parts.append(f"bubble {bubble:.0%}, worst pp rank {max(estimate.stage_peak_bytes) / GiB:.1f} GiB, "
+                     f"slowest pp rank {estimate.slowest_stage}")
     return ", ".join(parts)
 
 

@@ -49,7 +49,7 @@ from .config import AC_MODES, Parallelism, TrainConfig
 from .executors import ExecutorProfile
 from .memory import memory_terms, nccl_bytes
 from .specs import ClusterSpec, ModelSpec
-from .step import layer_time, time_terms
+from .step import _fsdp_block_comm_s, layer_time, time_terms
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 FP32 = 4
@@ -264,9 +264,12 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
     slots = schedule_slots(pp, m, v)
     schedule_s = slots * slowest
     # After the schedule: rank 0 finishes last and reduce-scatters its blocks and the root.
+    # Its embedding unit (the FSDP root of stage 0) is gathered once before the first
+    # forward and reduced at the end: exposed too.
     k0 = len(stages[0].layers)
-    root_fsdp = terms.fsdp_tail_s - layer.fsdp_first_gather_s - layer.fsdp_last_scatter_s
-    tail = (k0 * scatter + root_fsdp) if shards > 1 or par.dp_replicate > 1 else 0.0
+    embed_gather, embed_scatter, embed_replicate = _fsdp_block_comm_s(
+        cluster, par, tuple(cfg.mesh_order), embed, prec.param_bytes, prec.grad_reduce_bytes)
+    tail = k0 * scatter + embed_gather + embed_scatter + embed_replicate
     ga = cfg.grad_accum_steps
     optimizer = terms.optimizer_s * max(s.breakdown_bytes["params"] for s in stages) / max(
         1.0, model.num_params / tp / shards * prec.master_bytes)

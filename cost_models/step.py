@@ -112,6 +112,9 @@ class StepEstimate:
     @property
     def peak_phase(self) -> str:
         """The step phase where memory peaks (loss, backward, root_reduce, optimizer)."""
+        if self.memory is None and self.stage_peak_bytes:  # pp > 1: where the pipeline peaks
+            worst = max(range(len(self.stage_peak_bytes)), key=lambda r: self.stage_peak_bytes[r])
+            return f"pp rank {worst} of {len(self.stage_peak_bytes)}"
         return self.memory.peak_phase if self.memory is not None else "unknown"
 
     def summary(self) -> dict:

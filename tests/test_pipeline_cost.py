@@ -178,3 +178,20 @@ def test_rules_give_reasons():
     tied = MODEL_PRESETS["llama3.2-1b"]
     assert any("tied embeddings" in r for r in degree_violations(tied, Parallelism(dp_shard=2, pp=2)))
     assert any("degrees multiply to 8" in r for r in degree_violations(SMALL, Parallelism(dp_shard=2, pp=4), cluster))
+
+
+@pytest.mark.parametrize("schedule, v, m, ac", [("1f1b", 1, 4, "full"), ("gpipe", 1, 8, "selective"),
+                                                ("interleaved-1f1b", 2, 8, "none")])
+def test_time_breakdown_adds_up_to_the_step(schedule, v, m, ac):
+    """compute + recompute + exposed comm + bubble + optimizer = step (per step, slowest rank)."""
+    model = MODEL_PRESETS["llama3-8b"]
+    cfg = _cfg(Parallelism(dp_shard=2, cp=2, tp=2, pp=4), 16384, 8, m, schedule, v, ac=ac, n_layers=32)
+    est = estimate_step(model, ClusterSpec(H100, 32), cfg)
+    t = est.time_breakdown_s
+    parts = t["compute"] + t["recompute"] + t["exposed_comm"] + t["pipeline_bubble"] + t["optimizer"]
+    assert parts == pytest.approx(est.step_time_s, rel=1e-12)
+    assert t["exposed_comm"] == pytest.approx(t["pipeline_p2p"] + t["exposed_fsdp_comm"] + t["exposed_tp_comm"],
+                                              rel=1e-12)
+    assert t["pipeline_bubble"] / est.pipeline.schedule_s == pytest.approx(bubble_fraction(4, m, v), rel=1e-12)
+    # Tokens per GPU per step are the global batch over all 32 GPUs (a pp rank runs 1 / pp of the layers).
+    assert est.tokens_per_second_per_gpu == pytest.approx(16384 * 8 * 2 / 32 / est.step_time_s, rel=1e-12)

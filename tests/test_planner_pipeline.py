@@ -147,3 +147,14 @@ def test_405b_on_16k_gpus_prices_pipelines():
     result = make_plan(PlanRequest(model=MODEL_PRESETS["llama3.1-405b"], gpu=H100, num_gpus=16384,
                                    target_seq_len=131072, top_k=1))
     assert any(line.startswith("pipelines (pp 2, 4, 8, 16)") for line in result.explanation)
+
+
+def test_cost_command_prices_a_pipeline(capsys):
+    from autoplan.cli import main
+
+    rc = main(["cost", "--model", "llama3-8b", "--gpu", "h100", "--dp-shard", "2", "--tp", "2", "--pp", "4",
+               "--seq-len", "8k", "--local-batch-size", "8", "--pp-schedule", "interleaved-1f1b", "--ac", "full"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "interleaved-1f1b v=2 m=8 bubble 16%" in out  # (3 / 2) / (8 + 3 / 2)
+    assert out.count("pp rank ") >= 4 and "(output + loss)" in out and "pipeline_bubble" in out

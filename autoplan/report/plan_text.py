@@ -61,7 +61,7 @@ def render_plan_table(request: PlanRequest, result: PlanResult) -> str:
     if p.pp > 1:
         stages = ", ".join(_gib(b) for b in est.stage_peak_bytes)
         lines.insert(-2, f"  pipeline     {describe_schedule(plan.pp_schedule, p.pp, plan.microbatches, plan.pp_virtual_stages)}"
-                         f", slowest stage {est.slowest_stage}; peak GiB per stage: {stages}")
+                         f", slowest pp rank {est.slowest_stage}; peak GiB per pp rank: {stages}")
     if result.alternatives:
         lines += ["", "  alternatives"]
         any_pp = any(alt.candidate.parallelism.pp > 1 for alt in result.alternatives)
@@ -93,7 +93,8 @@ def format_cost_report(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     lines = [
         f"model     {model.name} ({model.num_params / 1e9:.2f}B params, {model.n_layers} layers)",
         f"hardware  {cluster.num_gpus} x {cluster.gpu.name} ({cluster.gpus_per_node} per node)",
-        f"layout    {describe_degrees(par)}  mesh {' > '.join(cfg.mesh_order)}  cp_impl={cfg.cp_impl}",
+        f"layout    {describe_degrees(par)}  mesh {' > '.join((['pp'] if par.pp > 1 else []) + list(cfg.mesh_order))}"
+        f"  cp_impl={cfg.cp_impl}",
         f"sequence  {format_tokens(cfg.seq_len)} tokens, local batch {cfg.local_batch_size}, "
         f"grad accum {cfg.grad_accum_steps}, global batch {cfg.global_batch_tokens:,} tokens, AC {ac}, "
         f"executor {executor}",
@@ -104,6 +105,14 @@ def format_cost_report(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     for name, value in estimate.memory_breakdown_bytes.items():
         if value > 0:
             lines.append(f"  {name:<18}{value / GiB:9.2f} GiB")
+    pipeline = estimate.pipeline
+    if pipeline is not None:  # pp > 1: the breakdown above is the worst stage's
+        lines.append(f"pipeline  {describe_schedule(cfg.pp_schedule, par.pp, cfg.pp_microbatches, cfg.pp_virtual_stages)}"
+                     f"; per pp rank: layers, micro-batches in flight, peak, time per micro-batch")
+        for stage in getattr(pipeline, "stages"):
+            lines.append(f"  pp rank {stage.rank:<4} {len(stage.layers):>3} layers  {stage.in_flight:5.1f} in flight  "
+                         f"{stage.peak_bytes / GiB:7.2f} GiB  {stage.microbatch_s * 1e3:8.1f} ms"
+                         + ("  (embedding)" if stage.first else "") + ("  (output + loss)" if stage.last else ""))
     lines += [
         "",
         f"time      {estimate.step_time_s:.3f} s/step, {estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU, "
