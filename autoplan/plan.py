@@ -23,7 +23,7 @@ from cost_models.config import (
 from cost_models.executors import EXECUTOR_PROFILES, ExecutorProfile
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
 
-from .report.describe import describe_ac, describe_layout
+from .report.describe import describe_ac, describe_layout, describe_schedule
 
 
 class PlanError(ValueError):
@@ -197,7 +197,11 @@ class Plan(BaseModel):
             raise PlanError(f"plan.{error}") from None
 
     def describe_layout(self) -> str:
-        return describe_layout(self.parallelism.to_spec(), self.cp_impl, self.local_batch_size)
+        text = describe_layout(self.parallelism.to_spec(), self.cp_impl, self.local_batch_size)
+        if self.parallelism.pp > 1:
+            text += " " + describe_schedule(self.pp_schedule, self.parallelism.pp, self.microbatches,
+                                            self.pp_virtual_stages)
+        return text
 
     def describe_ac(self) -> str:
         return describe_ac(self.activation_checkpoint.layer_modes(self.model_spec().n_layers))

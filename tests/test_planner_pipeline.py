@@ -158,3 +158,17 @@ def test_cost_command_prices_a_pipeline(capsys):
     assert rc == 0
     assert "interleaved-1f1b v=2 m=8 bubble 16%" in out  # (3 / 2) / (8 + 3 / 2)
     assert out.count("pp rank ") >= 4 and "(output + loss)" in out and "pipeline_bubble" in out
+
+
+def test_sweep_pp_knob():
+    from autoplan.errors import UsageError
+    from autoplan.sweep import SweepSetup, sweep
+
+    setup = SweepSetup(model=SHAPES[0], gpu=H100, gpus=16, target_seq_len=8192)
+    rows = sweep(setup, "pp", [1, 2, 4], jobs=1)
+    assert [r["value"] for r in rows] == [1, 2, 4] and all(r["fits"] for r in rows)
+    assert "pp=" not in rows[0]["layout"] and rows[0]["max_seq_len"] > 0
+    for row, pp in zip(rows[1:], (2, 4)):
+        assert f"pp={pp}" in row["layout"] and "bubble" in row["layout"] and row["max_seq_len"] == 0
+    with pytest.raises(UsageError, match="--knob pp needs --target-seqlen"):
+        sweep(SweepSetup(model=SHAPES[0], gpu=H100, gpus=16), "pp", [2], jobs=1)
