@@ -196,11 +196,29 @@ def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: d
             return [], [], best  # not tried: its rejections would only add noise
     out = []
     for c in candidates:
+        if _pipeline_static_bytes(request, c) > request.usable_bytes:
+            continue  # its stage-0 weights alone do not fit
         if bound < float("inf") and _pipeline_lower_bound(request, c) >= bound:
             continue
         out.append(price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
                          request.usable_bytes, None, allowed))
     return out, rejections, best
+
+
+def _pipeline_static_bytes(request: PlanRequest, candidate: Candidate) -> float:
+    """Bytes pp rank 0 holds before any activation (a lower bound of its peak): its
+    layers' and embedding's gathered params + fp32 unsharded grads (FSDP2 under the
+    schedule, cost_models/pipeline.py), their sharded fp32 params + AdamW states, and the
+    CUDA context."""
+    from cost_models.pipeline import rank_layers
+
+    model, p = request.model, candidate.parallelism
+    prec = candidate.train_config().precision
+    params = (len(rank_layers(model.n_layers, p.pp, candidate.pp_virtual_stages)[0]) * model.params_per_layer
+              + model.embedding_params) / p.tp
+    return (params * (prec.param_bytes + prec.grad_reduce_bytes)
+            + params / p.fsdp_degree * (prec.master_bytes + prec.optimizer_state_bytes)
+            + request.executor.cuda_context_bytes)
 
 
 def _pipeline_lower_bound(request: PlanRequest, candidate: Candidate) -> float:

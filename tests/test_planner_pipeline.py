@@ -143,10 +143,11 @@ def test_explanation_names_the_bubble_and_the_plan_runs():
 
 
 def test_405b_on_16k_gpus_prices_pipelines():
-    """The 405B / 16,384-GPU case prices pipelines (pp 2-16) and says how the best one did."""
+    """The 405B / 16,384-GPU case prices pipelines and says how the best one did."""
     result = make_plan(PlanRequest(model=MODEL_PRESETS["llama3.1-405b"], gpu=H100, num_gpus=16384,
                                    target_seq_len=131072, top_k=1))
-    assert any(line.startswith("pipelines (pp 2, 4, 8, 16)") for line in result.explanation)
+    line = next(line for line in result.explanation if line.startswith("pipelines (pp "))
+    assert "16" in line.split(")")[0] and "priced fit; the fastest" in line and "bubble" in line
 
 
 def test_cost_command_prices_a_pipeline(capsys):
@@ -172,3 +173,19 @@ def test_sweep_pp_knob():
         assert f"pp={pp}" in row["layout"] and "bubble" in row["layout"] and row["max_seq_len"] == 0
     with pytest.raises(UsageError, match="--knob pp needs --target-seqlen"):
         sweep(SweepSetup(model=SHAPES[0], gpu=H100, gpus=16), "pp", [2], jobs=1)
+
+
+def test_pipeline_prefilter_is_a_lower_bound():
+    """The planner skips pipelines whose stage-0 weights alone exceed the memory: that
+    bound must stay below the priced peak of pp rank 0 (else it would drop plans that fit)."""
+    from autoplan.planner import _pipeline_static_bytes
+    from autoplan.search import pipeline_candidates
+
+    model = MODEL_PRESETS["llama3-70b"]
+    request = PlanRequest(model=model, gpu=H100, num_gpus=64, target_seq_len=16384)
+    candidates, _ = pipeline_candidates(model, H100, 64, 16384, None, {}, None)
+    assert len(candidates) > 50
+    for c in candidates[::7]:
+        cfg = replace(c.train_config(), ac=ACPolicy.uniform("full", model.n_layers))
+        rank0 = estimate_step(model, ClusterSpec(H100, 64), cfg).pipeline.stages[0]
+        assert _pipeline_static_bytes(request, c) <= rank0.peak_bytes
