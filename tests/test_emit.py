@@ -583,6 +583,9 @@ def test_torchtitan_pipeline_keys(schedule, virtual, name):
     doc = tomllib.loads(emit(plan, "torchtitan", force=True)["torchtitan_v0.1.toml"])
     assert doc["parallelism"]["pipeline_parallel_degree"] == 4
     assert doc["parallelism"]["pipeline_parallel_schedule"] == name
+    assert doc["parallelism"]["pipeline_parallel_microbatch_size"] == 2
+    # 0.1 asserts (layers + 2) / pp a multiple of layers per stage: none is given (its default: 2 per rank).
+    assert "pipeline_parallel_layers_per_stage" not in doc["parallelism"]
     keys01, source01 = _keys_01()
     for key in doc["parallelism"]:
         assert key in keys01["parallelism"], f"[parallelism] {key} is not a torchtitan 0.1 key ({source01})"

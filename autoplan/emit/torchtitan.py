@@ -88,8 +88,11 @@ def pipeline_layers_per_stage(plan: Plan) -> int | None:
     return per_stage if -(-n_layers // per_stage) == stages else None
 
 
-def pipeline_settings(plan: Plan) -> dict[str, object]:
-    """The plan's pipeline as torchtitan ParallelismConfig keys (both versions name them alike)."""
+def pipeline_settings(plan: Plan, version: str = "0.3") -> dict[str, object]:
+    """The plan's pipeline as torchtitan ParallelismConfig keys (both versions name them
+    alike). 0.1 asserts a rigid fit of layers + 2 (embedding and output count as one layer
+    each) when given layers per stage, so it gets none: its looped schedules then default
+    to 2 stages per rank."""
     p = plan.parallelism
     if p.pp == 1:
         return {}
@@ -100,7 +103,7 @@ def pipeline_settings(plan: Plan) -> dict[str, object]:
         "pipeline_parallel_microbatch_size": plan.local_batch_size // plan.microbatches,
     }
     per_stage = pipeline_layers_per_stage(plan)
-    if plan.pp_virtual_stages > 1 and per_stage is not None:
+    if plan.pp_virtual_stages > 1 and per_stage is not None and version == "0.3":
         settings["pipeline_parallel_layers_per_stage"] = per_stage
     return settings
 
@@ -135,7 +138,10 @@ def notes(plan: Plan, version: str) -> list[str]:
         if version == "0.1":
             out.append("pipeline stages: torchtitan 0.1 counts the embedding and the output as one layer each when "
                        "it splits the model (no setting turns that off), so its stages differ from the plan's")
-        if plan.pp_virtual_stages > 1 and pipeline_layers_per_stage(plan) is None:
+            if plan.pp_virtual_stages > 2:
+                out.append(f"pp_virtual_stages={plan.pp_virtual_stages}: torchtitan 0.1 runs looped schedules with "
+                           "2 stages per rank unless pipeline_parallel_layers_per_stage fits its rigid split")
+        elif plan.pp_virtual_stages > 1 and pipeline_layers_per_stage(plan) is None:
             out.append(f"pp_virtual_stages={plan.pp_virtual_stages}: no pipeline_parallel_layers_per_stage gives "
                        f"{plan.parallelism.pp * plan.pp_virtual_stages} stages; torchtitan's default for looped "
                        "schedules is 2 stages per rank")
@@ -241,7 +247,7 @@ def toml_sections_v01(plan: Plan) -> dict[str, dict[str, object]]:
         "parallelism": {"data_parallel_replicate_degree": p.dp_replicate,
                         "data_parallel_shard_degree": p.dp_shard, "tensor_parallel_degree": p.tp,
                         "context_parallel_degree": p.cp,
-                        "context_parallel_rotate_method": ROTATE[plan.cp_impl], **pipeline_settings(plan)},
+                        "context_parallel_rotate_method": ROTATE[plan.cp_impl], **pipeline_settings(plan, "0.1")},
         # selective_ac_option "op": per-op selective AC, what the plan's 'selective' means.
         "activation_checkpoint": {"mode": mode, "selective_ac_option": "op"},
     }
