@@ -151,7 +151,7 @@ class StageCost:
     last: bool
     in_flight: float  # micro-batches' worth of saved activations at the peak
     microbatch_s: float  # forward + backward (+ recompute, exposed comm, P2P) of one micro-batch
-    parts_s: dict[str, float]  # microbatch_s by part: compute, recompute, exposed_tp_cp, fsdp, p2p
+    parts_s: dict[str, float]  # microbatch_s by part: compute, recompute, tp, cp, fsdp, p2p
     tensor_bytes: float
     peak_bytes: float  # reserved peak + CUDA context + NCCL
     breakdown_bytes: dict[str, float]
@@ -169,7 +169,8 @@ class PipelineEstimate:
     optimizer_s: float
     compute_s: float  # per step on the slowest rank (forward + backward, no recompute)
     recompute_s: float
-    exposed_tp_cp_s: float = 0.0  # per step on the slowest rank
+    exposed_tp_s: float = 0.0  # per step on the slowest rank
+    exposed_cp_s: float = 0.0
 
     @property
     def peak_bytes(self) -> float:
@@ -210,7 +211,9 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
     # Root parts of the pp = 1 terms (time_terms: compute = L (fwd + bwd) + root compute).
     root_compute = terms.compute_s - model.n_layers * (layer.forward_s + layer.backward_s)
     root_tp = terms.tp_comm_s - model.n_layers * layer.tp_comm_s
-    recompute_comm = terms.recompute_comm_s
+    # Collectives full / selective recompute repeats (as step.py: TP all-gathers, CP gathers).
+    tp_again = {"none": 0.0, "selective": layer.tp_selective_recompute_comm_s, "full": layer.tp_recompute_comm_s}
+    cp_again = {"none": 0.0, "selective": 0.0, "full": layer.cp_recompute_comm_s}
     gather = layer.fsdp_first_gather_s
     scatter = layer.fsdp_last_scatter_s  # reduce-scatter (+ HSDP all-reduce) of one block
     p2p = p2p_seconds_per_microbatch(model, cluster, cfg)
@@ -226,12 +229,12 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
         k = len(layers)
         compute = k * (layer.forward_s + layer.backward_s) + (root_compute if last else 0.0)
         recompute = sum(layer.recompute_s[mode] for mode in modes) + (terms.root_recompute_s if last else 0.0)
-        exposed = (k * (layer.tp_comm_s + layer.cp_comm_s) + sum(recompute_comm[mode] for mode in modes)
-                   + (root_tp if last else 0.0))
-        # FSDP gathers (m + 1 per block per run) hide behind the micro-batches' compute.
+        exposed_tp = k * layer.tp_comm_s + sum(tp_again[mode] for mode in modes) + (root_tp if last else 0.0)
+        exposed_cp = k * layer.cp_comm_s + sum(cp_again[mode] for mode in modes)
+        # FSDP gathers (m + 1 per block per run) hide behind the micro-batches' compute; the rest is exposed.
         gathers = k * gather * fsdp_gathers_per_step(m) / m if shards > 1 else 0.0
-        hidden_fsdp = max(0.0, gathers - compute - recompute)
-        t = compute + recompute + exposed + hidden_fsdp + p2p
+        exposed_fsdp = max(0.0, gathers - compute - recompute)
+        t = compute + recompute + exposed_tp + exposed_cp + exposed_fsdp + p2p
         # --- memory at the rank's peak (the last backwards of the steady state)
         stage_params = k * block + (embed if first else 0.0) + (out if last else 0.0)
         root_params = (embed if first else 0.0) + (out if last else 0.0)
@@ -256,7 +259,7 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
         overhead = reserved - tensor + executor.cuda_context_bytes
         breakdown = dict(parts, grads=0.0, comm_buffers=comm, overhead=overhead)
         peak = tensor + overhead + comm
-        parts_s = {"compute": compute, "recompute": recompute, "exposed_tp_cp": exposed, "fsdp": hidden_fsdp,
+        parts_s = {"compute": compute, "recompute": recompute, "tp": exposed_tp, "cp": exposed_cp, "fsdp": exposed_fsdp,
                    "p2p": p2p}
         stages.append(StageCost(r, tuple(layers), first, last, in_flight, t, parts_s, tensor, peak, breakdown))
     slow = max(stages, key=lambda s: s.microbatch_s)
@@ -279,7 +282,7 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
         bubble_fraction=bubble_fraction(pp, m, v), bubble_s=ga * (slots - m) * slowest,
         p2p_s=ga * m * p2p, fsdp_exposed_s=ga * (tail + m * slow.parts_s["fsdp"]), optimizer_s=optimizer,
         compute_s=ga * m * slow.parts_s["compute"], recompute_s=ga * m * slow.parts_s["recompute"],
-        exposed_tp_cp_s=ga * m * slow.parts_s["exposed_tp_cp"])
+        exposed_tp_s=ga * m * slow.parts_s["tp"], exposed_cp_s=ga * m * slow.parts_s["cp"])
 
 
 def rank_counts_policy(n_layers: int, pp: int, virtual: int, counts: dict[str, int]) -> tuple[str, ...]:
@@ -317,9 +320,9 @@ def pipeline_step_estimate(model: ModelSpec, cluster: ClusterSpec, cfg: TrainCon
     time_breakdown = {
         "compute": est.compute_s,
         "recompute": est.recompute_s,
-        "exposed_comm": est.p2p_s + est.fsdp_exposed_s + est.exposed_tp_cp_s,
-        "exposed_tp_comm": est.exposed_tp_cp_s,  # TP and CP together on the slowest rank
-        "exposed_cp_comm": 0.0,
+        "exposed_comm": est.p2p_s + est.fsdp_exposed_s + est.exposed_tp_s + est.exposed_cp_s,
+        "exposed_tp_comm": est.exposed_tp_s,  # on the slowest pp rank
+        "exposed_cp_comm": est.exposed_cp_s,
         "exposed_fsdp_comm": est.fsdp_exposed_s,
         "optimizer": est.optimizer_s,
         "pipeline_bubble": est.bubble_s,

@@ -190,7 +190,8 @@ def test_time_breakdown_adds_up_to_the_step(schedule, v, m, ac):
     t = est.time_breakdown_s
     parts = t["compute"] + t["recompute"] + t["exposed_comm"] + t["pipeline_bubble"] + t["optimizer"]
     assert parts == pytest.approx(est.step_time_s, rel=1e-12)
-    assert t["exposed_comm"] == pytest.approx(t["pipeline_p2p"] + t["exposed_fsdp_comm"] + t["exposed_tp_comm"],
+    assert t["exposed_comm"] == pytest.approx(t["pipeline_p2p"] + t["exposed_fsdp_comm"] + t["exposed_tp_comm"]
+                                              + t["exposed_cp_comm"],
                                               rel=1e-12)
     assert t["pipeline_bubble"] / est.pipeline.schedule_s == pytest.approx(bubble_fraction(4, m, v), rel=1e-12)
     # Tokens per GPU per step are the global batch over all 32 GPUs (a pp rank runs 1 / pp of the layers).
