@@ -189,3 +189,16 @@ def test_pipeline_prefilter_is_a_lower_bound():
         cfg = replace(c.train_config(), ac=ACPolicy.uniform("full", model.n_layers))
         rank0 = estimate_step(model, ClusterSpec(H100, 64), cfg).pipeline.stages[0]
         assert _pipeline_static_bytes(request, c) <= rank0.peak_bytes
+
+
+@pytest.mark.parametrize("model, fixed, message", [
+    (SHAPES[0], {"pp": 3}, r"multiply to 3, which does not divide --gpus 16"),
+    (SHAPES[0], {"pp": 8, "pp_virtual_stages": 2}, r"16 pipeline stages exceed the model's 8 layers"),
+    (MODEL_PRESETS["llama3.2-1b"], {"pp": 2}, r"ties its embeddings"),
+    (SHAPES[0], {"pp": 1, "pp_microbatches": 4}, r"pipeline knobs need --fix pp=N"),
+])
+def test_impossible_pipeline_pins_are_one_line_errors(model, fixed, message):
+    from cost_models.specs import SpecError
+
+    with pytest.raises(SpecError, match=message):
+        make_plan(PlanRequest(model=model, gpu=H100, num_gpus=16, target_seq_len=8192, fixed=fixed))
