@@ -166,7 +166,7 @@ def price_pipeline(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executo
     if full.peak_bytes <= usable:
         for a_index, heavy in enumerate(order):
             for light in order[a_index + 1:] or [heavy]:
-                low, high = 0, k_max  # n layers per rank in ``heavy``; high always fits
+                low, high = 0, k_max  # n layers per rank in ``heavy`` (all heavy: checked after)
                 if heavy == light:
                     low = k_max
                 while low < high:
