@@ -21,13 +21,14 @@ import contextlib
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pulp
 
 from cost_models.config import AC_MODES
 from cost_models.executors import ExecutorProfile
 from cost_models.memory import MemoryTerms, memory_terms
+from cost_models.pipeline import estimate_pipeline, max_rank_layers, micro_config, micro_parts, rank_counts_policy
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec
 from cost_models.step import TimeTerms, time_terms
 
@@ -39,22 +40,52 @@ class SolverError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PipelinePricing:
+    """A pp > 1 candidate, priced outside the ILP's per-layer knapsack: its AC (per-rank
+    counts, ``pipeline.rank_counts_policy``) is the fastest mix that fits on every stage,
+    found by enumeration (``price_pipeline``); the ILP only chooses whether to take it."""
+
+    counts: dict[str, int] | None  # per pp rank; None when nothing fits even with full AC
+    step_s: float
+    peak_bytes: float  # the worst stage's peak with ``counts``
+    full_ac_peak_bytes: float  # the worst stage's peak with every layer under full AC
+    usable_bytes: float
+    bubble_fraction: float
+
+
+@dataclass(frozen=True)
 class PricedCandidate:
     candidate: Candidate
     memory: MemoryTerms
     time: TimeTerms | None  # None when the candidate cannot fit even with full AC
     tokens_per_gpu_step: float
     tensor_budget_bytes: float  # tensor bytes allowed at the peak (capacity less overheads)
+    pipeline: PipelinePricing | None = None  # pp > 1
 
     @property
     def n_layers(self) -> int:
         return self.memory.n_layers
 
     def counts_fit(self, counts: dict[str, int]) -> bool:
+        if self.pipeline is not None:
+            return self.pipeline.counts is not None
         if self.time is None:
             return False
         peak = self.memory.peak_tensor_bytes_for_counts(counts["full"], counts["selective"], counts["none"])
         return peak <= self.tensor_budget_bytes
+
+    def fit_ratio(self) -> float:
+        """Memory needed with full AC over what is allowed (> 1: cannot fit)."""
+        if self.pipeline is not None:
+            return self.pipeline.full_ac_peak_bytes / self.pipeline.usable_bytes
+        return self.full_ac_peak_tensor_bytes() / self.tensor_budget_bytes
+
+    def full_ac_need_bytes(self) -> float:
+        """Peak bytes (context, NCCL and allocator included) with full AC."""
+        if self.pipeline is not None:
+            return self.pipeline.full_ac_peak_bytes
+        mt = self.memory
+        return self.full_ac_peak_tensor_bytes() * (1 + mt.fragmentation) + mt.fixed_overhead_bytes + mt.comm_buffer_bytes
 
     @property
     def terms(self) -> TimeTerms:
@@ -64,6 +95,8 @@ class PricedCandidate:
         return self.time
 
     def seconds_per_token(self, counts: dict[str, int]) -> float:
+        if self.pipeline is not None:
+            return self.pipeline.step_s / self.tokens_per_gpu_step
         return self.terms.step_s(counts) / self.tokens_per_gpu_step
 
     def full_ac_peak_tensor_bytes(self) -> float:
@@ -88,7 +121,9 @@ def tensor_budget_bytes(mem: MemoryTerms, capacity_bytes: float) -> float:
 
 def price(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executor: ExecutorProfile,
           gpus_per_node: int | None, capacity_bytes: float | None = None,
-          memory_cache: dict | None = None) -> PricedCandidate:
+          memory_cache: dict | None = None, allowed_modes: tuple[str, ...] = AC_MODES) -> PricedCandidate:
+    if candidate.parallelism.pp > 1:
+        return price_pipeline(model, gpu, candidate, executor, gpus_per_node, capacity_bytes, allowed_modes)
     cfg = candidate.train_config()
     cluster = ClusterSpec(gpu, candidate.num_gpus, gpus_per_node)
     if memory_cache is None:
@@ -104,6 +139,55 @@ def price(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executor: Execut
     par = candidate.parallelism
     tokens = candidate.seq_len * candidate.local_batch_size * candidate.grad_accum_steps / (par.cp * par.tp)
     return PricedCandidate(candidate, mem, tim, tokens, budget)
+
+
+def price_pipeline(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executor: ExecutorProfile,
+                   gpus_per_node: int | None, capacity_bytes: float | None = None,
+                   allowed_modes: tuple[str, ...] = AC_MODES) -> PricedCandidate:
+    """Price a pp > 1 candidate: the fastest per-rank AC mix whose every stage fits.
+
+    Mixes: one mode on every layer, or the first ``n`` layers of each rank in a mode that
+    recomputes more and the rest in one that recomputes less; more recompute only lowers
+    memory and adds time, so for each pair of modes the smallest fitting ``n`` (bisection)
+    is the pair's best."""
+    cfg = candidate.train_config()
+    cluster = ClusterSpec(gpu, candidate.num_gpus, gpus_per_node)
+    par = cfg.parallelism
+    usable = float(gpu.memory_bytes if capacity_bytes is None else capacity_bytes)
+    k_max = max_rank_layers(model.n_layers, par.pp, cfg.pp_virtual_stages)
+
+    def evaluate(counts: dict[str, int]):
+        modes = rank_counts_policy(model.n_layers, par.pp, cfg.pp_virtual_stages, counts)
+        return estimate_pipeline(model, cluster, cfg, executor, modes)
+
+    order = [m for m in AC_MODES[::-1] if m in allowed_modes]  # full, selective, none: decreasing recompute
+    full = evaluate(_uniform(order[0], k_max))
+    best: tuple[float, dict[str, int], float] | None = None
+    if full.peak_bytes <= usable:
+        for a_index, heavy in enumerate(order):
+            for light in order[a_index + 1:] or [heavy]:
+                low, high = 0, k_max  # n layers per rank in ``heavy`` (all heavy: checked after)
+                if heavy == light:
+                    low = k_max
+                while low < high:
+                    mid = (low + high) // 2
+                    trial = _uniform(light, k_max)
+                    trial[heavy], trial[light] = mid, k_max - mid  # heavy != light here (low < high)
+                    if evaluate(trial).peak_bytes <= usable:
+                        high = mid
+                    else:
+                        low = mid + 1
+                counts = _uniform(light, k_max)
+                if heavy != light:
+                    counts[heavy], counts[light] = low, k_max - low
+                found = evaluate(counts)
+                if found.peak_bytes <= usable and (best is None or found.step_time_s < best[0]):
+                    best = (found.step_time_s, counts, found.peak_bytes)
+    mem = micro_parts(model, cluster, micro_config(cfg), executor)[2]
+    tokens = cfg.seq_len * cfg.local_batch_size * cfg.grad_accum_steps / (par.cp * par.tp * par.pp)
+    pricing = PipelinePricing(best[1] if best else None, best[0] if best else float("inf"),
+                              best[2] if best else full.peak_bytes, full.peak_bytes, usable, full.bubble_fraction)
+    return PricedCandidate(candidate, replace(mem, n_layers=k_max), None, tokens, usable, pricing)
 
 
 @dataclass(frozen=True)
@@ -194,6 +278,8 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
         p = priced[i]
         L = p.n_layers
         x[i] = prob.add_variable(f"x_{i}", cat="Binary")
+        if p.pipeline is not None:
+            continue  # AC already chosen (price_pipeline): only x_i
         e[i] = prob.add_variable(f"e_{i}", lowBound=0)
         for m in allowed_modes:
             n[i, m] = prob.add_variable(f"n_{i}_{m}", lowBound=0, upBound=L, cat="Integer")
@@ -213,6 +299,9 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
     else:
         terms = []
         for i in indices:
+            if priced[i].pipeline is not None:
+                terms.append(1e6 * priced[i].seconds_per_token({}) * x[i])
+                continue
             t = priced[i].terms
             scale = 1e6 / priced[i].tokens_per_gpu_step  # microseconds per token
             micro = (t.base_s * x[i] + e[i]
@@ -226,6 +315,10 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
             return None
         raise SolverError(f"solver finished with status {pulp.LpStatus[prob.status]} (sol_status {prob.sol_status})")
     chosen = max(indices, key=lambda i: x[i].value() or 0.0)
+    pipeline = priced[chosen].pipeline
+    if pipeline is not None and pipeline.counts is not None:
+        return Choice(chosen, dict(pipeline.counts), priced[chosen].seconds_per_token({}),
+                      proven_optimal=prob.sol_status == pulp.LpSolutionOptimal)
     counts = {m: int(round(n[chosen, m].value() or 0)) for m in allowed_modes}
     for m in AC_MODES:
         counts.setdefault(m, 0)
@@ -249,6 +342,10 @@ def _prune_by_bounds(priced: list[PricedCandidate], indices: list[int], allowed_
     upper = float("inf")
     for i in indices:
         p = priced[i]
+        if p.pipeline is not None:
+            lower[i] = p.seconds_per_token({})
+            upper = min(upper, lower[i])
+            continue
         t, mt = p.terms, p.memory
         L = p.n_layers
         room = p.tensor_budget_bytes - (mt.static_bytes + mt.root_unsharded_bytes + mt.forward_block_bytes
@@ -316,7 +413,8 @@ def _drop_identical(priced: list[PricedCandidate], indices: list[int]) -> list[i
     seen: dict[tuple, int] = {}
     for i in indices:
         p = priced[i]
-        key = (repr(p.memory), repr(p.time), p.tokens_per_gpu_step, p.tensor_budget_bytes)
+        key = (repr(p.memory), repr(p.time), p.tokens_per_gpu_step, p.tensor_budget_bytes, repr(p.pipeline),
+               p.candidate if p.pipeline is not None else None)
         seen.setdefault(key, i)
     return sorted(seen.values())
 

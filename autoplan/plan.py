@@ -23,7 +23,7 @@ from cost_models.config import (
 from cost_models.executors import EXECUTOR_PROFILES, ExecutorProfile
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
 
-from .report.describe import describe_ac, describe_layout
+from .report.describe import describe_ac, describe_layout, describe_schedule
 
 
 class PlanError(ValueError):
@@ -36,7 +36,7 @@ class ParallelismDoc(BaseModel):
     dp_shard: int = Field(1, ge=1)
     cp: int = Field(1, ge=1)
     tp: int = Field(1, ge=1)
-    # > 1 only for the runtime: the cost models and the planner price pp = 1 (to_spec refuses more).
+    # Pipeline stages (outermost mesh dim): priced by cost_models/pipeline.py.
     pp: int = Field(1, ge=1)
 
     @property
@@ -197,7 +197,11 @@ class Plan(BaseModel):
             raise PlanError(f"plan.{error}") from None
 
     def describe_layout(self) -> str:
-        return describe_layout(self.parallelism.to_spec(), self.cp_impl, self.local_batch_size)
+        text = describe_layout(self.parallelism.to_spec(), self.cp_impl, self.local_batch_size)
+        if self.parallelism.pp > 1:
+            text += " " + describe_schedule(self.pp_schedule, self.parallelism.pp, self.microbatches,
+                                            self.pp_virtual_stages)
+        return text
 
     def describe_ac(self) -> str:
         return describe_ac(self.activation_checkpoint.layer_modes(self.model_spec().n_layers))
@@ -216,6 +220,7 @@ class Plan(BaseModel):
 
     def train_config(self) -> TrainConfig:
         spec = self.model_spec()
+        pipelined = self.parallelism.pp > 1
         try:
             return TrainConfig(
                 parallelism=self.parallelism.to_spec(),
@@ -226,6 +231,9 @@ class Plan(BaseModel):
                 cp_impl=self.cp_impl,
                 mesh_order=tuple(self.mesh_order),
                 precision=self.precision.to_spec(),
+                pp_schedule=self.pp_schedule if pipelined else "1f1b",
+                pp_microbatches=self.microbatches if pipelined else 1,
+                pp_virtual_stages=self.pp_virtual_stages if pipelined else 1,
             )
         except SpecError as error:
             raise PlanError(f"plan: {error}") from None

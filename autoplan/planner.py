@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from cost_models.config import AC_MODES, ACPolicy, Parallelism
 from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorProfile
+from cost_models.pipeline import rank_counts_policy
 from cost_models.specs import ClusterSpec, GiB, GPUSpec, ModelSpec, SpecError
 from cost_models.step import StepEstimate, estimate_step
 
@@ -27,7 +28,7 @@ from .ilp import Choice, PricedCandidate, choose, price
 from .longest import FitCheck, Longest, longest_fitting_seq
 from .plan import ActivationCheckpointDoc, Plan, PredictedDoc
 from .report.describe import LAYOUT_FAMILIES, describe_ac, describe_degrees, layout_family
-from .search import Candidate, Rejection, build_search_space, check_pins
+from .search import Candidate, Rejection, build_search_space, check_pins, min_bubble_factor, pipeline_candidates
 from .units import MemoryHeadroom, format_tokens
 
 # 5% of each GPU (4 GiB of an 80 GB H100) stays free unless --memory-headroom says
@@ -129,7 +130,9 @@ def _gpu_counts(request: PlanRequest, objective: str) -> list[int]:
 
 
 def _price_all(request: PlanRequest, gpu_counts: list[int], seq_lens: list[int]
-               ) -> tuple[list[PricedCandidate], list[Rejection]]:
+               ) -> tuple[list[PricedCandidate], list[Rejection], Choice | None]:
+    """Priced candidates, rejections, and the best pp = 1 choice when it was solved already
+    (to decide whether pipelines can win; the pipelines are appended after the pp = 1 ones)."""
     fixed = {k: v for k, v in request.fixed.items() if k not in ("ac", "seq_len")}
     space = build_search_space(request.model, request.gpu, gpu_counts, seq_lens, request.gpus_per_node,
                                fixed, request.global_batch_tokens)
@@ -137,9 +140,100 @@ def _price_all(request: PlanRequest, gpu_counts: list[int], seq_lens: list[int]
     if request.layout_filter is not None:
         candidates = [c for c in candidates if request.layout_filter(c.parallelism)]
     memory: dict = {}
+    allowed = request.allowed_modes()
     priced = [price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
-                    request.usable_bytes, memory) for c in candidates]
-    return priced, space.rejections
+                    request.usable_bytes, memory, allowed) for c in candidates]
+    rejections = space.rejections
+    base = None
+    # Unpinned pipelines join the throughput objective only: max-seqlen and min-gpus search
+    # the length / GPU count over pp = 1 layouts (pin pp to search pipelines there).
+    if "pp" not in fixed and request.resolved_objective() == "throughput" and len(gpu_counts) == 1 \
+            and len(seq_lens) == 1:
+        more, rejected, base = _pipeline_priced(request, gpu_counts[0], seq_lens[0], fixed, priced, allowed)
+        priced += more
+        rejections = rejections + rejected
+    return priced, rejections, base
+
+
+def _choose_with_pipelines(request: PlanRequest, priced: list[PricedCandidate], allowed: tuple[str, ...],
+                           base: Choice | None) -> Choice | None:
+    """The best choice: a pipeline's seconds per token are fixed (its AC is priced already),
+    so with the pp = 1 optimum in hand the best of all is the faster of the two."""
+    if base is None:
+        return choose(priced, allowed, time_limit_s=request.time_limit_s)
+    pipelines = [i for i, p in enumerate(priced) if p.pipeline is not None and p.pipeline.counts is not None]
+    if not pipelines:
+        return base
+    best = min(pipelines, key=lambda i: priced[i].seconds_per_token({}))
+    if priced[best].seconds_per_token({}) < base.seconds_per_token:
+        counts = priced[best].pipeline.counts  # type: ignore[union-attr]
+        return Choice(best, dict(counts or {}), priced[best].seconds_per_token({}), True)
+    return base
+
+
+def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: dict[str, Any],
+                     priced: list[PricedCandidate], allowed: tuple[str, ...]
+                     ) -> tuple[list[PricedCandidate], list[Rejection], Choice | None]:
+    """Pipeline candidates, when they can win: pp > 1 adds a bubble of at least
+    ``min_bubble_factor`` times the compute, so it is priced only when no pp = 1 layout fits
+    or the best one spends more than that factor over its own compute-only time (recompute,
+    exposed communication). Each survivor must also beat that plan on a compute-only bound."""
+    if request.layout_filter is not None:
+        return [], [], None
+    candidates, rejections = pipeline_candidates(request.model, request.gpu, num_gpus, seq_len,
+                                                 request.gpus_per_node, fixed, request.global_batch_tokens)
+    if not candidates:
+        return [], [], None
+    factor = min_bubble_factor(candidates)
+    best = choose(priced, allowed, time_limit_s=request.time_limit_s) if priced else None
+    bound = float("inf")
+    if best is not None:
+        winner = priced[best.index]
+        bound = best.seconds_per_token
+        compute_only = (winner.terms.grad_accum_steps * winner.terms.compute_s + winner.terms.optimizer_s) \
+            / winner.tokens_per_gpu_step
+        if bound <= factor * compute_only:
+            return [], [], best  # not tried: its rejections would only add noise
+    out = []
+    for c in candidates:
+        if _pipeline_static_bytes(request, c) > request.usable_bytes:
+            continue  # its stage-0 weights alone do not fit
+        if bound < float("inf") and _pipeline_lower_bound(request, c) >= bound:
+            continue
+        out.append(price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
+                         request.usable_bytes, None, allowed))
+    return out, rejections, best
+
+
+def _pipeline_static_bytes(request: PlanRequest, candidate: Candidate) -> float:
+    """Bytes pp rank 0 holds before any activation (a lower bound of its peak): its
+    layers' and embedding's gathered params + fp32 unsharded grads (FSDP2 under the
+    schedule, cost_models/pipeline.py), their sharded fp32 params + AdamW states, and the
+    CUDA context."""
+    from cost_models.pipeline import rank_layers
+
+    model, p = request.model, candidate.parallelism
+    prec = candidate.train_config().precision
+    params = (len(rank_layers(model.n_layers, p.pp, candidate.pp_virtual_stages)[0]) * model.params_per_layer
+              + model.embedding_params) / p.tp
+    return (params * (prec.param_bytes + prec.grad_reduce_bytes)
+            + params / p.fsdp_degree * (prec.master_bytes + prec.optimizer_state_bytes)
+            + request.executor.cuda_context_bytes)
+
+
+def _pipeline_lower_bound(request: PlanRequest, candidate: Candidate) -> float:
+    """Seconds per token a pipeline candidate cannot beat: its schedule slots x the compute
+    (no recompute, no communication) of its rank with the most layers."""
+    from cost_models.pipeline import max_rank_layers, micro_config, micro_layer_time, schedule_slots
+
+    cfg = candidate.train_config()
+    par = cfg.parallelism
+    cluster = ClusterSpec(request.gpu, candidate.num_gpus, request.gpus_per_node)
+    layer = micro_layer_time(request.model, cluster, micro_config(cfg), request.executor)
+    k = max_rank_layers(request.model.n_layers, par.pp, cfg.pp_virtual_stages)
+    step = cfg.grad_accum_steps * schedule_slots(par.pp, cfg.pp_microbatches, cfg.pp_virtual_stages) \
+        * k * (layer.forward_s + layer.backward_s)
+    return step / (cfg.seq_len * cfg.local_batch_size * cfg.grad_accum_steps / (par.cp * par.tp * par.pp))
 
 
 def _any_fits(priced: list[PricedCandidate], allowed: tuple[str, ...]) -> bool:
@@ -154,6 +248,9 @@ def _uniform(mode: str, n_layers: int) -> dict[str, int]:
 def make_plan(request: PlanRequest) -> PlanResult:
     check_conflicts(request.fixed, request.target_seq_len, request.ac)
     objective = request.resolved_objective()
+    if int(request.fixed.get("pp", 1)) > 1 and objective != "throughput":
+        raise SpecError(f"--fix pp={request.fixed['pp']} with --objective {objective}: pipelines are planned for "
+                        "--objective throughput only (give --target-seqlen); max-seqlen and min-gpus search pp=1")
     if objective != "min-gpus":  # there --gpus is only the upper bound of whole-node counts
         ClusterSpec(request.gpu, request.num_gpus, request.gpus_per_node)  # whole nodes, or a one-line error
     allowed = request.allowed_modes()
@@ -170,8 +267,8 @@ def make_plan(request: PlanRequest) -> PlanResult:
             raise SpecError(f"--objective {objective} needs --target-seqlen")
         gpu_counts = _fewest_fitting_gpus(request, allowed, target) if objective == "min-gpus" else [request.num_gpus]
         seq_lens = [target]
-    priced, rejections = _price_all(request, gpu_counts, seq_lens)
-    choice = choose(priced, allowed, time_limit_s=request.time_limit_s)
+    priced, rejections, base = _price_all(request, gpu_counts, seq_lens)
+    choice = _choose_with_pipelines(request, priced, allowed, base)
     if choice is None:
         return _infeasible(request, objective, priced, rejections, allowed, target)
     chosen = priced[choice.index]
@@ -180,6 +277,7 @@ def make_plan(request: PlanRequest) -> PlanResult:
     plan = _to_plan(request, chosen.candidate, choice.counts, estimate, alternatives, ties, rejections, objective)
     capped = bool(longest and longest.capped)
     plan.explanation[1:1] = caveats(estimate, capped)
+    plan.explanation += _pipeline_lines(priced, chosen)
     return PlanResult(plan, estimate, alternatives, rejections, plan.explanation, objective, len(priced),
                       choice.proven_optimal, capped, estimate.step_time_s > IMPRACTICAL_STEP_S)
 
@@ -199,13 +297,21 @@ def _fewest_fitting_gpus(request: PlanRequest, allowed: tuple[str, ...], target:
 
 def _estimate(request: PlanRequest, candidate: Candidate, counts: dict[str, int]) -> StepEstimate:
     cfg = candidate.train_config()
-    ac = ACPolicy.mix(request.model.n_layers, counts.get("full", 0), counts.get("selective", 0))
-    cfg = replace(cfg, ac=ac)
+    cfg = replace(cfg, ac=ac_policy(request.model, candidate, counts))
     cluster = ClusterSpec(request.gpu, candidate.num_gpus, request.gpus_per_node)
     estimate = estimate_step(request.model, cluster, cfg, request.executor)
     # Fits means: within the usable memory (capacity less the headroom).
     return replace(estimate, memory_capacity_bytes=request.capacity_bytes,
                    fits=estimate.peak_memory_bytes <= request.usable_bytes)
+
+
+def ac_policy(model: ModelSpec, candidate: Candidate, counts: dict[str, int]) -> ACPolicy:
+    """The per-layer AC of a choice: counts over the whole model (pp = 1: the first layers
+    full, then selective), or per pp rank (pp > 1: ``pipeline.rank_counts_policy``)."""
+    p = candidate.parallelism
+    if p.pp > 1:
+        return ACPolicy(rank_counts_policy(model.n_layers, p.pp, candidate.pp_virtual_stages, counts))
+    return ACPolicy.mix(model.n_layers, counts.get("full", 0), counts.get("selective", 0))
 
 
 def _bound_by(estimate: StepEstimate, usable_bytes: float) -> str:
@@ -218,6 +324,10 @@ def _bound_by(estimate: StepEstimate, usable_bytes: float) -> str:
     share = t[biggest] / estimate.step_time_s
     if share > 0.05:
         parts.append(f"{biggest.replace('_', ' ')} {share * 100:.0f}% of step")
+    if estimate.pipeline is not None:
+        bubble = getattr(estimate.pipeline, "bubble_fraction")
+        parts.append(f"bubble {bubble:.0%}, worst pp rank {max(estimate.stage_peak_bytes) / GiB:.1f} GiB, "
+                     f"slowest pp rank {estimate.slowest_stage}")
     return ", ".join(parts)
 
 
@@ -234,10 +344,13 @@ def _alternatives(request: PlanRequest, priced: list[PricedCandidate], choice: C
     if request.top_k <= 0:
         return [], []
     winner = priced[choice.index]
-    family_of = [layout_family(p.candidate.parallelism) for p in priced]
+    # Pipelines form one family of their own (one more row, one more solve).
+    family_of = ["PP" if p.candidate.parallelism.pp > 1 else layout_family(p.candidate.parallelism) for p in priced]
     winner_key = (winner.candidate.num_gpus, winner.candidate.seq_len, winner.candidate.parallelism)
     same_degrees = {i for i, p in enumerate(priced)
-                    if (p.candidate.num_gpus, p.candidate.seq_len, p.candidate.parallelism) == winner_key}
+                    if (p.candidate.num_gpus, p.candidate.seq_len, p.candidate.parallelism) == winner_key
+                    and (p.candidate.pp_schedule, p.candidate.pp_microbatches) == (winner.candidate.pp_schedule,
+                                                                                  winner.candidate.pp_microbatches)}
 
     def best(excluded: set[int], pool: list[PricedCandidate] = priced) -> Alternative | None:
         found = choose(pool, allowed, time_limit_s=request.time_limit_s, excluded=[excluded])
@@ -250,7 +363,7 @@ def _alternatives(request: PlanRequest, priced: list[PricedCandidate], choice: C
 
     ties: list[str] = []
     rows: list[Alternative] = []
-    for family in LAYOUT_FAMILIES:
+    for family in LAYOUT_FAMILIES + (("PP",) if "PP" in family_of else ()):
         others = {i for i, name in enumerate(family_of) if name != family}
         if family == family_of[choice.index]:
             runner_up = best(others | same_degrees)
@@ -285,6 +398,12 @@ def _roomier(request: PlanRequest, priced: list[PricedCandidate], estimate: Step
     ceiling = estimate.peak_memory_bytes - ROOMIER_SHARE * request.usable_bytes
     tighter = []
     for p in priced:
+        if p.pipeline is not None:
+            if p.pipeline.peak_bytes <= ceiling:
+                tighter.append(p)
+            else:
+                tighter.append(replace(p, pipeline=replace(p.pipeline, counts=None)))
+            continue
         mt = p.memory
         budget = (ceiling - mt.fixed_overhead_bytes - mt.comm_buffer_bytes) / (1 + mt.fragmentation)
         tighter.append(replace(p, tensor_budget_bytes=min(p.tensor_budget_bytes, budget)))
@@ -306,12 +425,14 @@ def _same_prediction(alternative: Alternative, estimate: StepEstimate, counts: d
 def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], estimate: StepEstimate,
              alternatives: list[Alternative], ties: list[str], rejections: list[Rejection], objective: str) -> Plan:
     model = request.model
-    ac = ACPolicy.mix(model.n_layers, counts.get("full", 0), counts.get("selective", 0))
+    ac = ac_policy(model, cand, counts)
     executor = request.executor
     p = cand.parallelism
+    pipeline = (f", pipeline {cand.describe().split(' b=')[1].split(' ', 1)[1]}" if p.pp > 1 else "")
     explanation = [
         f"objective {objective}: chose {describe_degrees(p)}"
-        f" at seq_len {format_tokens(cand.seq_len)}, local batch {cand.local_batch_size}, AC {describe_ac(counts)}",
+        f" at seq_len {format_tokens(cand.seq_len)}, local batch {cand.local_batch_size}, AC {describe_ac(ac.layer_modes)}"
+        + pipeline,
         f"predicted {estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU, MFU {estimate.mfu * 100:.1f}%, "
         f"{_bound_by(estimate, request.usable_bytes)}",
     ]
@@ -326,7 +447,8 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
     for alt in alternatives:
         freed = estimate.peak_memory_bytes - alt.estimate.peak_memory_bytes
         room = f", {freed / GiB:.1f} GiB more free" if freed >= ROOMIER_SHARE * request.usable_bytes else ""
-        explanation.append(f"alternative {alt.candidate.describe()} AC {describe_ac(alt.counts)}: "
+        alt_ac = ac_policy(model, alt.candidate, alt.counts).layer_modes
+        explanation.append(f"alternative {alt.candidate.describe()} AC {describe_ac(alt_ac)}: "
                            f"{alt.estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU; {alt.bound_by}{room}")
     reasons = _reason_counts(rejections)
     for reason, count in reasons.most_common(3):
@@ -347,15 +469,34 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
         executor_profile=executor.to_dict(),
         calibration=request.calibration,
         loss_chunk_tokens=executor.loss_chunk_tokens,
+        **({"pp_schedule": cand.pp_schedule, "pp_microbatches": cand.pp_microbatches,
+            "pp_virtual_stages": cand.pp_virtual_stages} if p.pp > 1 else {}),
         predicted=PredictedDoc(**estimate.summary(), peak_phase=estimate.peak_phase,
                                memory_usable_bytes=request.usable_bytes,
                                memory_headroom_bytes=request.headroom_bytes),
         alternatives=[{"parallelism": a.candidate.parallelism.as_dict(), "seq_len": a.candidate.seq_len,
                        "local_batch_size": a.candidate.local_batch_size, "cp_impl": a.candidate.cp_impl,
                        "mesh_order": list(a.candidate.mesh_order), "activation_checkpoint": dict(a.counts),
+                       **({"pp_schedule": a.candidate.pp_schedule, "pp_microbatches": a.candidate.pp_microbatches,
+                           "pp_virtual_stages": a.candidate.pp_virtual_stages} if a.candidate.parallelism.pp > 1
+                          else {}),
                        "predicted": a.estimate.summary(), "bound_by": a.bound_by} for a in alternatives],
         explanation=explanation,
     )
+
+
+def _pipeline_lines(priced: list[PricedCandidate], chosen: PricedCandidate) -> list[str]:
+    """What pipeline parallelism would do, when pipelines were priced and another plan won."""
+    pipelines = [p for p in priced if p.pipeline is not None]
+    if not pipelines or chosen.pipeline is not None:
+        return []
+    fitting = [p for p in pipelines if p.pipeline is not None and p.pipeline.counts is not None]
+    degrees = sorted({p.candidate.parallelism.pp for p in pipelines})
+    line = f"pipelines (pp {', '.join(map(str, degrees))}): {len(fitting)} of {len(pipelines)} priced fit"
+    if fitting:
+        best = min(fitting, key=lambda p: p.seconds_per_token({}))
+        line += f"; the fastest, {best.candidate.describe()}, runs {1 / best.seconds_per_token({}):,.0f} tokens/s/GPU"
+    return [line]
 
 
 def _reason_counts(rejections: list[Rejection]) -> Counter:
@@ -370,10 +511,8 @@ def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandida
     """No plan fits: say what came closest and what would make the target fit."""
     lines = []
     if priced:
-        closest = min(priced, key=lambda p: p.full_ac_peak_tensor_bytes() / p.tensor_budget_bytes)
-        mt = closest.memory
-        need = (closest.full_ac_peak_tensor_bytes() * (1 + mt.fragmentation) + mt.fixed_overhead_bytes
-                + mt.comm_buffer_bytes)
+        closest = min(priced, key=lambda p: p.fit_ratio())
+        need = closest.full_ac_need_bytes()
         have = request.usable_bytes
         lines.append(f"no layout fits: the closest, {closest.candidate.describe()} at seq_len "
                      f"{format_tokens(closest.candidate.seq_len)}, needs {need / GiB:.1f} GiB of {have / GiB:.1f} usable "

@@ -14,17 +14,23 @@ from functools import lru_cache
 from typing import Any, Iterable
 
 from cost_models.comm import group_tier
-from cost_models.config import DEFAULT_MESH_ORDER, MESH_DIMS, Parallelism, TrainConfig
+from cost_models.config import DEFAULT_MESH_ORDER, DEGREES, MESH_DIMS, Parallelism, TrainConfig
+from cost_models.pipeline import bubble_fraction
 from cost_models.rules import degree_violations, layout_violations
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
 
-from .report.describe import describe_layout
+from .report.describe import describe_layout, describe_schedule
 
 DEFAULT_BATCHES = (1, 2, 4, 8)
 # Larger local batches only add candidates once a micro-batch already holds this many
 # tokens per GPU: matmuls are saturated and per-step overheads amortized well before.
 MAX_BATCHED_TOKENS_PER_GPU = 32768
 DEFAULT_CP_IMPLS: tuple[str, ...] = ("allgather-kv", "ring-allgather")
+# Pipeline parallelism: the knobs, and what the planner tries when they are not pinned.
+PP_KNOBS = ("pp_schedule", "pp_microbatches", "pp_virtual_stages")
+MAX_PP = 16  # pp degrees tried unpinned: 2, 4, ... up to this (Llama 3 405B ran pp 16)
+PP_MICROBATCH_FACTORS = (1, 2)  # micro-batches tried: pp x these (bubble (pp - 1) / m)
+PP_SCHEDULE_OPTIONS = (("1f1b", 1), ("interleaved-1f1b", 2))  # GPipe: same time as 1F1B, more memory
 
 
 @dataclass(frozen=True)
@@ -37,15 +43,23 @@ class Candidate:
     grad_accum_steps: int
     cp_impl: str
     cfg: TrainConfig | None = field(default=None, compare=False, repr=False)  # validated once, at search time
+    pp_schedule: str = "1f1b"  # pp > 1 only
+    pp_microbatches: int = 1
+    pp_virtual_stages: int = 1
 
     def train_config(self) -> TrainConfig:
         if self.cfg is not None:
             return self.cfg
         return TrainConfig(self.parallelism, self.seq_len, self.local_batch_size, self.grad_accum_steps,
-                           None, self.cp_impl, self.mesh_order)
+                           None, self.cp_impl, self.mesh_order, pp_schedule=self.pp_schedule,
+                           pp_microbatches=self.pp_microbatches, pp_virtual_stages=self.pp_virtual_stages)
 
     def describe(self) -> str:
-        return describe_layout(self.parallelism, self.cp_impl, self.local_batch_size)
+        text = describe_layout(self.parallelism, self.cp_impl, self.local_batch_size)
+        if self.parallelism.pp > 1:
+            text += " " + describe_schedule(self.pp_schedule, self.parallelism.pp, self.pp_microbatches,
+                                            self.pp_virtual_stages)
+        return text
 
 
 @dataclass(frozen=True)
@@ -64,10 +78,10 @@ class SearchSpace:
 def check_pins(model: ModelSpec, num_gpus: int, fixed: dict[str, Any], gpus_per_node: int | None = None) -> None:
     """Pinned degrees that can never work are a usage error, not an empty search."""
     product = 1
-    for knob in MESH_DIMS:
+    for knob in DEGREES:
         product *= int(fixed.get(knob, 1))
     if num_gpus % product:
-        pins = ",".join(f"{k}={fixed[k]}" for k in MESH_DIMS if k in fixed)
+        pins = ",".join(f"{k}={fixed[k]}" for k in DEGREES if k in fixed)
         raise SpecError(f"--fix {pins}: the pinned degrees multiply to {product}, which does not divide "
                         f"--gpus {num_gpus}")
     tp = int(fixed.get("tp", 1))
@@ -76,6 +90,15 @@ def check_pins(model: ModelSpec, num_gpus: int, fixed: dict[str, Any], gpus_per_
             raise SpecError(f"--fix tp={tp}: tp must divide the model's {name}={value}")
     if gpus_per_node and tp > gpus_per_node:
         raise SpecError(f"--fix tp={tp}: tensor parallel must stay inside a node of {gpus_per_node} GPUs")
+    pp = int(fixed.get("pp", 1))
+    virtual = int(fixed.get("pp_virtual_stages", 1))
+    if pp > 1 and pp * virtual > model.n_layers:
+        raise SpecError(f"--fix pp={pp}" + (f",pp_virtual_stages={virtual}" if virtual > 1 else "")
+                        + f": {pp * virtual} pipeline stages exceed the model's {model.n_layers} layers")
+    if pp > 1 and model.tie_embeddings:
+        raise SpecError(f"--fix pp={pp}: the model ties its embeddings; the runtime pipelines only untied models")
+    if pp == 1 and any(k in fixed for k in PP_KNOBS):
+        raise SpecError(f"--fix {','.join(k for k in PP_KNOBS if k in fixed)}: pipeline knobs need --fix pp=N (N > 1)")
 
 
 def prime_factors(n: int) -> dict[int, int]:
@@ -207,6 +230,14 @@ def build_search_space(model: ModelSpec, gpu: GPUSpec, gpu_counts: Iterable[int]
     fixed = dict(fixed or {})
     space = SearchSpace()
     seq_lens = sorted(set(seq_lens))
+    if int(fixed.get("pp", 1)) > 1:  # pinned pipeline: only pp candidates
+        for num_gpus in sorted(set(gpu_counts)):
+            for seq_len in seq_lens:
+                found_pp, rejected = pipeline_candidates(model, gpu, num_gpus, seq_len, gpus_per_node, fixed,
+                                                         global_batch_tokens, batches)
+                space.candidates += found_pp
+                space.rejections += rejected
+        return space
     for num_gpus in sorted(set(gpu_counts)):
         found, rejections = layouts(model, gpu, num_gpus, gpus_per_node, fixed, batches)
         space.rejections += rejections
@@ -264,3 +295,81 @@ def _grad_accum(seq_len: int, batch: int, par: Parallelism, global_batch_tokens:
     if "grad_accum_steps" in fixed and fixed["grad_accum_steps"] != accum:
         return f"grad_accum_steps={fixed['grad_accum_steps']} but the global batch needs {accum}"
     return accum
+
+
+def pipeline_candidates(model: ModelSpec, gpu: GPUSpec, num_gpus: int, seq_len: int, gpus_per_node: int | None,
+                        fixed: dict[str, Any], global_batch_tokens: int | None,
+                        batches: Iterable[int] = DEFAULT_BATCHES) -> tuple[list[Candidate], list[Rejection]]:
+    """pp > 1 candidates: pp (pinned, else the divisors of the GPU count up to MAX_PP), the
+    inner degrees over the remaining GPUs (dp_replicate 1 unless pinned), schedules 1F1B and
+    interleaved (2 virtual stages), micro-batches pp x PP_MICROBATCH_FACTORS of ``batches``
+    sequences each (local batch = micro-batches x sequences; a pinned local batch is kept),
+    CP all-gather-K/V (the runtime's only CP under a schedule); pp is the outermost mesh
+    dim, the inner order the default unless pinned."""
+    out: list[Candidate] = []
+    rejections: list[Rejection] = []
+    try:
+        cluster = ClusterSpec(gpu, num_gpus, gpus_per_node)
+    except SpecError as error:
+        return [], [Rejection(f"{num_gpus} GPUs", str(error))]
+    if "pp" in fixed:
+        pps = [int(fixed["pp"])] if int(fixed["pp"]) > 1 and num_gpus % int(fixed["pp"]) == 0 else []
+    else:
+        pps = [d for d in divisors(num_gpus) if 1 < d <= min(MAX_PP, model.n_layers)]
+    if "pp_schedule" in fixed:
+        virtual = int(fixed.get("pp_virtual_stages", 2 if fixed["pp_schedule"] == "interleaved-1f1b" else 1))
+        schedules = [(fixed["pp_schedule"], virtual)]
+    elif "pp_virtual_stages" in fixed:
+        virtual = int(fixed["pp_virtual_stages"])
+        schedules = [("interleaved-1f1b" if virtual > 1 else "1f1b", virtual)]
+    else:
+        schedules = list(PP_SCHEDULE_OPTIONS)
+    for pp in pps:
+        for degrees in factorizations(num_gpus // pp):
+            if any(k in fixed and fixed[k] != v for k, v in zip(MESH_DIMS, degrees)):
+                continue
+            if degrees[0] > 1 and "dp_replicate" not in fixed:
+                continue  # HSDP inside a pipeline: not tried unpinned
+            par = Parallelism(*degrees, pp)
+            what = f"{num_gpus} GPUs {describe_layout(par, 'allgather-kv', 1).rsplit(' b=', 1)[0]}"
+            reasons = degree_violations(model, par, cluster)
+            if reasons:
+                rejections.append(Rejection(what, "; ".join(reasons)))
+                continue
+            # Sequences per micro-batch: as pp = 1 tries local batches (more only while a
+            # micro-batch holds under MAX_BATCHED_TOKENS_PER_GPU tokens per GPU).
+            micro_seqs: list[int | None] = [None] if "local_batch_size" in fixed else [
+                b for b in batches if b == 1 or b * seq_len // par.cp <= MAX_BATCHED_TOKENS_PER_GPU]
+            cp_impl = fixed.get("cp_impl", "allgather-kv") if par.cp > 1 else "none"
+            order = tuple(fixed["mesh_order"]) if "mesh_order" in fixed else DEFAULT_MESH_ORDER
+            for schedule, virtual in schedules:
+                if "pp_microbatches" in fixed:
+                    counts = [int(fixed["pp_microbatches"])]
+                else:
+                    counts = [pp * f for f in PP_MICROBATCH_FACTORS]
+                for m in counts:
+                    for per_micro in micro_seqs:
+                        batch = int(fixed["local_batch_size"]) if per_micro is None else m * per_micro
+                        accum = _grad_accum(seq_len, batch, par, global_batch_tokens, fixed)
+                        if isinstance(accum, str):
+                            rejections.append(Rejection(f"{what} seq={seq_len} b={batch}", accum))
+                            continue
+                        try:
+                            cfg = TrainConfig(par, seq_len, batch, accum, None, cp_impl, order, pp_schedule=schedule,
+                                              pp_microbatches=m, pp_virtual_stages=virtual)
+                        except SpecError as error:
+                            rejections.append(Rejection(f"{what} seq={seq_len}", str(error)))
+                            continue
+                        reasons = layout_violations(model, cfg, cluster)
+                        if reasons:
+                            rejections.append(Rejection(f"{what} seq={seq_len}", "; ".join(reasons)))
+                            continue
+                        out.append(Candidate(num_gpus, par, order, seq_len, batch, accum, cp_impl, cfg,
+                                             schedule, m, virtual))
+    return out, rejections
+
+
+def min_bubble_factor(candidates: Iterable[Candidate]) -> float:
+    """The smallest ``1 + bubble`` any of these pipeline candidates can have."""
+    return min((1 / (1 - bubble_fraction(c.parallelism.pp, c.pp_microbatches, c.pp_virtual_stages))
+                for c in candidates), default=float("inf"))

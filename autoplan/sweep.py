@@ -8,6 +8,9 @@ Knobs:
   32, 64 GPUs (unpinned degrees are then 1). With ``gpus`` given, the count stays and the
   planner chooses the unpinned degrees.
 - ``gpus``: GPU counts; ``seqlen``: target sequence lengths; ``gpu``: GPU types.
+- ``pp``: pipeline degree (1 = no pipeline), on the given GPU count at the target
+  sequence length (pipelines are planned for throughput: ``max_seq_len`` is searched for
+  pp = 1 only, 0 otherwise).
 
 Each point plans twice at most: the longest sequence that fits (objective max-seqlen
 under the pins) and the fastest plan at the target sequence length (or, without a
@@ -40,7 +43,7 @@ from .report.describe import LAYOUT_FAMILIES, layout_family
 from .report.rows import MEMORY_KEYS
 from .units import MemoryHeadroom
 
-KNOBS = ("cp", "gpus", "seqlen", "gpu")
+KNOBS = ("cp", "gpus", "seqlen", "gpu", "pp")
 def _in_family(name: str) -> Callable[[Parallelism], bool]:
     return lambda parallelism: layout_family(parallelism) == name
 
@@ -114,6 +117,10 @@ def _point_inputs(setup: SweepSetup, knob: str, value) -> tuple[GPUSpec, int, di
         target = int(value)
     elif knob == "gpu":
         gpu = resolve_gpu(str(value))
+    elif knob == "pp":
+        if target is None:
+            raise UsageError("--knob pp needs --target-seqlen: pipelines are planned for throughput at a length")
+        fixed["pp"] = int(value)
     else:
         raise UsageError(f"--knob {knob!r}: use one of {', '.join(KNOBS)}")
     return gpu, gpus, fixed, target
@@ -125,9 +132,13 @@ def sweep_point(setup: SweepSetup, knob: str, value) -> dict:
     row = {"knob": knob, "value": value, "gpu": gpu.name, "gpus": gpus}
     key = (setup.model, gpu, gpus, setup.gpus_per_node, _frozen(fixed), setup.executor, setup.memory_headroom)
     try:
-        longest = _plan(*key, "max-seqlen", None, None)
-        max_seq = longest.plan.seq_len if longest.plan else 0
-        result = _plan(*key, "throughput", target, None) if target else longest
+        if int(fixed.get("pp", 1)) > 1:  # pipelines: throughput at the target only
+            max_seq = 0
+            result = _plan(*key, "throughput", target, None)
+        else:
+            longest = _plan(*key, "max-seqlen", None, None)
+            max_seq = longest.plan.seq_len if longest.plan else 0
+            result = _plan(*key, "throughput", target, None) if target else longest
     except SpecError as error:  # this point's pins cannot work on this GPU count: a row, not an abort
         return {**row, "max_seq_len": 0, "seq_len": target or 0,
                 **_outcome(PlanResult(None, None, [], [], [str(error)], "", 0))}
@@ -196,7 +207,7 @@ def _stop_highs_threads() -> bool:
 
 
 def sweep(setup: SweepSetup, knob: str, values: list, jobs: int | None = None) -> list[dict]:
-    """Vary one knob (``cp``, ``gpus``, ``seqlen`` or ``gpu``): one row per value, in order."""
+    """Vary one knob (``cp``, ``gpus``, ``seqlen``, ``gpu`` or ``pp``): one row per value, in order."""
     if knob not in KNOBS:
         raise UsageError(f"--knob {knob!r}: use one of {', '.join(KNOBS)}")
     check_conflicts(setup.fixed, setup.target_seq_len)

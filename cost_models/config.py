@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .rules import seq_len_divisor, seq_len_violation
+from .rules import schedule_violation, seq_len_divisor, seq_len_violation
 from .specs import SpecError
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # the dims of the device mesh
@@ -34,8 +34,6 @@ class Parallelism:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SpecError(f"parallelism {name}={value!r} must be an integer >= 1")
-        if self.pp != 1:
-            raise SpecError("parallelism pp must be 1: pipeline parallelism is not modeled yet")
 
     @property
     def world_size(self) -> int:
@@ -126,6 +124,11 @@ class TrainConfig:
     cp_impl: str = "allgather-kv"
     mesh_order: tuple[str, ...] = DEFAULT_MESH_ORDER
     precision: Precision = field(default_factory=Precision)
+    # Pipeline parallelism (read when parallelism.pp > 1; cost_models/pipeline.py):
+    # PyTorch's schedule, micro-batches per local batch, model chunks per pp rank.
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 1
+    pp_virtual_stages: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -142,6 +145,10 @@ class TrainConfig:
             raise SpecError("cp_impl='none' with cp > 1: pick allgather-kv, ring-allgather or ring-alltoall")
         check_mesh_order(self.mesh_order)
         violation = seq_len_violation(self.seq_len, self.parallelism.cp)
+        if violation:
+            raise SpecError(violation)
+        violation = schedule_violation(self.parallelism.pp, self.pp_schedule, self.pp_microbatches,
+                                       self.pp_virtual_stages, self.local_batch_size)
         if violation:
             raise SpecError(violation)
 

@@ -30,6 +30,37 @@ def seq_len_violation(seq_len: int, cp: int) -> str | None:
     return None
 
 
+# PyTorch's schedules the runtime runs (runtime/pipeline.py), by their plan names.
+PP_SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b")
+
+
+def schedule_violation(pp: int, schedule: str, microbatches: int, virtual: int, local_batch_size: int) -> str | None:
+    """Why this pipeline schedule cannot run the local batch (None when it can)."""
+    if schedule not in PP_SCHEDULES:
+        return f"pp_schedule={schedule!r}: use one of {', '.join(PP_SCHEDULES)}"
+    if not isinstance(microbatches, int) or microbatches < 1 or not isinstance(virtual, int) or virtual < 1:
+        return f"pp_microbatches={microbatches!r} and pp_virtual_stages={virtual!r} must be integers >= 1"
+    if pp == 1:
+        if microbatches != 1 or virtual != 1:
+            return (f"pp_microbatches={microbatches}, pp_virtual_stages={virtual} with pp=1: micro-batches and "
+                    "virtual stages belong to pipeline parallelism; leave them at 1 or set pp > 1")
+        return None
+    if (schedule == "interleaved-1f1b") != (virtual > 1):
+        return (f"pp_virtual_stages={virtual} with pp_schedule {schedule!r}: use pp_virtual_stages >= 2 with "
+                "interleaved-1f1b and 1 otherwise")
+    if microbatches < pp:
+        return (f"pp_microbatches={microbatches} < pp={pp}: every stage needs a micro-batch in flight "
+                "(use at least pp micro-batches)")
+    if local_batch_size % microbatches:
+        return (f"pp_microbatches={microbatches} does not divide local_batch_size={local_batch_size} "
+                "(each micro-batch holds whole sequences)")
+    rounds = max(1, microbatches // pp)
+    if schedule == "interleaved-1f1b" and microbatches % rounds:
+        return (f"pp_microbatches={microbatches} with interleaved-1f1b on pp={pp}: must be a multiple of "
+                f"{rounds} rounds (torch's Interleaved1F1B)")
+    return None
+
+
 def degree_product_violation(parallelism: Parallelism, num_gpus: int) -> str | None:
     if parallelism.world_size != num_gpus:
         return f"degrees multiply to {parallelism.world_size}, cluster has {num_gpus} GPUs"
@@ -59,6 +90,12 @@ def degree_violations(model: ModelSpec, par: Parallelism, cluster: ClusterSpec |
             reasons.append(f"tp={par.tp} does not divide ffn_dim={model.ffn_dim}")
         if cluster is not None and par.tp > cluster.ranks_per_node:
             reasons.append(f"tp={par.tp} spans more than one node ({cluster.gpus_per_node} GPUs per node)")
+    if par.pp > 1:
+        if par.pp > model.n_layers:
+            reasons.append(f"pp={par.pp} exceeds n_layers={model.n_layers} (each stage needs a whole layer)")
+        if model.tie_embeddings:
+            reasons.append(f"pp={par.pp} with tied embeddings: the embedding (first stage) and output projection "
+                           "(last stage) would live on different ranks")
     if cluster is not None:
         mismatch = degree_product_violation(par, cluster.num_gpus)
         if mismatch:
@@ -72,5 +109,17 @@ def layout_violations(model: ModelSpec, cfg: TrainConfig, cluster: ClusterSpec |
     reasons = degree_violations(model, par, cluster)
     if par.tp > 1 and cfg.tokens_per_gpu % par.tp:
         reasons.append(f"tokens per GPU {cfg.tokens_per_gpu} not divisible by tp={par.tp} (sequence parallel)")
+    if par.pp > 1:
+        stages = par.pp * cfg.pp_virtual_stages
+        if stages > model.n_layers:
+            reasons.append(f"pp={par.pp} x pp_virtual_stages={cfg.pp_virtual_stages} = {stages} stages exceed "
+                           f"n_layers={model.n_layers} (each stage needs a whole layer)")
+        micro_tokens = cfg.tokens_per_gpu // cfg.pp_microbatches
+        if par.tp > 1 and micro_tokens % par.tp:
+            reasons.append(f"tokens per GPU per micro-batch {micro_tokens} not divisible by tp={par.tp} "
+                           "(sequence parallel)")
+        if par.cp > 1 and cfg.cp_impl not in ("allgather-kv", "none"):
+            reasons.append(f"cp_impl={cfg.cp_impl} with pp={par.pp}: the ring runs inside context_parallel() around "
+                           "one model's step, not a pipeline schedule (runtime); use allgather-kv")
     # seq_len vs cp is checked when the TrainConfig is built (seq_len_violation).
     return reasons

@@ -104,10 +104,17 @@ class StepEstimate:
     time_breakdown_s: dict[str, float]
     collectives: list[Collective] = field(default_factory=list)
     memory: MemoryEstimate | None = None
+    # pp > 1 (cost_models/pipeline.py): the pipeline's estimate and each pp rank's peak.
+    pipeline: object | None = None
+    stage_peak_bytes: tuple[float, ...] = ()
+    slowest_stage: int | None = None
 
     @property
     def peak_phase(self) -> str:
         """The step phase where memory peaks (loss, backward, root_reduce, optimizer)."""
+        if self.memory is None and self.stage_peak_bytes:  # pp > 1: where the pipeline peaks
+            worst = max(range(len(self.stage_peak_bytes)), key=lambda r: self.stage_peak_bytes[r])
+            return f"pp rank {worst} of {len(self.stage_peak_bytes)}"
         return self.memory.peak_phase if self.memory is not None else "unknown"
 
     def summary(self) -> dict:
@@ -123,7 +130,14 @@ class StepEstimate:
             "mfu": self.mfu,
             "flops_per_token": self.flops_per_token,
             "time_breakdown_s": dict(self.time_breakdown_s),
-        }
+        } | self._pipeline_summary()
+
+    def _pipeline_summary(self) -> dict:
+        """pp > 1 only (pp = 1 summaries are unchanged): bubble, per-stage peaks, slowest stage."""
+        if self.pipeline is None:
+            return {}
+        return {"pipeline_bubble_fraction": getattr(self.pipeline, "bubble_fraction"),
+                "stage_peak_memory_bytes": list(self.stage_peak_bytes), "slowest_stage": self.slowest_stage}
 
 
 def layer_time(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
@@ -376,6 +390,9 @@ def estimate_step(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     violations = layout_violations(model, cfg, cluster)
     if violations:
         raise SpecError("layout cannot run: " + "; ".join(violations))
+    if cfg.parallelism.pp > 1:
+        from .pipeline import pipeline_step_estimate
+        return pipeline_step_estimate(model, cluster, cfg, executor)
     memory = estimate_memory(model, cfg, executor)
     gpu = cluster.gpu
     par = cfg.parallelism

@@ -556,3 +556,40 @@ def test_generated_shell_is_shellcheck_clean(tmp_path, name):
     result = subprocess.run(["shellcheck", "--shell=bash", "--severity=style", *map(str, scripts)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("schedule, virtual, name", [("1f1b", 1, "1F1B"), ("gpipe", 1, "GPipe"),
+                                                     ("interleaved-1f1b", 2, "Interleaved1F1B")])
+def test_torchtitan_pipeline_keys(schedule, virtual, name):
+    """pp > 1: degree, schedule (torch's get_schedule_class name), sequences per micro-batch
+    (torchtitan counts those, the plan counts micro-batches), and a stage split like the
+    runtime's; every key is one of the wheel's (checked-in lists from the 0.3.0 / 0.1.0 wheels)."""
+    plan = make_plan({"dp_shard": 2, "cp": 2, "tp": 2, "pp": 4}, cp_impl="allgather-kv", local_batch_size=16,
+                     grad_accum_steps=1, pp_schedule=schedule, pp_virtual_stages=virtual, pp_microbatches=8)
+    flags = dict(cli_overrides(plan))
+    assert flags["--parallelism.pipeline_parallel_degree"] == "4"
+    assert flags["--parallelism.pipeline_parallel_schedule"] == name
+    assert flags["--parallelism.pipeline_parallel_microbatch_size"] == "2"  # 16 sequences / 8 micro-batches
+    assert flags["--parallelism.pipeline_parallel_first_stage_less_layers"] == "0"
+    assert flags["--parallelism.pipeline_parallel_last_stage_less_layers"] == "0"
+    if virtual > 1:  # 32 layers / (4 x 2) stages = 4 layers per stage
+        assert flags["--parallelism.pipeline_parallel_layers_per_stage"] == "4"
+    else:
+        assert "--parallelism.pipeline_parallel_layers_per_stage" not in flags
+    keys, source = _keys_03()
+    for flag in flags:
+        section, key = flag[2:].split(".", 1)
+        assert key in keys[section], f"{flag} is not a torchtitan 0.3 key ({source})"
+    doc = tomllib.loads(emit(plan, "torchtitan", force=True)["torchtitan_v0.1.toml"])
+    assert doc["parallelism"]["pipeline_parallel_degree"] == 4
+    assert doc["parallelism"]["pipeline_parallel_schedule"] == name
+    assert doc["parallelism"]["pipeline_parallel_microbatch_size"] == 2
+    # 0.1 asserts (layers + 2) / pp a multiple of layers per stage: none is given (its default: 2 per rank).
+    assert "pipeline_parallel_layers_per_stage" not in doc["parallelism"]
+    keys01, source01 = _keys_01()
+    for key in doc["parallelism"]:
+        assert key in keys01["parallelism"], f"[parallelism] {key} is not a torchtitan 0.1 key ({source01})"
+
+
+def test_torchtitan_pp_one_has_no_pipeline_keys():
+    assert not any("pipeline" in flag for flag, _ in cli_overrides(make_plan()))

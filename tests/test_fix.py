@@ -28,7 +28,7 @@ def test_each_knob_alone():
 
 def test_whitespace_empty_items_and_pp_one():
     assert parse_fix(" tp = 4 , ,cp=2, ") == {"tp": 4, "cp": 2}
-    assert parse_fix("pp=1,tp=2") == {"tp": 2}
+    assert parse_fix("pp=1,tp=2") == {"pp": 1, "tp": 2}  # pp=1 is kept: it rules pipelines out
     assert parse_fix("") == {}
 
 
@@ -47,7 +47,11 @@ def test_integers_are_ints():
     ("dp_shard=2.5", r"^--fix dp_shard='2.5': must be a positive integer$"),
     ("local_batch_size=", r"^--fix local_batch_size='': must be a positive integer$"),
     ("tp=\u0663", r"must be a positive integer"),  # a non-ASCII digit
-    ("pp=2", r"^--fix pp=2: only pp=1 is supported"),
+    ("pp=1,schedule=1f1b", r"^--fix pp=1 with pp_schedule: pipeline knobs need pp > 1$"),
+    ("pp=4,microbatches=2", r"^--fix pp_microbatches=2 with pp=4: use at least pp micro-batches$"),
+    ("schedule=zb", r"^--fix pp_schedule='zb': use one of 1f1b, gpipe, interleaved-1f1b$"),
+    ("pp=4,schedule=1f1b,virtual=2", r"^--fix pp_schedule=1f1b,pp_virtual_stages=2: use virtual >= 2 with"),
+    ("pp=2,microbatches=4,local_batch_size=6", r"^--fix pp_microbatches=4: must divide local_batch_size=6$"),
     ("cp_impl=ring", r"^--fix cp_impl='ring': use one of none, allgather-kv, ring-allgather, ring-alltoall$"),
     ("ac=auto", r"^--fix ac='auto': use one of none, selective, full$"),
     ("ac=FULL", r"^--fix ac='FULL': use one of"),

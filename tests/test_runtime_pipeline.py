@@ -18,7 +18,6 @@ import yaml
 from runtime_helpers import TINY, run_plan, write_plan
 
 from autoplan.plan import Plan, PlanError
-from cost_models.specs import SpecError
 from runtime.model import Transformer
 from runtime.pipeline import LocalStages, Stage, stage_layers, stages_of_rank
 
@@ -165,8 +164,16 @@ def test_pipeline_fields_are_checked():
         Plan.from_dict(_doc(parallelism={"pp": 2}, pp_schedule="interleaved-1f1b"))
 
 
-def test_cost_models_still_refuse_pp():
-    """Only the runtime runs pp > 1; pricing it is not modeled (the planner keeps pp = 1)."""
-    plan = Plan.from_dict(_doc(parallelism={"pp": 2}))
-    with pytest.raises(SpecError, match="pp must be 1"):
-        plan.parallelism.to_spec()
+def test_cost_models_price_the_plans_pipeline():
+    """The plan's pipeline fields reach the cost model (cost_models/pipeline.py prices them)
+    and its stage split is the one this module runs."""
+    from cost_models.pipeline import stage_layers as priced_split
+    from cost_models.specs import ClusterSpec, resolve_gpu
+    from cost_models.step import estimate_step
+
+    plan = Plan.from_dict(_doc(parallelism={"pp": 2}, pp_microbatches=2))
+    cfg = plan.train_config()
+    assert (cfg.parallelism.pp, cfg.pp_schedule, cfg.pp_microbatches, cfg.pp_virtual_stages) == (2, "1f1b", 2, 1)
+    estimate = estimate_step(plan.model_spec(), ClusterSpec(resolve_gpu("h100"), 2), cfg)
+    assert len(estimate.stage_peak_bytes) == 2
+    assert priced_split(TINY.n_layers, 2) == stage_layers(TINY.n_layers, 2)

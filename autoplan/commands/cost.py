@@ -11,6 +11,7 @@ import argparse
 import json
 
 from cost_models.config import AC_MODES, CP_IMPLS, ACPolicy
+from cost_models.rules import PP_SCHEDULES
 
 from ..units import parse_seq_len
 from . import options
@@ -53,6 +54,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp-shard", type=options.positive_int("--dp-shard"), default=8)
     parser.add_argument("--cp", type=options.positive_int("--cp"), default=1)
     parser.add_argument("--tp", type=options.positive_int("--tp"), default=1)
+    parser.add_argument("--pp", type=options.positive_int("--pp"), default=1,
+                        help="pipeline stages (outermost mesh dim)")
+    parser.add_argument("--pp-schedule", choices=PP_SCHEDULES, default="1f1b")
+    parser.add_argument("--pp-microbatches", type=options.positive_int("--pp-microbatches"), default=None,
+                        help="micro-batches per local batch (default: one sequence each)")
+    parser.add_argument("--pp-virtual-stages", type=options.positive_int("--pp-virtual-stages"), default=None,
+                        help="model chunks per pp rank (default: 2 with interleaved-1f1b, else 1)")
     parser.add_argument("--seq-len", type=options.size_type(parse_seq_len, "--seq-len"), default=8192)
     parser.add_argument("--local-batch-size", type=options.positive_int("--local-batch-size"), default=1)
     parser.add_argument("--grad-accum-steps", type=options.positive_int("--grad-accum-steps"), default=1)
@@ -81,13 +89,18 @@ def run(args: argparse.Namespace) -> int:
     gpu, executor, calibration = options.resolve_executor_args(args, hardware.gpu)
     if args.compile:
         executor = executor.with_overrides(compile=True)
-    parallelism = Parallelism(args.dp_replicate, args.dp_shard, args.cp, args.tp)
+    parallelism = Parallelism(args.dp_replicate, args.dp_shard, args.cp, args.tp, args.pp)
+    pipeline = {}
+    if args.pp > 1:
+        virtual = args.pp_virtual_stages or (2 if args.pp_schedule == "interleaved-1f1b" else 1)
+        pipeline = {"pp_schedule": args.pp_schedule, "pp_microbatches": args.pp_microbatches or args.local_batch_size,
+                    "pp_virtual_stages": virtual}
     mesh_order = parse_fix(f"mesh_order={args.mesh_order}")["mesh_order"] if args.mesh_order else DEFAULT_MESH_ORDER
     num_gpus = args.gpus or parallelism.world_size
     cluster = ClusterSpec(gpu, num_gpus, args.gpus_per_node or min(hardware.gpus_per_node, num_gpus))
     cfg = TrainConfig(parallelism, args.seq_len, args.local_batch_size, args.grad_accum_steps,
                       ac_policy(args.ac, model.n_layers), cp_impl=args.cp_impl if args.cp > 1 else "none",
-                      mesh_order=tuple(mesh_order))
+                      mesh_order=tuple(mesh_order), **pipeline)
     estimate = estimate_step(model, cluster, cfg, executor)
     if args.format == "json":
         print(json.dumps({**estimate.summary(), "fits": estimate.fits, "peak_phase": estimate.peak_phase,

@@ -1,4 +1,4 @@
-"""``autoplan sweep``: vary one knob (cp, gpus, seqlen, gpu), or the seq_len vs tokens/s
+"""``autoplan sweep``: vary one knob (cp, gpus, seqlen, gpu, pp), or the seq_len vs tokens/s
 frontier of each layout family; tables, CSV/JSON and charts."""
 
 from __future__ import annotations

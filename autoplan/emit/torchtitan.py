@@ -73,6 +73,41 @@ def ac_mode(plan: Plan) -> tuple[str, str | None]:
                      f"applies one mode to every block: '{closest}' (priced as such in the line above)")
 
 
+# pp_schedule -> torchtitan's pipeline_parallel_schedule (torch's get_schedule_class names).
+PP_SCHEDULE_NAMES = {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved-1f1b": "Interleaved1F1B"}
+
+
+def pipeline_layers_per_stage(plan: Plan) -> int | None:
+    """torchtitan's ``pipeline_parallel_layers_per_stage`` that gives the plan's pp x v stages
+    (torchtitan: stages = ceil((layers + first_less + last_less) / layers_per_stage); with
+    both "less" settings 0 it then splits like runtime/pipeline.py: earlier stages take the
+    remainder). None when no value gives exactly pp x v stages."""
+    n_layers = plan.model_spec().n_layers
+    stages = plan.parallelism.pp * plan.pp_virtual_stages
+    per_stage = -(-n_layers // stages)
+    return per_stage if -(-n_layers // per_stage) == stages else None
+
+
+def pipeline_settings(plan: Plan, version: str = "0.3") -> dict[str, object]:
+    """The plan's pipeline as torchtitan ParallelismConfig keys (both versions name them
+    alike). 0.1 asserts a rigid fit of layers + 2 (embedding and output count as one layer
+    each) when given layers per stage, so it gets none: its looped schedules then default
+    to 2 stages per rank."""
+    p = plan.parallelism
+    if p.pp == 1:
+        return {}
+    settings: dict[str, object] = {
+        "pipeline_parallel_degree": p.pp,
+        "pipeline_parallel_schedule": PP_SCHEDULE_NAMES[plan.pp_schedule],
+        # torchtitan counts sequences per micro-batch; the plan counts micro-batches.
+        "pipeline_parallel_microbatch_size": plan.local_batch_size // plan.microbatches,
+    }
+    per_stage = pipeline_layers_per_stage(plan)
+    if plan.pp_virtual_stages > 1 and per_stage is not None and version == "0.3":
+        settings["pipeline_parallel_layers_per_stage"] = per_stage
+    return settings
+
+
 def global_batch_size(plan: Plan) -> int:
     """Sequences per optimizer step: local x grad accumulation x data-parallel ranks (not cp, not tp)."""
     p = plan.parallelism
@@ -99,6 +134,17 @@ def notes(plan: Plan, version: str) -> list[str]:
     if plan.precision.reduce_dtype != "float32":
         out.append(f"precision.reduce_dtype {plan.precision.reduce_dtype}: torchtitan reduces gradients in "
                    "float32 only")
+    if plan.parallelism.pp > 1:
+        if version == "0.1":
+            out.append("pipeline stages: torchtitan 0.1 counts the embedding and the output as one layer each when "
+                       "it splits the model (no setting turns that off), so its stages differ from the plan's")
+            if plan.pp_virtual_stages > 2:
+                out.append(f"pp_virtual_stages={plan.pp_virtual_stages}: torchtitan 0.1 runs looped schedules with "
+                           "2 stages per rank unless pipeline_parallel_layers_per_stage fits its rigid split")
+        elif plan.pp_virtual_stages > 1 and pipeline_layers_per_stage(plan) is None:
+            out.append(f"pp_virtual_stages={plan.pp_virtual_stages}: no pipeline_parallel_layers_per_stage gives "
+                       f"{plan.parallelism.pp * plan.pp_virtual_stages} stages; torchtitan's default for looped "
+                       "schedules is 2 stages per rank")
     if torchtitan_model(plan) is None:
         out.append(f"model {plan.model.get('name', '?')} ({_shape(plan)}) matches no torchtitan llama3 model: "
                    "add a flavor with this shape")
@@ -116,6 +162,12 @@ def cli_overrides(plan: Plan) -> list[tuple[str, str]]:
         ("--parallelism.data_parallel_shard_degree", str(p.dp_shard)),
         ("--parallelism.tensor_parallel_degree", str(p.tp)),
         ("--parallelism.context_parallel_degree", str(p.cp)),
+    ]
+    overrides += [(f"--parallelism.{key}", str(value)) for key, value in pipeline_settings(plan).items()]
+    if p.pp > 1:  # split like runtime/pipeline.py: no layer taken off the first and last stages
+        overrides += [("--parallelism.pipeline_parallel_first_stage_less_layers", "0"),
+                      ("--parallelism.pipeline_parallel_last_stage_less_layers", "0")]
+    overrides += [
         ("--training.seq_len", str(plan.seq_len)),
         ("--training.local_batch_size", str(plan.local_batch_size)),
         ("--training.global_batch_size", str(global_batch_size(plan))),
@@ -195,7 +247,7 @@ def toml_sections_v01(plan: Plan) -> dict[str, dict[str, object]]:
         "parallelism": {"data_parallel_replicate_degree": p.dp_replicate,
                         "data_parallel_shard_degree": p.dp_shard, "tensor_parallel_degree": p.tp,
                         "context_parallel_degree": p.cp,
-                        "context_parallel_rotate_method": ROTATE[plan.cp_impl]},
+                        "context_parallel_rotate_method": ROTATE[plan.cp_impl], **pipeline_settings(plan, "0.1")},
         # selective_ac_option "op": per-op selective AC, what the plan's 'selective' means.
         "activation_checkpoint": {"mode": mode, "selective_ac_option": "op"},
     }

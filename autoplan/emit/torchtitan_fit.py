@@ -51,7 +51,8 @@ def torchtitan_fit(plan: Plan) -> TorchtitanFit | None:
     mode, _ = ac_mode(plan)
     cfg = plan.train_config()
     # torchtitan's CP is PyTorch's ring (allgather rotation by default) and its mesh order is fixed.
-    cp_impl = "ring-allgather" if cfg.cp_impl == "allgather-kv" else cfg.cp_impl
+    # Under a pipeline the ring is not priced (cost_models/rules.py): CP stays all-gather-K/V there.
+    cp_impl = "ring-allgather" if cfg.cp_impl == "allgather-kv" and cfg.parallelism.pp == 1 else cfg.cp_impl
     cfg = replace(cfg, ac=ACPolicy.uniform(mode, model.n_layers), cp_impl=cp_impl, mesh_order=DEFAULT_MESH_ORDER)
     estimate = estimate_step(model, cluster, cfg, torchtitan_profile(plan))
     capacity = float(cluster.gpu.memory_bytes)

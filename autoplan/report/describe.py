@@ -38,6 +38,15 @@ def describe_ac(modes: Iterable[str] | Mapping[str, int]) -> str:
     return " + ".join(f"{n} {m}" for m, n in used.items())
 
 
+def describe_schedule(schedule: str, pp: int, microbatches: int, virtual: int) -> str:
+    """'1f1b m=16 bubble 48%' / 'interleaved-1f1b v=2 m=32 bubble 19%' (bubble: the share of
+    the schedule's time a rank idles, cost_models/pipeline.py)."""
+    from cost_models.pipeline import bubble_fraction
+
+    pp_virtual = f" v={virtual}" if virtual > 1 else ""
+    return f"{schedule}{pp_virtual} m={microbatches} bubble {bubble_fraction(pp, microbatches, virtual):.0%}"
+
+
 LAYOUT_FAMILIES = ("FSDP", "FSDP+CP", "FSDP+TP", "FSDP+TP+CP")
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cost_models.config import TrainConfig
+from cost_models.pipeline import rank_counts_policy
 from cost_models.specs import ClusterSpec, GiB, ModelSpec
 from cost_models.step import StepEstimate
 
 from ..checking import needed_bytes
 from ..units import format_tokens
-from .describe import describe_ac, describe_degrees
+from .describe import describe_ac, describe_degrees, describe_schedule
 
 if TYPE_CHECKING:
     from ..planner import PlanRequest, PlanResult
@@ -44,7 +45,8 @@ def render_plan_table(request: PlanRequest, result: PlanResult) -> str:
     lines += [
         "",
         f"  layout       {describe_degrees(p.to_spec())}"
-        f"   mesh {' > '.join(plan.mesh_order)}" + (f"   cp_impl {plan.cp_impl}" if p.cp > 1 else ""),
+        f"   mesh {' > '.join((['pp'] if p.pp > 1 else []) + list(plan.mesh_order))}"
+        + (f"   cp_impl {plan.cp_impl}" if p.cp > 1 else ""),
         f"  sequence     {format_tokens(plan.seq_len)} tokens, local batch {plan.local_batch_size}, grad accum "
         f"{plan.grad_accum_steps}, global batch {plan.global_batch_tokens:,} tokens",
         f"  act. ckpt    {describe_ac(plan.activation_checkpoint.layer_modes(model.n_layers))} "
@@ -56,16 +58,24 @@ def render_plan_table(request: PlanRequest, result: PlanResult) -> str:
         f"MFU {est.mfu * 100:.1f}%   (compute {est.time_breakdown_s['compute']:.3f} s, recompute "
         f"{est.time_breakdown_s['recompute']:.3f} s, exposed comm {est.time_breakdown_s['exposed_comm']:.3f} s)",
     ]
+    if p.pp > 1:
+        stages = ", ".join(_gib(b) for b in est.stage_peak_bytes)
+        lines.insert(-2, f"  pipeline     {describe_schedule(plan.pp_schedule, p.pp, plan.microbatches, plan.pp_virtual_stages)}"
+                         f", slowest pp rank {est.slowest_stage}; peak GiB per pp rank: {stages}")
     if result.alternatives:
         lines += ["", "  alternatives"]
-        header = f"    {'dp_rep':>6} {'dp_shard':>8} {'cp':>4} {'tp':>3} {'seq':>6} {'b':>3} {'AC':<24} " \
-                 f"{'tok/s/GPU':>10} {'MFU':>6}  bound by"
+        any_pp = any(alt.candidate.parallelism.pp > 1 for alt in result.alternatives)
+        header = f"    {'dp_rep':>6} {'dp_shard':>8} {'cp':>4} {'tp':>3} " + (f"{'pp':>3} " if any_pp else "") + \
+                 f"{'seq':>6} {'b':>3} {'AC':<24} {'tok/s/GPU':>10} {'MFU':>6}  bound by"
         lines.append(header)
         for alt in result.alternatives:
             c = alt.candidate
             q = c.parallelism
-            lines.append(f"    {q.dp_replicate:>6} {q.dp_shard:>8} {q.cp:>4} {q.tp:>3} {format_tokens(c.seq_len):>6} "
-                         f"{c.local_batch_size:>3} {describe_ac(alt.counts):<24} "
+            modes = (rank_counts_policy(model.n_layers, q.pp, c.pp_virtual_stages, alt.counts) if q.pp > 1
+                     else alt.counts)
+            pp_cell = f"{q.pp:>3} " if any_pp else ""
+            lines.append(f"    {q.dp_replicate:>6} {q.dp_shard:>8} {q.cp:>4} {q.tp:>3} {pp_cell}{format_tokens(c.seq_len):>6} "
+                         f"{c.local_batch_size:>3} {describe_ac(modes):<24} "
                          f"{alt.estimate.tokens_per_second_per_gpu:>10,.0f} {alt.estimate.mfu * 100:>5.1f}%  "
                          f"{alt.bound_by}")
     lines += ["", "  why"]
@@ -83,7 +93,8 @@ def format_cost_report(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     lines = [
         f"model     {model.name} ({model.num_params / 1e9:.2f}B params, {model.n_layers} layers)",
         f"hardware  {cluster.num_gpus} x {cluster.gpu.name} ({cluster.gpus_per_node} per node)",
-        f"layout    {describe_degrees(par)}  mesh {' > '.join(cfg.mesh_order)}  cp_impl={cfg.cp_impl}",
+        f"layout    {describe_degrees(par)}  mesh {' > '.join((['pp'] if par.pp > 1 else []) + list(cfg.mesh_order))}"
+        f"  cp_impl={cfg.cp_impl}",
         f"sequence  {format_tokens(cfg.seq_len)} tokens, local batch {cfg.local_batch_size}, "
         f"grad accum {cfg.grad_accum_steps}, global batch {cfg.global_batch_tokens:,} tokens, AC {ac}, "
         f"executor {executor}",
@@ -94,6 +105,14 @@ def format_cost_report(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig,
     for name, value in estimate.memory_breakdown_bytes.items():
         if value > 0:
             lines.append(f"  {name:<18}{value / GiB:9.2f} GiB")
+    pipeline = estimate.pipeline
+    if pipeline is not None:  # pp > 1: the breakdown above is the worst stage's
+        lines.append(f"pipeline  {describe_schedule(cfg.pp_schedule, par.pp, cfg.pp_microbatches, cfg.pp_virtual_stages)}"
+                     f"; per pp rank: layers, micro-batches in flight, peak, time per micro-batch")
+        for stage in getattr(pipeline, "stages"):
+            lines.append(f"  pp rank {stage.rank:<4} {len(stage.layers):>3} layers  {stage.in_flight:5.1f} in flight  "
+                         f"{stage.peak_bytes / GiB:7.2f} GiB  {stage.microbatch_s * 1e3:8.1f} ms"
+                         + ("  (embedding)" if stage.first else "") + ("  (output + loss)" if stage.last else ""))
     lines += [
         "",
         f"time      {estimate.step_time_s:.3f} s/step, {estimate.tokens_per_second_per_gpu:,.0f} tokens/s/GPU, "
