@@ -246,7 +246,9 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
             # reshard_after_backward=False: gathered params stay; grads accumulate unsharded.
             "fsdp_unsharded": stage_params * prec.param_bytes + stage_params * prec.grad_reduce_bytes,
             "activations": saved + (in_flight * ids if first else ids) + 2 * v * a_hidden,
-            "recompute_working": max(mt.layer.working[mode] for mode in modes),
+            # No reduce-scatter runs between a stage's backwards (no-sync): no block's
+            # reduce-scatter input is held, as for pp = 1's top block.
+            "recompute_working": max((mt.top_layer_working or mt.layer.working)[mode] for mode in modes),
             "logits_loss": (mt.loss_logits_bytes + mt.root_activation_bytes) if last else 0.0,
         }
         optimizer_phase = (parts["params"] + parts["optimizer"] + stage_params / shards * prec.master_bytes
