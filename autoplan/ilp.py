@@ -32,6 +32,7 @@ from cost_models.pipeline import estimate_pipeline, max_rank_layers, micro_confi
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec
 from cost_models.step import TimeTerms, time_terms
 
+from .ilp_memory import add_memory_constraints
 from .search import Candidate
 
 
@@ -287,7 +288,7 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
             prob += n[i, m] <= L * u[i, m]
             prob += u[i, m] <= x[i]
         prob += pulp.lpSum(n[i, m] for m in allowed_modes) == L * x[i]
-        _memory_constraints(prob, p, x[i], {m: n[i, m] for m in allowed_modes}, {m: u[i, m] for m in allowed_modes}, i)
+        add_memory_constraints(prob, p, x[i], {m: n[i, m] for m in allowed_modes}, {m: u[i, m] for m in allowed_modes}, i)
         t = p.terms
         recompute = pulp.lpSum(t.recompute_s[m] * n[i, m] for m in allowed_modes)
         prob += e[i] >= (t.fsdp_comm_s - t.hiding_compute_s) * x[i] - recompute
@@ -423,93 +424,3 @@ def _uniform(mode: str, n_layers: int) -> dict[str, int]:
     counts = {m: 0 for m in AC_MODES}
     counts[mode] = n_layers
     return counts
-
-
-def _memory_constraints(prob: pulp.LpProblem, p: PricedCandidate, x, n: dict, u: dict, tag: int) -> None:
-    """Peak tensor bytes of every phase <= budget, for layers ordered full, selective, none."""
-    mt = p.memory
-    gib = 1.0 / 2**30  # solve in GiB: byte-sized coefficients upset the solver's tolerances
-    A = {m: v * gib for m, v in mt.layer.saved.items()}
-    W = {m: v * gib for m, v in mt.layer.working.items()}
-    g = mt.sharded_grad_bytes_per_layer * gib
-    L = p.n_layers
-    budget = p.tensor_budget_bytes * gib
-    zero = 0
-    nf, ns, nn = n.get("full", zero), n.get("selective", zero), n.get("none", zero)
-    uf, us, un = u.get("full", zero), u.get("selective", zero), u.get("none", zero)
-    saved_all = A["full"] * nf + A["selective"] * ns + A["none"] * nn
-    loss_base = (mt.static_bytes + mt.root_unsharded_bytes + mt.forward_block_bytes + mt.root_activation_bytes
-                 + mt.loss_working_bytes) * gib
-    prob += loss_base * x + saved_all <= budget * x, f"mem_loss_{tag}"
-    base = (mt.static_bytes + mt.root_unsharded_bytes + mt.backward_block_bytes + mt.root_grad_bytes
-            + mt.input_bytes) * gib
-    big = max(0.0, base + L * (max(A.values()) + g) + max(W.values()) - budget)
-    # (phase bytes) <= budget whenever the mode's block is non-empty (big-M otherwise).
-    # ``base`` and ``W`` are a middle block's (two blocks gathered, the reduce-scatter input
-    # of the block above held). The top block holds no such input (``Wt``, ``delta`` less)
-    # and block 0 gathers one block fewer (``save0`` less). Inside a run the phase changes
-    # by ``A - g`` per block upward, so a run's maximum is on its top side when ``A >= g``
-    # (the top, or the block below it: ``top_step``) and on its bottom side otherwise
-    # (the bottom, or the block above block 0: ``bottom_step``); only that side is
-    # constrained. A run that is a single block at the far end is then priced as a middle
-    # block, which never refuses a split that fits: its neighbour in the next run has a
-    # heavier working set by exactly the saved bytes it lacks (``W`` differs by ``A``), so
-    # its own, exact constraint is the tighter one - except with two blocks in all, where
-    # that neighbour is itself an end block: there both sides are constrained, and
-    # ``alone_top`` / ``alone_bottom`` (1 only for a single-block run at that end, from the
-    # binary ``several``: two blocks or more) take the middle block's extra back out.
-    Wt = {m: v * gib for m, v in mt.top_layer_working.items()} or W
-    delta = {m: W[m] - Wt[m] for m in W}
-    save0 = mt.first_layer_block_saving_bytes * gib
-    if L > 2:
-        top_side = {m: A[m] >= g for m in W}
-        bottom_side = {m: not top_side[m] for m in W}
-        top_step = {m: max(0.0, min(delta[m], g + delta[m] - A[m])) for m in W}
-        bottom_step = {m: max(0.0, min(save0, save0 + A[m] - g)) for m in W}
-    else:  # two blocks or fewer: a run's ends are all its blocks; both are constrained
-        top_side = bottom_side = {m: True for m in W}
-        top_step = bottom_step = {m: 0.0 for m in W}
-    order = [m for m in ("full", "selective", "none") if m in n]
-    alone_top: dict = {m: zero for m in order}
-    alone_bottom: dict = {m: zero for m in order}
-    if L == 2:
-        for i, m in enumerate(order):
-            several = prob.add_variable(f"several_{m}_{tag}", cat="Binary")
-            prob += n[m] >= 2 * several
-            prob += n[m] <= 1 + L * several
-            alone_top[m] = prob.add_variable(f"alone_top_{m}_{tag}", lowBound=0, upBound=1)
-            prob += alone_top[m] <= u[m] - several
-            for above in order[i + 1:]:
-                prob += alone_top[m] <= 1 - u[above]
-            alone_bottom[m] = prob.add_variable(f"alone_bottom_{m}_{tag}", lowBound=0, upBound=1)
-            prob += alone_bottom[m] <= u[m] - several
-            for below in order[:i]:
-                prob += alone_bottom[m] <= 1 - u[below]
-    if "none" in n:
-        if top_side["none"]:
-            prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * nn \
-                + (Wt["none"] + top_step["none"]) * un - save0 * alone_bottom["none"] \
-                <= budget * x + big * (1 - un), f"mem_none_top_{tag}"
-        if bottom_side["none"]:
-            for below in [u[m] for m in ("full", "selective") if m in u] or [zero]:
-                prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * un + g * (nn - un) \
-                    + W["none"] * un - (save0 - bottom_step["none"]) * (un - below) - delta["none"] * alone_top["none"] \
-                    <= budget * x + big * (1 - un)
-    if "selective" in n:
-        if top_side["selective"]:
-            prob += base * x + A["full"] * nf + A["selective"] * ns + g * nn \
-                + (Wt["selective"] + top_step["selective"]) * us + (delta["selective"] - top_step["selective"]) * un \
-                - save0 * alone_bottom["selective"] <= budget * x + big * (1 - us), f"mem_sel_top_{tag}"
-        if bottom_side["selective"]:
-            prob += base * x + A["full"] * nf + A["selective"] * us + g * (nn + ns - us) + W["selective"] * us \
-                - (save0 - bottom_step["selective"]) * (us - uf) - delta["selective"] * alone_top["selective"] \
-                <= budget * x + big * (1 - us), f"mem_sel_bottom_{tag}"
-    if "full" in n:
-        if top_side["full"]:
-            for above in [u[m] for m in ("none", "selective") if m in u] or [zero]:
-                prob += base * x + A["full"] * nf + g * (nn + ns) + (Wt["full"] + top_step["full"]) * uf \
-                    + (delta["full"] - top_step["full"]) * above - save0 * alone_bottom["full"] \
-                    <= budget * x + big * (1 - uf)
-        if bottom_side["full"]:
-            prob += base * x + A["full"] * uf + g * (L * x - uf) + W["full"] * uf - (save0 - bottom_step["full"]) * uf \
-                - delta["full"] * alone_top["full"] <= budget * x + big * (1 - uf), f"mem_full_bottom_{tag}"

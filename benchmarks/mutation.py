@@ -44,7 +44,7 @@ GROUPS = {
                   "tests/test_seeded_cost.py", "tests/test_memory_allocator.py", "tests/test_hf_config.py"],
     },
     "planner": {
-        "sources": ["autoplan/search.py", "autoplan/ilp.py", "autoplan/planner.py", "autoplan/fix.py",
+        "sources": ["autoplan/search.py", "autoplan/ilp.py", "autoplan/ilp_memory.py", "autoplan/planner.py", "autoplan/fix.py",
                     "autoplan/units.py", "autoplan/longest.py", "cost_models/rules.py"],
         "tests": ["tests/test_planner_bruteforce.py", "tests/test_planner_reference.py", "tests/test_ilp_memory.py",
                   "tests/test_fix.py", "tests/test_units.py", "tests/test_cli.py", "tests/test_alternatives.py",

@@ -14,7 +14,8 @@ from dataclasses import replace
 import pulp
 import pytest
 
-from autoplan.ilp import _memory_constraints, _solver, price
+from autoplan.ilp import _solver, price
+from autoplan.ilp_memory import add_memory_constraints
 from autoplan.search import build_search_space
 from cost_models.executors import EXECUTOR_PROFILES
 from cost_models.specs import MODEL_PRESETS, resolve_gpu
@@ -41,7 +42,7 @@ def _accepts(priced, counts) -> bool:
     x = prob.add_variable("x", lowBound=1, upBound=1)
     n = {m: prob.add_variable(f"n_{m}", lowBound=counts[m], upBound=counts[m]) for m in counts}
     u = {m: prob.add_variable(f"u_{m}", lowBound=int(counts[m] > 0), upBound=int(counts[m] > 0)) for m in counts}
-    _memory_constraints(prob, priced, x, n, u, 0)
+    add_memory_constraints(prob, priced, x, n, u, 0)
     # The split is fixed; the constraints' own auxiliary variables (which runs are a single
     # block) are left to the solver, as in planning.
     prob += x
