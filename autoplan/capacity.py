@@ -7,6 +7,13 @@ Time to train T tokens on N GPUs at r tokens/s/GPU is T / (r x N) seconds (every
 of a data-parallel x context-parallel x tensor-parallel layout contributes r: r is the
 global tokens/s divided by N); GPU-hours = seconds x N / 3600 = T / (r x 3600), so more
 GPUs save wall time and cost GPU-hours only as far as tokens/s/GPU falls.
+
+Pipelines (pp > 1): the min-gpus search itself plans pp = 1 layouts; then every valid
+count below its answer is planned again for pipelines alone (the throughput planner's
+pipeline space, ``layout_filter`` pp > 1), and the first count where one fits, if any,
+becomes the answer. On the answer's count the fastest pipeline is reported next to the
+pp = 1 plan (``pipelined``) and the row shows the faster of the two; the neighbouring
+rows are throughput plans, which price pipelines wherever they can win.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class CapacityRow:
     nodes: float  # GPUs / gpus_per_node (a fraction below one node)
     fits: bool
     layout: str  # the fastest layout at the target on this many GPUs ('' when none fits)
+    pp: int  # its pipeline degree (1: no pipeline; 0 when none fits)
     ac: str
     seq_len: int  # the target
     tokens_per_second_per_gpu: float
@@ -43,13 +51,15 @@ class CapacityRow:
 
 @dataclass
 class CapacityResult:
-    fewest_gpus: int | None  # None: the target does not fit on max_gpus or fewer
-    plan: PlanResult  # the min-gpus plan (its .plan is None when nothing fits)
+    fewest_gpus: int | None  # None: the target does not fit on max_gpus or fewer (pipelines included)
+    plan: PlanResult  # the plan on fewest_gpus: min-gpus (pp = 1), or a pipeline where only one fits there
     rows: list[CapacityRow]  # the answer and its neighbours, by GPU count
     target_seq_len: int = 0
     max_gpus: int = 0
     gpus_per_node: int = 0
     train_tokens: int | None = None
+    fewest_gpus_without_pp: int | None = None  # the min-gpus answer over pp = 1 layouts
+    pipelined: PlanResult | None = None  # the fastest pipeline on fewest_gpus (.plan None: none fits)
 
     def to_rows(self) -> list[dict]:
         """Flat dicts (one per GPU count) for CSV and JSON; ``autoplan.report.rows.read_rows``
@@ -94,11 +104,13 @@ def _row(result: PlanResult, count: int, per_node: int, target: int, train_token
          fewest: bool) -> CapacityRow:
     if result.plan is None:
         note = result.explanation[0] if result.explanation else "no plan"
-        return CapacityRow(count, count / per_node, False, "", "", target, 0.0, 0.0, 0.0, 0.0, None, None, fewest, note)
+        return CapacityRow(count, count / per_node, False, "", 0, "", target, 0.0, 0.0, 0.0, 0.0, None, None, fewest,
+                           note)
     predicted = result.plan.prediction
     rate = float(predicted.tokens_per_second_per_gpu)
     seconds, hours = time_to_train(train_tokens, rate, count) if train_tokens else (None, None)
-    return CapacityRow(count, count / per_node, True, result.plan.describe_layout(), result.plan.describe_ac(),
+    return CapacityRow(count, count / per_node, True, result.plan.describe_layout(), result.plan.parallelism.pp,
+                       result.plan.describe_ac(),
                        target, rate, rate * count,
                        float(predicted.mfu), float(predicted.peak_memory_bytes), seconds, hours, fewest)
 
@@ -117,19 +129,48 @@ def capacity(model: ModelSpec, gpu: GPUSpec, target_seq_len: int, max_gpus: int,
     if per_node <= 0:
         raise UsageError(f"--gpus-per-node {per_node}: must be a positive integer")
 
-    def request(count: int, objective: str, node: int) -> PlanRequest:
+    def request(count: int, objective: str, node: int, only_pipelines: bool = False) -> PlanRequest:
         return PlanRequest(model=model, gpu=gpu, num_gpus=count, gpus_per_node=node, target_seq_len=target_seq_len,
-                           objective=objective, executor=executor, top_k=0, memory_headroom=memory_headroom)
+                           objective=objective, executor=executor, top_k=0, memory_headroom=memory_headroom,
+                           layout_filter=_pipelined if only_pipelines else None)
 
-    # min-gpus steps through 1, 2, 4 and whole nodes of per_node up to max_gpus
+    def pipelines_on(count: int) -> PlanResult:
+        return make_plan(request(count, "throughput", min(per_node, count), only_pipelines=True))
+
+    # min-gpus steps through 1, 2, 4 and whole nodes of per_node up to max_gpus (pp = 1)
     first = make_plan(request(max_gpus, "min-gpus", per_node))
-    result = CapacityResult(None, first, [], target_seq_len, max_gpus, per_node, train_tokens)
-    if first.plan is None:
+    without_pp = first.plan.hardware["num_gpus"] if first.plan is not None else None
+    result = CapacityResult(None, first, [], target_seq_len, max_gpus, per_node, train_tokens, without_pp)
+    # pipelines on the counts below that answer (no pp = 1 layout fits there)
+    for count in valid_gpu_counts(max_gpus, per_node):
+        if without_pp is not None and count >= without_pp:
+            break
+        if count < 2:
+            continue  # a pipeline needs two ranks
+        planned = pipelines_on(count)
+        if planned.plan is not None:
+            result.plan, result.pipelined = planned, planned
+            break
+    if result.plan.plan is None:
         return result
-    fewest = first.plan.hardware["num_gpus"]
+    fewest = result.plan.plan.hardware["num_gpus"]
     result.fewest_gpus = fewest
+    if result.pipelined is None:
+        result.pipelined = pipelines_on(fewest) if fewest >= 2 else None
     for count in neighbour_counts(fewest, max_gpus, per_node, neighbours):
-        # min-gpus already returns the fastest plan on its count; the others are solved for throughput
-        planned = first if count == fewest else make_plan(request(count, "throughput", min(per_node, count)))
+        if count == fewest:  # the faster of the min-gpus plan and the fastest pipeline
+            planned = result.plan
+            if result.pipelined is not None and _rate(result.pipelined) > _rate(planned):
+                planned = result.pipelined
+        else:  # throughput plans price pipelines wherever they can win
+            planned = make_plan(request(count, "throughput", min(per_node, count)))
         result.rows.append(_row(planned, count, per_node, target_seq_len, train_tokens, count == fewest))
     return result
+
+
+def _pipelined(parallelism) -> bool:
+    return parallelism.pp > 1
+
+
+def _rate(result: PlanResult) -> float:
+    return float(result.plan.prediction.tokens_per_second_per_gpu) if result.plan is not None else 0.0

@@ -178,10 +178,10 @@ def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: d
     ``min_bubble_factor`` times the compute, so it is priced only when no pp = 1 layout fits
     or the best one spends more than that factor over its own compute-only time (recompute,
     exposed communication). Each survivor must also beat that plan on a compute-only bound."""
-    if request.layout_filter is not None:
-        return [], [], None
     candidates, rejections = pipeline_candidates(request.model, request.gpu, num_gpus, seq_len,
                                                  request.gpus_per_node, fixed, request.global_batch_tokens)
+    if request.layout_filter is not None:  # a layout family (sweep --frontier, capacity's pipelined alternative)
+        candidates = [c for c in candidates if request.layout_filter(c.parallelism)]
     if not candidates:
         return [], [], None
     factor = min_bubble_factor(candidates)
