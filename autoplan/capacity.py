@@ -25,6 +25,7 @@ from cost_models.specs import GPUSpec, ModelSpec
 
 from .errors import UsageError
 from .planner import DEFAULT_MEMORY_HEADROOM, PlanRequest, PlanResult, make_plan
+from .sweep import _run
 from .units import MemoryHeadroom
 
 DEFAULT_MAX_GPUS = 4096
@@ -117,10 +118,12 @@ def _row(result: PlanResult, count: int, per_node: int, target: int, train_token
 
 def capacity(model: ModelSpec, gpu: GPUSpec, target_seq_len: int, max_gpus: int, gpus_per_node: int | None = None,
              train_tokens: int | None = None, executor: ExecutorProfile = EXECUTOR_PROFILES[DEFAULT_EXECUTOR],
-             neighbours: int = 2, memory_headroom: MemoryHeadroom = DEFAULT_MEMORY_HEADROOM) -> CapacityResult:
+             neighbours: int = 2, memory_headroom: MemoryHeadroom = DEFAULT_MEMORY_HEADROOM,
+             jobs: int | None = None) -> CapacityResult:
     """The fewest GPUs (whole nodes, or 1/2/4 below one node) on which some layout fits
     ``target_seq_len`` (make_plan, objective min-gpus, up to ``max_gpus``), its plan, and
-    the fastest plan on neighbouring counts (throughput objective)."""
+    the fastest plan on neighbouring counts (throughput objective); pipelines as the module
+    says. ``jobs``: worker processes for the pipeline scan (None: up to 8; 1: this one)."""
     if max_gpus <= 0:
         raise UsageError(f"--max-gpus {max_gpus}: must be a positive integer")
     if train_tokens is not None and train_tokens <= 0:
@@ -141,16 +144,14 @@ def capacity(model: ModelSpec, gpu: GPUSpec, target_seq_len: int, max_gpus: int,
     first = make_plan(request(max_gpus, "min-gpus", per_node))
     without_pp = first.plan.hardware["num_gpus"] if first.plan is not None else None
     result = CapacityResult(None, first, [], target_seq_len, max_gpus, per_node, train_tokens, without_pp)
-    # pipelines on the counts below that answer (no pp = 1 layout fits there)
-    for count in valid_gpu_counts(max_gpus, per_node):
-        if without_pp is not None and count >= without_pp:
-            break
-        if count < 2:
-            continue  # a pipeline needs two ranks
-        planned = pipelines_on(count)
-        if planned.plan is not None:
-            result.plan, result.pipelined = planned, planned
-            break
+    # pipelines on the counts below that answer (no pp = 1 layout fits there); a pipeline
+    # needs two ranks. Many counts are planned in worker processes (sweep's runner).
+    below = [c for c in valid_gpu_counts(max_gpus, per_node) if c >= 2 and (without_pp is None or c < without_pp)]
+    args = (model, gpu, target_seq_len, per_node, executor, memory_headroom)
+    fits = _run([(_pipeline_fits, (*args, count)) for count in below], jobs)
+    first_fit = next((count for count, fit in zip(below, fits) if fit["fits"]), None)
+    if first_fit is not None:
+        result.plan = result.pipelined = pipelines_on(first_fit)
     if result.plan.plan is None:
         return result
     fewest = result.plan.plan.hardware["num_gpus"]
@@ -166,6 +167,14 @@ def capacity(model: ModelSpec, gpu: GPUSpec, target_seq_len: int, max_gpus: int,
             planned = make_plan(request(count, "throughput", min(per_node, count)))
         result.rows.append(_row(planned, count, per_node, target_seq_len, train_tokens, count == fewest))
     return result
+
+
+def _pipeline_fits(model: ModelSpec, gpu: GPUSpec, target: int, per_node: int, executor: ExecutorProfile,
+                   memory_headroom: MemoryHeadroom, count: int) -> dict:
+    request = PlanRequest(model=model, gpu=gpu, num_gpus=count, gpus_per_node=min(per_node, count),
+                          target_seq_len=target, objective="throughput", executor=executor, top_k=0,
+                          memory_headroom=memory_headroom, layout_filter=_pipelined)
+    return {"fits": make_plan(request).plan is not None}
 
 
 def _pipelined(parallelism) -> bool:
