@@ -24,7 +24,7 @@ from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorP
 from cost_models.specs import GPUSpec, ModelSpec
 
 from .errors import UsageError
-from .planner import DEFAULT_MEMORY_HEADROOM, PlanRequest, PlanResult, make_plan
+from .planner import DEFAULT_MEMORY_HEADROOM, PlanRequest, PlanResult, make_plan, pipeline_fits
 from .sweep import _run
 from .units import MemoryHeadroom
 
@@ -174,7 +174,7 @@ def _pipeline_fits(model: ModelSpec, gpu: GPUSpec, target: int, per_node: int, e
     request = PlanRequest(model=model, gpu=gpu, num_gpus=count, gpus_per_node=min(per_node, count),
                           target_seq_len=target, objective="throughput", executor=executor, top_k=0,
                           memory_headroom=memory_headroom, layout_filter=_pipelined)
-    return {"fits": make_plan(request).plan is not None}
+    return {"fits": pipeline_fits(request)}
 
 
 def _pipelined(parallelism) -> bool:
