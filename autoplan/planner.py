@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Callable
 
-from cost_models.config import AC_MODES, ACPolicy, Parallelism
+from cost_models.config import AC_MODES, ACPolicy, Parallelism, TrainConfig
 from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorProfile
 from cost_models.pipeline import rank_counts_policy
 from cost_models.specs import ClusterSpec, GiB, GPUSpec, ModelSpec, SpecError
@@ -178,10 +179,10 @@ def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: d
     ``min_bubble_factor`` times the compute, so it is priced only when no pp = 1 layout fits
     or the best one spends more than that factor over its own compute-only time (recompute,
     exposed communication). Each survivor must also beat that plan on a compute-only bound."""
-    if request.layout_filter is not None:
-        return [], [], None
     candidates, rejections = pipeline_candidates(request.model, request.gpu, num_gpus, seq_len,
                                                  request.gpus_per_node, fixed, request.global_batch_tokens)
+    if request.layout_filter is not None:  # a layout family (sweep --frontier, capacity's pipelined alternative)
+        candidates = [c for c in candidates if request.layout_filter(c.parallelism)]
     if not candidates:
         return [], [], None
     factor = min_bubble_factor(candidates)
@@ -205,20 +206,51 @@ def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: d
     return out, rejections, best
 
 
+def pipeline_fits(request: PlanRequest) -> bool:
+    """Whether some pipeline (pp > 1) of the throughput planner's pipeline space fits
+    ``request.num_gpus`` at ``request.target_seq_len``: ``make_plan`` with a pp > 1 layout
+    filter finds a plan, without building the pp = 1 space (capacity scans many counts)."""
+    allowed = request.allowed_modes()
+    fixed = {k: v for k, v in request.fixed.items() if k not in ("ac", "seq_len")}
+    candidates, _ = pipeline_candidates(request.model, request.gpu, request.num_gpus, request.target_seq_len,
+                                        request.gpus_per_node, fixed, request.global_batch_tokens)
+    for c in candidates:
+        if _pipeline_static_bytes(request, c) > request.usable_bytes:
+            continue
+        priced = price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
+                       request.usable_bytes, None, allowed)
+        if priced.pipeline is not None and priced.pipeline.counts is not None:
+            return True
+    return False
+
+
 def _pipeline_static_bytes(request: PlanRequest, candidate: Candidate) -> float:
-    """Bytes pp rank 0 holds before any activation (a lower bound of its peak): its
-    layers' and embedding's gathered params + fp32 unsharded grads (FSDP2 under the
-    schedule, cost_models/pipeline.py), their sharded fp32 params + AdamW states, and the
-    CUDA context."""
-    from cost_models.pipeline import rank_layers
+    """Bytes pp rank 0 holds at least (a lower bound of its peak): its layers' and
+    embedding's gathered params + fp32 unsharded grads (FSDP2 under the schedule,
+    cost_models/pipeline.py), their sharded fp32 params + AdamW states, the CUDA context,
+    and the activations its in-flight micro-batches save in its layers with the AC mode
+    that saves least (full)."""
+    from cost_models.pipeline import in_flight_microbatches, micro_config, rank_layers
 
     model, p = request.model, candidate.parallelism
-    prec = candidate.train_config().precision
-    params = (len(rank_layers(model.n_layers, p.pp, candidate.pp_virtual_stages)[0]) * model.params_per_layer
-              + model.embedding_params) / p.tp
+    cfg = candidate.train_config()
+    prec = cfg.precision
+    k = len(rank_layers(model.n_layers, p.pp, candidate.pp_virtual_stages)[0])
+    params = (k * model.params_per_layer + model.embedding_params) / p.tp
+    saved = _least_saved_per_layer(model, micro_config(cfg), request.executor)
+    in_flight = in_flight_microbatches(cfg.pp_schedule, 0, p.pp, cfg.pp_microbatches, cfg.pp_virtual_stages)
     return (params * (prec.param_bytes + prec.grad_reduce_bytes)
             + params / p.fsdp_degree * (prec.master_bytes + prec.optimizer_state_bytes)
-            + request.executor.cuda_context_bytes)
+            + request.executor.cuda_context_bytes + in_flight * k * saved)
+
+
+@lru_cache(maxsize=4096)
+def _least_saved_per_layer(model: ModelSpec, micro: TrainConfig, executor: ExecutorProfile) -> float:
+    """Bytes one layer saves for one micro-batch under its leanest AC mode (micro-batch
+    configs repeat across schedules, micro-batch counts and pp degrees: cached)."""
+    from cost_models.memory import memory_terms
+
+    return min(memory_terms(model, micro, executor).layer.saved.values())
 
 
 def _pipeline_lower_bound(request: PlanRequest, candidate: Candidate) -> float:

@@ -12,6 +12,10 @@ Knobs:
   sequence length (pipelines are planned for throughput: ``max_seq_len`` is searched for
   pp = 1 only, 0 otherwise).
 
+Frontier families: FSDP, FSDP+CP, FSDP+TP, FSDP+TP+CP (pp = 1) and PP (pp > 1: the fastest
+pipeline the throughput planner finds at that length, priced even where a pp = 1 layout
+would be faster).
+
 Each point plans twice at most: the longest sequence that fits (objective max-seqlen
 under the pins) and the fastest plan at the target sequence length (or, without a
 target, at that longest length: the max-seqlen plan already is the fastest one there).
@@ -44,11 +48,20 @@ from .report.rows import MEMORY_KEYS
 from .units import MemoryHeadroom
 
 KNOBS = ("cp", "gpus", "seqlen", "gpu", "pp")
+
+
 def _in_family(name: str) -> Callable[[Parallelism], bool]:
-    return lambda parallelism: layout_family(parallelism) == name
+    return lambda parallelism: parallelism.pp == 1 and layout_family(parallelism) == name
 
 
-FAMILIES: dict[str, Callable[[Parallelism], bool]] = {name: _in_family(name) for name in LAYOUT_FAMILIES}
+def _pipelined(parallelism: Parallelism) -> bool:
+    return parallelism.pp > 1
+
+
+# The pp = 1 families by what they add to data parallel, and "PP": every pipelined layout
+# the throughput planner searches (pp 2 .. 16 with any inner degrees, its schedules).
+FAMILIES: dict[str, Callable[[Parallelism], bool]] = {
+    **{name: _in_family(name) for name in LAYOUT_FAMILIES}, "PP": _pipelined}
 SWEEP_FIELDS = ("knob", "value", "gpu", "gpus", "max_seq_len", "seq_len", "fits", "tokens_per_second_per_gpu", "mfu",
                 "layout", "ac", "peak_memory_bytes") + tuple(f"mem_{k}_bytes" for k in MEMORY_KEYS) + ("note",)
 FRONTIER_FIELDS = ("family", "gpu", "gpus", "seq_len", "fits", "tokens_per_second_per_gpu", "mfu", "layout", "ac",

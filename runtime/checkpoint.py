@@ -26,14 +26,27 @@ class CheckpointError(ValueError):
     pass
 
 
-def _state_dicts(model, optimizer):
+def _options(pipelined: bool):
+    """Pipelined runs (pp > 1) flatten the optimizer state to one key per parameter and
+    setting (``state.layers.1.attention.wq.weight.exp_avg``, ``param_groups.<same>.lr``).
+    Unflattened, the ``param_groups`` list has the same keys on every pp rank (``0.lr``,
+    ``0.params``, ...) but different contents; DCP's save keeps one rank's copy, and the
+    other stages load param groups naming parameters they do not hold (AdamW then fails
+    with ``KeyError: 'betas'``). Whole-model runs keep the unflattened format they have
+    always written."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=pipelined)
+
+
+def _state_dicts(model, optimizer, pipelined: bool = False):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(pipelined))
     return {"model": model_state, "optimizer": optim_state}
 
 
-def save(directory: str | Path, step: int, model, optimizer, trainer_state: dict) -> Path:
+def save(directory: str | Path, step: int, model, optimizer, trainer_state: dict, pipelined: bool = False) -> Path:
     import torch.distributed.checkpoint as dcp
 
     root = Path(directory)
@@ -43,7 +56,7 @@ def save(directory: str | Path, step: int, model, optimizer, trainer_state: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp))
+    dcp.save(_state_dicts(model, optimizer, pipelined), checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
@@ -59,7 +72,7 @@ def fingerprint(plan) -> dict:
     (the data order depends on the degrees and the batch shape)."""
     model = {k: v for k, v in plan.model_spec().to_dict().items() if k != "name"}
     p = plan.parallelism
-    layout = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "cp": p.cp, "tp": p.tp,
+    layout = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "cp": p.cp, "tp": p.tp, "pp": p.pp,
               "mesh_order": list(plan.mesh_order), "seq_len": plan.seq_len,
               "local_batch_size": plan.local_batch_size, "grad_accum_steps": plan.grad_accum_steps}
     return {"model": model, "layout": layout}
@@ -118,6 +131,8 @@ def choose(directory: str | Path, plan) -> tuple[Path | None, list[str]]:
             skipped.append(f"{path.name} cannot be loaded: {reason}")
             continue
         theirs = json.loads((path / TRAINER_STATE).read_text()).get("fingerprint")
+        if isinstance(theirs, dict) and isinstance(theirs.get("layout"), dict):
+            theirs["layout"].setdefault("pp", 1)  # written before pipelined checkpoints existed
         mine = fingerprint(plan)
         if theirs is not None and theirs != mine:
             raise CheckpointError(f"checkpoint {path} was written for another model or layout "
@@ -140,16 +155,17 @@ def latest(directory: str | Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def load(path: Path, model, optimizer) -> dict:
+def load(path: Path, model, optimizer, pipelined: bool = False) -> dict:
     """Restore model and optimizer in place; returns the trainer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     try:
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
-        states = _state_dicts(model, optimizer)
+        states = _state_dicts(model, optimizer, pipelined)
         dcp.load(states, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"],
+                       options=_options(pipelined))
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); delete it or "

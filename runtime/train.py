@@ -268,14 +268,14 @@ def train_loop(plan: Plan, mesh, dims: ParallelDims, device: torch.device, sourc
                 ckpt.save(checkpoint_dir, step + 1, state.model, state.optimizer,
                           {"step": step + 1, "scheduler": state.scheduler.state_dict(), "rng": ckpt.rng_state(),
                            "data_position": (step + 1) * plan.grad_accum_steps,
-                           "fingerprint": ckpt.fingerprint(plan)})
+                           "fingerprint": ckpt.fingerprint(plan)}, pipelined=state.pipeline is not None)
     finally:
         log.close()
     return log.records
 
 
 def _restore(state: TrainingState, found: Path) -> None:
-    trainer = ckpt.load(found, state.model, state.optimizer)
+    trainer = ckpt.load(found, state.model, state.optimizer, pipelined=state.pipeline is not None)
     try:
         state.scheduler.load_state_dict(trainer["scheduler"])
         ckpt.set_rng_state(trainer["rng"])
@@ -309,9 +309,6 @@ def run(args) -> dict:
         p = plan.parallelism
         world = int(os.environ.get("WORLD_SIZE", "1"))
         dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world, p.pp)  # checked before any collective
-        if p.pp > 1 and args.checkpoint_dir:
-            raise LayoutError(f"--checkpoint-dir with parallelism.pp={p.pp}: checkpoints of pipelined runs are not "
-                              "supported yet; train without --checkpoint-dir or with pp=1")
         if plan.seq_len % (2 * p.cp) or (p.tp > 1 and (plan.seq_len // p.cp) % p.tp):
             raise LayoutError(f"seq_len={plan.seq_len} must split into 2 x cp = {2 * p.cp} equal chunks "
                               f"(and each rank's {plan.seq_len // p.cp} tokens by tp={p.tp})")

@@ -113,7 +113,7 @@ def test_frontier_families_keep_their_constraints_and_together_match_the_planner
     for row in rows:
         if row["fits"]:
             d = _degrees(row["layout"])
-            assert FAMILIES[row["family"]](type("P", (), {"cp": d["cp"], "tp": d["tp"]})), row
+            assert FAMILIES[row["family"]](type("P", (), {"cp": d["cp"], "tp": d["tp"], "pp": d.get("pp", 1)})), row
     for seq in seqs:
         best = make_plan(PlanRequest(MODEL, GPU, 32, 8, seq, top_k=0))
         per_family = [r["tokens_per_second_per_gpu"] for r in rows if r["seq_len"] == seq]

@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"model": model.name, "gpu": gpu.name, "target_seq_len": target, "max_gpus": args.max_gpus,
                           "gpus_per_node": result.gpus_per_node, "train_tokens": budget,
-                          "fewest_gpus": result.fewest_gpus,
+                          "fewest_gpus": result.fewest_gpus, "fewest_gpus_without_pp": result.fewest_gpus_without_pp,
+                          "pipelined_plan": result.pipelined.plan.model_dump(mode="json")
+                          if result.pipelined is not None and result.pipelined.plan is not None else None,
                           "plan": result.plan.plan.model_dump(mode="json") if result.plan.plan else None,
                           "explanation": result.plan.explanation, "rows": result.to_rows()}, indent=2))
     elif args.format == "csv":

@@ -43,7 +43,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     thousands = FuncFormatter(lambda v, _pos: f"{v:,.0f}")
     if rows and "family" in rows[0]:
         fig, axis = plt.subplots(figsize=(9, 5.5))
-        styles = {"FSDP": ("o", "-"), "FSDP+CP": ("s", "--"), "FSDP+TP": ("^", "-."), "FSDP+TP+CP": ("D", ":")}
+        styles = {"FSDP": ("o", "-"), "FSDP+CP": ("s", "--"), "FSDP+TP": ("^", "-."), "FSDP+TP+CP": ("D", ":"),
+                  "PP": ("v", (0, (5, 1, 1, 1)))}
         for family in styles:
             points = [(r["seq_len"], r["tokens_per_second_per_gpu"]) for r in rows
                       if r["family"] == family and r["fits"]]

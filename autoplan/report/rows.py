@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 MEMORY_KEYS = ("params", "grads", "optimizer", "fsdp_unsharded", "activations", "recompute_working", "logits_loss",
                "comm_buffers", "overhead", "allocator_stranded", "allocator_cache")
-_INT_FIELDS = {"gpus", "max_seq_len", "seq_len"}
+_INT_FIELDS = {"gpus", "max_seq_len", "seq_len", "pp"}
 _BOOL_FIELDS = {"fits", "fewest"}
 _STR_FIELDS = {"knob", "gpu", "layout", "ac", "note", "family"}
 
@@ -156,6 +156,27 @@ def _duration(seconds: float) -> str:
     return f"{years:,.1f} years" if years >= 1 else format_duration(seconds)
 
 
+def _pipeline_lines(result: CapacityResult) -> list[str]:
+    """What pipelines (pp > 1) do for the answer: fewer GPUs than pp = 1 layouts need, or
+    the fastest pipeline on the answer's count next to the plan's speed."""
+    lines = []
+    fewest, without = result.fewest_gpus, result.fewest_gpus_without_pp
+    if without != fewest:
+        lines.append(f"pipelines: fit on {fewest} GPUs; without one (pp=1) "
+                     + (f"the fewest is {without}" if without else f"nothing fits on {result.max_gpus} or fewer"))
+    elif result.pipelined is not None:
+        piped = result.pipelined
+        if piped.plan is None:
+            reason = piped.explanation[0] if piped.explanation else "no pipeline fits"
+            lines.append(f"pipelined alternative on {fewest} GPUs: none fits ({reason})")
+        else:
+            rate = float(piped.plan.prediction.tokens_per_second_per_gpu)
+            mine = float(result.plan.plan.prediction.tokens_per_second_per_gpu) if result.plan.plan else 0.0
+            lines.append(f"pipelined alternative on {fewest} GPUs: {piped.plan.describe_layout()}, "
+                         f"{rate:,.0f} tokens/s/GPU ({'faster' if rate > mine else 'slower'} than pp=1's {mine:,.0f})")
+    return lines
+
+
 def format_capacity(result: CapacityResult, model: ModelSpec, gpu: GPUSpec) -> str:
     target, budget = format_tokens(result.target_seq_len), result.train_tokens
     if result.fewest_gpus is None:
@@ -166,7 +187,9 @@ def format_capacity(result: CapacityResult, model: ModelSpec, gpu: GPUSpec) -> s
     nodes = result.fewest_gpus / result.gpus_per_node
     where = f"{nodes:g} node{'s' if nodes != 1 else ''} of {result.gpus_per_node}" if nodes >= 1 else "under one node"
     lines = [f"{model.name} at seq_len {target} on {gpu.name}: fewest GPUs = {result.fewest_gpus} ({where})",
-             f"plan: {result.plan.explanation[0].split(': ', 1)[-1]}", ""]
+             f"plan: {result.plan.explanation[0].split(': ', 1)[-1]}"]
+    lines += _pipeline_lines(result)
+    lines.append("")
     lw = max([len("layout")] + [len(r.layout) for r in result.rows]) + 2
     aw = max([len("AC")] + [len(r.ac) for r in result.rows]) + 2
     header = f"{'GPUs':>6}  {'layout':<{lw}}{'AC':<{aw}}{'tok/s/GPU':>10}{'MFU':>7}{'peak mem':>11}"
