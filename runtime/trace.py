@@ -105,6 +105,8 @@ class TraceResult:
     peak_bytes: float
     categories: dict[str, float]
     components: dict[str, float]
+    peak_at: str = ""  # pp > 1: where the peak was reached (op, modules)
+    traced_rank: str = ""  # pp > 1: which pp rank was traced
 
 
 def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu", pp_rank: int | None = None
@@ -202,6 +204,28 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu", pp_r
     return _result(snapshot, device_type)
 
 
+def clear_dtensor_caches() -> None:
+    """Forget DTensor's cached sharding decisions (torch 2.13: the C++ dispatch fast path's
+    cache, ``ShardingPropagator``'s per-thread LRU caches, ``_gen_transform_infos``, the redistribute planners,
+    ``MeshTopoInfo.build_from_mesh``).
+
+    Their keys hold DeviceMeshes, which compare equal across process groups by layout;
+    their values hold the mesh they were computed with. A trace after another trace with
+    the same layout but another rank (a new fake group, other group names) would get
+    specs on the old meshes and fail on a group that no longer exists."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._collective_utils import MeshTopoInfo
+    from torch.distributed.tensor._redistribute import _gen_transform_infos, clear_redistribute_planner_cache
+
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache.cache_clear()
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    _gen_transform_infos.cache_clear()
+    clear_redistribute_planner_cache()
+    MeshTopoInfo.build_from_mesh.cache_clear()
+
+
 def _multi_root_tracker(tracker_class, roots: list, optimizer):
     """An FSDP2 memory tracker over several FSDP roots, each run once per micro-batch.
 
@@ -216,6 +240,21 @@ def _multi_root_tracker(tracker_class, roots: list, optimizer):
     from torch import nn
 
     class PipelineTracker(tracker_class):
+        peak_at = ""  # the op (and modules running) where the peak was last raised
+        _func = None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._func = func
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _update_peak_stats(self, peak_state):
+            before = dict(self._peak_mem)
+            super()._update_peak_stats(peak_state)
+            if self._peak_mem != before:
+                where = sorted(m for m in self._mod_tracker.parents if m != "Global")
+                self.peak_at = (f"{'backward' if self._mod_tracker.is_bw else 'forward'} "
+                                f"{getattr(self._func, '__name__', self._func)} in {', '.join(where) or 'no module'}")
+
         def enter_roots(self):
             def forget(module, args):
                 if not self._mod_tracker.is_bw:
@@ -260,7 +299,7 @@ def trace_pipeline_memory(plan: Plan, pp_rank: int = 0, steps: int = 2) -> Trace
 
     from . import pipeline as pp
     from .mesh import LayoutError, ParallelDims, build_mesh
-    from .train import build_training_state, local_tokens, loss_backward_context
+    from .train import build_pipeline, build_training_state, local_tokens, loss_backward_context
 
     p = plan.parallelism
     if not 0 <= pp_rank < p.pp:
@@ -270,16 +309,18 @@ def trace_pipeline_memory(plan: Plan, pp_rank: int = 0, steps: int = 2) -> Trace
     device = torch.device("cpu")
     if dist.is_initialized():
         dist.destroy_process_group()
+    clear_dtensor_caches()
     dist.init_process_group("fake", store=FakeStore(), rank=pp_rank * (world // p.pp), world_size=world)
     try:
         mesh = build_mesh(dims, "cpu", plan.mesh_order)
         param_dtype = torch.bfloat16 if plan.precision.param_dtype == "bfloat16" else torch.float32
+        # Mesh and sharding metadata need real (tiny) tensors on CPU: build the stages outside
+        # fake mode, on the meta device; materialization and the steps run under it.
+        pipe, stages_model = build_pipeline(plan, mesh, dims, device, param_dtype=param_dtype)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         with fake_mode:
             state = build_training_state(plan, mesh, dims, device, materialize=False, param_dtype=param_dtype,
-                                         pp_static_shapes=True)
-            pipe = state.pipeline
-            assert pipe is not None
+                                         model=stages_model, pipeline=pipe, pp_static_shapes=True)
 
             def warmup_outcome(stages, has_backward, p2p_done):
                 for stage in stages:
@@ -315,7 +356,10 @@ def trace_pipeline_memory(plan: Plan, pp_rank: int = 0, steps: int = 2) -> Trace
                 untracked.__exit__(None, None, None)
     finally:
         dist.destroy_process_group()
-    return _result(snapshot, "cpu")
+    result = _result(snapshot, "cpu")
+    result.peak_at = tracker.peak_at
+    result.traced_rank = f"pp rank {pp_rank} of {p.pp} (global rank {pp_rank * (world // p.pp)} of {world})"
+    return result
 
 
 def _result(snapshot, device_type: str) -> TraceResult:

@@ -98,17 +98,19 @@ def build_pipeline(plan: Plan, mesh, dims: ParallelDims, device: torch.device, s
 def build_training_state(plan: Plan, mesh, dims: ParallelDims, device: torch.device, seed: int = 0,
                          materialize: bool = True, shard_over_cp: bool = True,
                          param_dtype: torch.dtype | None = None, model: Transformer | None = None,
-                         pp_schedule_scales_grads: bool = False, pp_static_shapes: bool = False) -> TrainingState:
+                         pp_schedule_scales_grads: bool = False, pp_static_shapes: bool = False,
+                         pipeline: pp.Pipeline | None = None) -> TrainingState:
     """Model built on meta, parallelized, then materialized shard by shard (+ AdamW).
 
     ``pp_schedule_scales_grads`` (pp > 1, negative control only): PyTorch's default loss
     scaling, wrong under gradient accumulation (runtime/pipeline.py). ``pp_static_shapes``
     (pp > 1): give the stages their shapes instead of exchanging them on the first step
-    (the fake process group's P2P carries no data; runtime/trace.py)."""
-    pipe = None
-    if dims.pp > 1:
-        pipe, model = build_pipeline(plan, mesh, dims, device, shard_over_cp, param_dtype)
-    elif model is None:
+    (the fake process group's P2P carries no data; runtime/trace.py). ``pipeline`` and
+    ``model``: a pipeline already built by ``build_pipeline`` (its stages and LocalStages)."""
+    if dims.pp > 1 and pipeline is None:
+        pipeline, model = build_pipeline(plan, mesh, dims, device, shard_over_cp, param_dtype)
+    pipe = pipeline
+    if pipe is None and model is None:
         model = build_parallel_model(plan, mesh, dims, device, shard_over_cp, param_dtype)
     assert model is not None
     model.to_empty(device=device)
