@@ -127,7 +127,9 @@ def test_per_stage_memory_by_hand():
     each; final norm 64."""
     cfg = _cfg(Parallelism(dp_shard=2, pp=2), 256, 4, 2)
     est = estimate_step(SMALL, ClusterSpec(H100, 4), cfg)
-    first, last = (s.breakdown_bytes for s in est.pipeline.stages)
+    # The layer-backward phase (cost_models.pipeline.stage_memory_phases); the peak is the largest phase.
+    first, last = (s.phases["layer_backward"] for s in est.pipeline.stages)
+    assert all(s.tensor_bytes >= max(s.phase_tensor_bytes.values()) for s in est.pipeline.stages)
     block = 36_992
     stage0 = 2 * block + 65_536  # layers 0, 1 + embedding
     stage1 = 2 * block + 65_536 + 64  # layers 2, 3 + output + final norm
@@ -147,7 +149,7 @@ def test_per_stage_memory_by_hand():
     assert est.stage_peak_bytes == tuple(s.peak_bytes for s in est.pipeline.stages)
     # GPipe keeps all m micro-batches on every rank: more activation memory on the last rank.
     gpipe = estimate_step(SMALL, ClusterSpec(H100, 4), replace(cfg, pp_schedule="gpipe"))
-    assert gpipe.pipeline.stages[1].breakdown_bytes["activations"] == 2 * 2 * 65_536 + 8192 + 2 * 65_536
+    assert gpipe.pipeline.stages[1].phases["layer_backward"]["activations"] == 2 * 2 * 65_536 + 8192 + 2 * 65_536
 
 
 def test_pp_one_summary_and_breakdown_unchanged_keys():
