@@ -159,6 +159,7 @@ class StageCost:
     tensor_peak_phase: str = ""  # the forward + backward phase with the most tensor bytes
     phase_tensor_bytes: dict[str, float] = field(default_factory=dict)  # forward + backward phases
     phases: dict[str, dict[str, float]] = field(default_factory=dict)  # their breakdowns
+    optimizer_tensor_bytes: float = 0.0  # the optimizer step's tensors
 
     @property
     def forward_backward_tensor_bytes(self) -> float:
@@ -264,7 +265,7 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
         stages.append(StageCost(r, tuple(layers), first, last, in_flight, t, parts_s, tensor, peak, breakdown,
                                 tensor_peak_phase=name,
                                 phase_tensor_bytes={key: sum(phase.values()) for key, phase in phases.items()},
-                                phases=phases))
+                                phases=phases, optimizer_tensor_bytes=optimizer_phase))
     slow = max(stages, key=lambda s: s.microbatch_s)
     slowest = slow.microbatch_s
     slots = schedule_slots(pp, m, v)

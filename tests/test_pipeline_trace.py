@@ -82,3 +82,18 @@ def test_first_stage_under_tp_accumulates_the_full_vocabulary_embedding_grad():
 def test_pp_rank_out_of_range_is_one_line():
     with pytest.raises(LayoutError, match="pp rank 2: the plan has pp=2"):
         trace_plan_memory(layout_plan("pp2_1f1b"), pp_rank=2)
+
+
+@pytest.mark.timeout(120)
+def test_check_traces_the_asked_pp_rank():
+    from autoplan.checking import check_plan
+    from autoplan.errors import UsageError
+
+    plan = layout_plan("pp2_1f1b")
+    result = check_plan(plan, program="cpu", pp_rank=1)
+    assert result["pp_rank"] == 1 and "pp rank 1 of 2" in result["program"]
+    assert abs(result["error"]) <= 0.05
+    with pytest.raises(UsageError, match="--program cuda with parallelism.pp=2"):
+        check_plan(plan, program="cuda")
+    with pytest.raises(UsageError, match="--pp-rank 5"):
+        check_plan(plan, program="cpu", pp_rank=5)
