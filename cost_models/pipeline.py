@@ -304,7 +304,8 @@ def stage_memory_phases(model: ModelSpec, cfg: TrainConfig, executor: ExecutorPr
       adds them to the accumulated ones (no reduce-scatter input: no-sync); on the last
       stage the output projection's bf16 grad is held too (its unit, the stage's FSDP
       root, accumulates only after the stage's whole backward);
-    - ``loss`` (last stage): the final norm's and loss's tensors of one micro-batch;
+    - ``loss`` (last stage): the final norm's and loss's tensors of one micro-batch; under
+      1F1B the stage's blocks are resharded then (its forward just ran), under GPipe not;
     - ``embedding_backward`` (first stage): the dense [vocab, d] embedding grad in the
       param dtype and its incoming grad, with the other in-flight micro-batches' saved
       activations. Under TP DTensor writes that grad dense on every TP rank (pp = 1's
@@ -345,7 +346,15 @@ def stage_memory_phases(model: ModelSpec, cfg: TrainConfig, executor: ExecutorPr
     phases = {"layer_backward": dict(common, activations=saved + buffers, recompute_working=working,
                                      logits_loss=output_grad if last else 0.0)}
     if last:
-        phases["loss"] = dict(common, activations=saved + buffers + mt.root_activation_bytes,
+        # 1F1B / interleaved: the last stage's backward of a micro-batch follows its forward
+        # at once, and the forward resharded the stage's blocks (reshard_after_forward): the
+        # loss runs with only the root unit gathered. GPipe ran every forward first; from
+        # the second micro-batch's loss on, the blocks stay gathered since their backward.
+        resharded = 0.0
+        if cfg.pp_schedule != "gpipe":
+            resharded = len(stage_layers(model.n_layers, par.pp * cfg.pp_virtual_stages)[-1]) * block
+        loss_common = dict(common, fsdp_unsharded=common["fsdp_unsharded"] - resharded * prec.param_bytes)
+        phases["loss"] = dict(loss_common, activations=saved + buffers + mt.root_activation_bytes,
                               recompute_working=0.0, logits_loss=mt.loss_logits_bytes)
     if first:
         incoming = a * tokens * model.dim  # the embedding output's grad (gathered over the sequence under TP)
