@@ -39,14 +39,16 @@ LAYOUTS = [
     ("PP2 1F1B selective AC", 4, {"pp": 2}, {}, "selective", 4096, 4),
     ("PP4 1F1B 8 layers", 8, {"pp": 4}, {}, "none", 2048, 8),
     ("PP2 x FSDP2 x TP2", 4, {"pp": 2, "dp_shard": 2, "tp": 2}, {}, "none", 2048, 4),
+    # Activations only: the debug model (d = 64, vocab 256), 8 x 4096-token micro-batches.
+    ("debug PP2 1F1B", 2, {"pp": 2}, {"pp_microbatches": 4}, "none", 4096, 32, "debug"),
 ]
 
 
 def rows(selected: list[str] | None = None):
-    for name, layers, parallelism, fields, ac, seq, batch in LAYOUTS:
+    for name, layers, parallelism, fields, ac, seq, batch, *preset in LAYOUTS:
         if selected and name not in selected:
             continue
-        model = replace(MODEL_PRESETS["llama3-8b"], n_layers=layers)
+        model = replace(MODEL_PRESETS[preset[0] if preset else "llama3-8b"], n_layers=layers)
         plan = Plan(seq_len=seq, local_batch_size=batch, parallelism=parallelism, model=model.to_dict(),
                     activation_checkpoint=ActivationCheckpointDoc(mode=ac), loss_chunk_tokens=4096, **fields)
         cfg = plan.train_config()
@@ -56,8 +58,8 @@ def rows(selected: list[str] | None = None):
             began = time.perf_counter()
             traced = trace_plan_memory(plan, pp_rank=rank)
             predicted = stages[rank].forward_backward_tensor_bytes
-            yield (f"{name:<24}{ac:<10}{seq:>6}{plan.microbatches:>4}{rank:>6}{traced.peak_bytes / GiB:>11.3f}"
-                   f"{predicted / GiB:>11.3f}{(predicted / traced.peak_bytes - 1) * 100:>+8.2f}%  "
+            yield (f"{name:<24}{ac:<10}{seq:>6}{plan.microbatches:>4}{rank:>6}{traced.peak_bytes / GiB:>11.4f}"
+                   f"{predicted / GiB:>11.4f}{(predicted / traced.peak_bytes - 1) * 100:>+8.2f}%  "
                    f"{stages[rank].tensor_peak_phase:<19}{traced.peak_at}  ({time.perf_counter() - began:.0f} s)")
 
 
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
         "# PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/validate_pipeline.py --write",
         "# traced: one pp rank, the CPU program under fake tensors (runtime/trace.py); predicted: the",
         "# forward + backward tensor peak of cost_models/pipeline.py (its phase); the trace's peak op last.",
-        "# Llama 3 8B shapes, bf16 params / fp32 master + grads, loss chunks of 4096 tokens, micro-batch size 1.",
+        "# Llama 3 8B shapes (last row: the debug model), bf16 params / fp32 master + grads, loss chunks of 4096",
+    "# tokens; m micro-batches of local batch / m sequences (1 for the 8B rows).",
         f"{'layout':<24}{'AC':<10}{'seq':>6}{'m':>4}{'rank':>6}{'traced GiB':>11}{'predicted':>11}{'error':>9}  "
         f"{'predicted phase':<19}traced peak at",
     ]

@@ -245,7 +245,7 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
         t = compute + recompute + exposed_tp + exposed_cp + exposed_fsdp + p2p
         # --- memory at the rank's peak: the largest of its phases (``stage_memory_phases``)
         in_flight = in_flight_microbatches(cfg.pp_schedule, r, pp, m, v)
-        phases = stage_memory_phases(model, cfg, executor, mt, modes, first, last, in_flight)
+        phases = stage_memory_phases(model, cfg, executor, mt, modes, first, last, in_flight, r)
         name = max(phases, key=lambda key: sum(phases[key].values()))
         parts = phases[name]
         stage_params = k * block + (embed if first else 0.0) + (out if last else 0.0)
@@ -290,22 +290,25 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
 
 
 def stage_memory_phases(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile, mt, modes: list[str],
-                        first: bool, last: bool, in_flight: float) -> dict[str, dict[str, float]]:
+                        first: bool, last: bool, in_flight: float, rank: int = 0) -> dict[str, dict[str, float]]:
     """Tensor bytes of one pp rank in each phase of a steady-state schedule step, by part.
 
     What the runtime holds (traced op by op, tests/test_pipeline_trace.py): the rank's
     sharded params and AdamW states; every unit's gathered params and its unsharded
     gradient accumulated in the reduce dtype (no-sync: reduced once, after the schedule);
-    ``in_flight`` micro-batches' saved activations, the per-micro-batch receive buffers and
-    the token ids. On top of that, one of:
+    ``in_flight`` micro-batches' saved activations, the schedule's receive buffers (one per
+    micro-batch, each way) and the local batch's token ids. On top of that, one of:
 
     - ``layer_backward``: a block's backward working set, with the w2 weight grad already
       written (bf16), or the block's whole bf16 grads just before FSDP2's post-backward
       adds them to the accumulated ones (no reduce-scatter input: no-sync); on the last
       stage the output projection's bf16 grad is held too (its unit, the stage's FSDP
-      root, accumulates only after the stage's whole backward);
+      root, accumulates only after the stage's whole backward); the worst block of the
+      walk from the top (saved activations shrink, gathered blocks grow);
     - ``loss`` (last stage): the final norm's and loss's tensors of one micro-batch; under
       1F1B the stage's blocks are resharded then (its forward just ran), under GPipe not;
+    - ``norm_backward`` (last stage): the final norm's backward (its fp32 temporaries),
+      the output projection's grad written;
     - ``embedding_backward`` (first stage): the dense [vocab, d] embedding grad in the
       param dtype and its incoming grad, with the other in-flight micro-batches' saved
       activations. Under TP DTensor writes that grad dense on every TP rank (pp = 1's
@@ -336,15 +339,41 @@ def stage_memory_phases(model: ModelSpec, cfg: TrainConfig, executor: ExecutorPr
         "fsdp_unsharded": stage_params * prec.param_bytes + accumulated,
     }
     ids = mt.input_bytes  # int64 ids and labels of one micro-batch
-    buffers = 2 * cfg.pp_virtual_stages * p2p_bytes(model, cfg) + (in_flight * ids if first else ids)
+    # PipelineStage allocates a receive buffer per micro-batch up front and keeps them
+    # (torch 2.13 stage.py, _setup_forward_recv_info / _setup_backward_recv_info): one for
+    # the activation into every stage but the first, one for the grad into every stage but
+    # the last. The local batch's ids and labels are alive all step.
+    n_stages = par.pp * cfg.pp_virtual_stages
+    receives = sum((s != 0) + (s != n_stages - 1) for s in range(rank, n_stages, par.pp))
+    buffers = receives * cfg.pp_microbatches * p2p_bytes(model, cfg) + cfg.pp_microbatches * ids
     saved_one = sum(mt.layer.saved[mode] for mode in modes)  # one micro-batch, every chunk of the rank
     saved = in_flight * saved_one
     raw = layer_memory(model, micro, executor)
     first_grads = model.dim * model.ffn_dim / tp * prec.param_bytes  # w2's weight grad
-    working = max(max(raw.working[mode] + first_grads, block * prec.param_bytes) for mode in modes)
     output_grad = model.output_params / tp * prec.param_bytes
-    phases = {"layer_backward": dict(common, activations=saved + buffers, recompute_working=working,
-                                     logits_loss=output_grad if last else 0.0)}
+    # A micro-batch's backward walks the rank's blocks from the top. At block j the other
+    # in-flight micro-batches' activations are all saved, this one's up to block j. Under
+    # 1F1B a forward ran since the blocks' last backward and resharded them: block j and
+    # those above it (gathered by this backward, kept: reshard_after_backward=False) are
+    # gathered (the traces show no block prefetched below); under GPipe all stay gathered.
+    # Block j's own moment is the larger of its SwiGLU backward (all its saved tensors, the
+    # gradient temporaries, w2's weight grad) and its end (traced: the attention norm's
+    # backward with every weight grad of the block written in bf16, the block's other
+    # saved tensors freed, the RMSNorm backward's fp32 temporaries as for the final norm).
+    norm_in = a * tokens * model.dim / tp + FP32 * tokens / tp
+    phases: dict[str, dict[str, float]] = {}
+    best = -1.0
+    for j in range(k - 1, -1, -1):
+        mode = modes[j]
+        gathered = k if cfg.pp_schedule == "gpipe" else k - j
+        own = mt.layer.saved[mode]
+        moment = max(own + raw.working[mode] + first_grads,
+                     min(own, norm_in) + block * prec.param_bytes + mt.norm_backward_working_bytes)
+        phase = dict(common, fsdp_unsharded=(root + gathered * block) * prec.param_bytes + accumulated,
+                     activations=(in_flight - 1) * saved_one + sum(mt.layer.saved[m] for m in modes[:j]) + buffers,
+                     recompute_working=moment, logits_loss=output_grad if last else 0.0)
+        if sum(phase.values()) > best:
+            best, phases["layer_backward"] = sum(phase.values()), phase
     if last:
         # 1F1B / interleaved: the last stage's backward of a micro-batch follows its forward
         # at once, and the forward resharded the stage's blocks (reshard_after_forward): the
@@ -356,6 +385,12 @@ def stage_memory_phases(model: ModelSpec, cfg: TrainConfig, executor: ExecutorPr
         loss_common = dict(common, fsdp_unsharded=common["fsdp_unsharded"] - resharded * prec.param_bytes)
         phases["loss"] = dict(loss_common, activations=saved + buffers + mt.root_activation_bytes,
                               recompute_working=0.0, logits_loss=mt.loss_logits_bytes)
+        if mt.norm_backward_working_bytes:
+            # The final norm's backward (pp = 1's norm_backward phase): its fp32 temporaries
+            # and incoming grad, with its saved input and the output projection's bf16 grad.
+            phases["norm_backward"] = dict(loss_common, activations=saved + buffers + mt.final_norm_saved_bytes,
+                                           recompute_working=mt.norm_backward_working_bytes,
+                                           logits_loss=output_grad)
     if first:
         incoming = a * tokens * model.dim  # the embedding output's grad (gathered over the sequence under TP)
         dense = model.embedding_params * prec.param_bytes

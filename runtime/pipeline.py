@@ -185,7 +185,10 @@ def forward_backward(pipe: Pipeline, inputs: torch.Tensor, labels: torch.Tensor,
     args = (inputs,) if pipe.has_first else ()
     extra = {"target": labels, "losses": losses} if pipe.has_last else {}
     assert pipe.schedule is not None, "build_schedule first"
-    pipe.schedule.step(*args, **extra)  # type: ignore[attr-defined]
+    # return_outputs=False: the losses are all we read; by default the last stage keeps every
+    # micro-batch's output (the final norm's, tokens x d each) until the next step and
+    # concatenates them at the end of this one (torch 2.13 schedules.py, output_chunks).
+    pipe.schedule.step(*args, return_outputs=False, **extra)  # type: ignore[attr-defined]
     total = torch.zeros((), device=inputs.device)
     for loss in losses:
         loss = loss.detach()
