@@ -4,7 +4,8 @@ Recipe (shared/design.md): FakeTensorMode + the fake process group (``FakeStore`
 backend "fake") with the plan's world size, rank 0's view of the device mesh, the
 runtime's own model / parallelization / loss / optimizer, and FSDP2's memory tracker.
 Two steps run; the second's forward and backward (steady state: optimizer states
-allocated) are reported.
+allocated) are reported. Pipeline plans (pp > 1, CPU program): one pp rank runs the
+runtime's stages under PyTorch's schedule (``trace_pipeline_memory``).
 Parameters are kept in the plan's precision (bf16 compute, fp32 master), as on GPU.
 
 What is not the same as a GPU run: kernels' scratch space (cuBLAS / flash workspaces),
