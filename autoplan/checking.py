@@ -82,15 +82,56 @@ def traced_program(plan: Plan) -> str:
             "CPU attention kernels; not the CUDA program (kernel workspaces, CUDA context, NCCL are not tensors here)")
 
 
-def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None, program: str = "auto") -> dict:
+@dataclass(frozen=True)
+class StagePrediction:
+    """One pp rank's predicted memory, read like a pp = 1 ``MemoryEstimate`` by ``_result``."""
+
+    rank: int
+    breakdown_bytes: dict[str, float]
+    forward_backward_tensor_peak_bytes: float
+    phase_tensor_bytes: dict[str, float]
+    peak_phase: str
+    peak_bytes: float
+
+
+def predict_stages(plan: Plan) -> list[StagePrediction]:
+    """Every pp rank's predicted memory (cost_models/pipeline.py)."""
+    from cost_models.pipeline import estimate_pipeline
+    from cost_models.specs import ClusterSpec, resolve_gpu
+
+    model, cfg = plan.model_spec(), plan.train_config()
+    # Tensor bytes do not depend on the GPU; without hardware in the plan, price an H100.
+    cluster = plan.cluster_spec() or ClusterSpec(resolve_gpu("h100"), plan.parallelism.world_size)
+    estimate = estimate_pipeline(model, cluster, cfg, plan.executor_spec(), cfg.ac_policy(model.n_layers).layer_modes)
+    return [StagePrediction(s.rank, dict(s.breakdown_bytes), s.forward_backward_tensor_bytes,
+                            {**s.phase_tensor_bytes, "optimizer": s.optimizer_tensor_bytes}, s.tensor_peak_phase,
+                            s.peak_bytes) for s in estimate.stages]
+
+
+def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None, program: str = "auto",
+               pp_rank: int | None = None) -> dict:
     """Predicted vs traced tensor bytes per component, and whether the plan fits in its
     usable memory: capacity less ``memory_headroom`` (default: the headroom the plan was
-    made with, else the planner's default). ``program``: see the module docstring."""
+    made with, else the planner's default). ``program``: see the module docstring.
+
+    pp > 1: one pp rank is traced (the CPU program; the CUDA program's trace runs whole
+    models only), ``pp_rank`` or else the rank the model predicts the highest peak for,
+    and compared with that rank's prediction."""
     from cost_models.memory import estimate_memory
 
     if program not in PROGRAMS:
         raise UsageError(f"--program {program!r}: use one of {', '.join(PROGRAMS)}")
     model = plan.model_spec()
+    pp = plan.parallelism.pp
+    if pp > 1:
+        if pp_rank is not None and not 0 <= pp_rank < pp:
+            raise UsageError(f"--pp-rank {pp_rank}: the plan has pp={pp} (ranks 0..{pp - 1})")
+        if program == "cuda":
+            raise UsageError(f"--program cuda with parallelism.pp={pp}: the CUDA program's trace runs one whole "
+                             "model (pp = 1); use --program cpu")
+        return _check_pipeline(plan, memory_headroom, pp_rank, program == "auto")
+    if pp_rank is not None:
+        raise UsageError("--pp-rank: the plan has no pipeline (parallelism.pp = 1)")
     fallback_note = ""
     if program in ("auto", "cuda"):
         backend = sdpa_backend(plan)
@@ -115,6 +156,29 @@ def check_plan(plan: Plan, memory_headroom: MemoryHeadroom | None = None, progra
     result = _result(plan, predicted, planned, TracedPeak(cpu_trace.peak_bytes, cpu_trace.components), memory_headroom,
                      traced_program(plan), stand_in)
     result["note"] = fallback_note
+    return result
+
+
+def _check_pipeline(plan: Plan, memory_headroom: MemoryHeadroom | None, pp_rank: int | None, auto: bool) -> dict:
+    from runtime.trace import trace_plan_memory
+
+    stand_in = plan.cp_impl not in TRACEABLE_CP_IMPLS
+    traced_plan = plan.model_copy(update={"cp_impl": "allgather-kv"}) if stand_in else plan
+    stages = predict_stages(traced_plan)
+    worst = max(stages, key=lambda s: s.forward_backward_tensor_peak_bytes)
+    rank = worst.rank if pp_rank is None else pp_rank
+    trace = trace_plan_memory(traced_plan, pp_rank=rank)
+    planned = max(predict_stages(plan), key=lambda s: s.peak_bytes) if stand_in else stages[rank]
+    program = (traced_program(plan).replace(f"rank 0 of {plan.parallelism.world_size}", trace.traced_rank)
+               + f"; pp rank {rank} " + ("as asked" if pp_rank is not None else "(the highest predicted peak)")
+               + f", its peak at {trace.peak_at}; FSDP2's tracker counts the grads accumulated between "
+               "micro-batches (no-sync) as temporaries: traced activations include them")
+    result = _result(plan, stages[rank], planned, TracedPeak(trace.peak_bytes, trace.components), memory_headroom,
+                     program, stand_in)
+    if auto:
+        result["note"] = "the CUDA program's trace runs pp = 1 only: traced the CPU program"
+    result["pp_rank"] = rank
+    result["stage_peaks"] = [s.forward_backward_tensor_peak_bytes for s in stages]
     return result
 
 

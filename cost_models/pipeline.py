@@ -41,9 +41,10 @@ What the runtime does (runtime/pipeline.py, torch 2.13 ``torch.distributed.pipel
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from .activations import layer_memory
 from .comm import collective_time_s
 from .config import AC_MODES, Parallelism, TrainConfig
 from .executors import ExecutorProfile
@@ -155,6 +156,15 @@ class StageCost:
     tensor_bytes: float
     peak_bytes: float  # reserved peak + CUDA context + NCCL
     breakdown_bytes: dict[str, float]
+    tensor_peak_phase: str = ""  # the forward + backward phase with the most tensor bytes
+    phase_tensor_bytes: dict[str, float] = field(default_factory=dict)  # forward + backward phases
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)  # their breakdowns
+    optimizer_tensor_bytes: float = 0.0  # the optimizer step's tensors
+
+    @property
+    def forward_backward_tensor_bytes(self) -> float:
+        """Tensor peak outside the optimizer step (what a trace of forward + backward sees)."""
+        return max(self.phase_tensor_bytes.values())
 
 
 @dataclass(frozen=True)
@@ -219,8 +229,6 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
     p2p = p2p_seconds_per_microbatch(model, cluster, cfg)
     embed = model.embedding_params / tp
     out = (model.output_params + model.dim) / tp
-    ids = mt.input_bytes
-    a_hidden = p2p_bytes(model, cfg)
     comm = nccl_bytes(micro, executor) + executor.nccl_communicator_bytes + 2 * executor.nccl_alltoall_peer_bytes
     stages = []
     for r, layers in enumerate(_rank_layers(model.n_layers, pp, v)):
@@ -235,22 +243,13 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
         gathers = k * gather * fsdp_gathers_per_step(m) / m if shards > 1 else 0.0
         exposed_fsdp = max(0.0, gathers - compute - recompute)
         t = compute + recompute + exposed_tp + exposed_cp + exposed_fsdp + p2p
-        # --- memory at the rank's peak (the last backwards of the steady state)
+        # --- memory at the rank's peak: the largest of its phases (``stage_memory_phases``)
+        in_flight = in_flight_microbatches(cfg.pp_schedule, r, pp, m, v)
+        phases = stage_memory_phases(model, cfg, executor, mt, modes, first, last, in_flight, r)
+        name = max(phases, key=lambda key: sum(phases[key].values()))
+        parts = phases[name]
         stage_params = k * block + (embed if first else 0.0) + (out if last else 0.0)
         root_params = (embed if first else 0.0) + (out if last else 0.0)
-        in_flight = in_flight_microbatches(cfg.pp_schedule, r, pp, m, v)
-        saved = in_flight * sum(mt.layer.saved[mode] for mode in modes)
-        parts = {
-            "params": stage_params / shards * prec.master_bytes,
-            "optimizer": stage_params / shards * prec.optimizer_state_bytes,
-            # reshard_after_backward=False: gathered params stay; grads accumulate unsharded.
-            "fsdp_unsharded": stage_params * prec.param_bytes + stage_params * prec.grad_reduce_bytes,
-            "activations": saved + (in_flight * ids if first else ids) + 2 * v * a_hidden,
-            # No reduce-scatter runs between a stage's backwards (no-sync): no block's
-            # reduce-scatter input is held, as for pp = 1's top block.
-            "recompute_working": max((mt.top_layer_working or mt.layer.working)[mode] for mode in modes),
-            "logits_loss": (mt.loss_logits_bytes + mt.root_activation_bytes) if last else 0.0,
-        }
         optimizer_phase = (parts["params"] + parts["optimizer"] + stage_params / shards * prec.master_bytes
                            + mt.optimizer_temp_bytes)
         tensor = max(sum(parts.values()), optimizer_phase)
@@ -263,7 +262,10 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
         peak = tensor + overhead + comm
         parts_s = {"compute": compute, "recompute": recompute, "tp": exposed_tp, "cp": exposed_cp, "fsdp": exposed_fsdp,
                    "p2p": p2p}
-        stages.append(StageCost(r, tuple(layers), first, last, in_flight, t, parts_s, tensor, peak, breakdown))
+        stages.append(StageCost(r, tuple(layers), first, last, in_flight, t, parts_s, tensor, peak, breakdown,
+                                tensor_peak_phase=name,
+                                phase_tensor_bytes={key: sum(phase.values()) for key, phase in phases.items()},
+                                phases=phases, optimizer_tensor_bytes=optimizer_phase))
     slow = max(stages, key=lambda s: s.microbatch_s)
     slowest = slow.microbatch_s
     slots = schedule_slots(pp, m, v)
@@ -285,6 +287,120 @@ def estimate_pipeline(model: ModelSpec, cluster: ClusterSpec, cfg: TrainConfig, 
         p2p_s=ga * m * p2p, fsdp_exposed_s=ga * (tail + m * slow.parts_s["fsdp"]), optimizer_s=optimizer,
         compute_s=ga * m * slow.parts_s["compute"], recompute_s=ga * m * slow.parts_s["recompute"],
         exposed_tp_s=ga * m * slow.parts_s["tp"], exposed_cp_s=ga * m * slow.parts_s["cp"])
+
+
+def stage_memory_phases(model: ModelSpec, cfg: TrainConfig, executor: ExecutorProfile, mt, modes: list[str],
+                        first: bool, last: bool, in_flight: float, rank: int = 0) -> dict[str, dict[str, float]]:
+    """Tensor bytes of one pp rank in each phase of a steady-state schedule step, by part.
+
+    What the runtime holds (traced op by op, tests/test_pipeline_trace.py): the rank's
+    sharded params and AdamW states; every unit's gathered params and its unsharded
+    gradient accumulated in the reduce dtype (no-sync: reduced once, after the schedule);
+    ``in_flight`` micro-batches' saved activations, the schedule's receive buffers (one per
+    micro-batch, each way) and the local batch's token ids. On top of that, one of:
+
+    - ``layer_backward``: a block's backward working set, with the w2 weight grad already
+      written (bf16), or the block's whole bf16 grads just before FSDP2's post-backward
+      adds them to the accumulated ones (no reduce-scatter input: no-sync); on the last
+      stage the output projection's bf16 grad is held too (its unit, the stage's FSDP
+      root, accumulates only after the stage's whole backward); the worst block of the
+      walk from the top (saved activations shrink, gathered blocks grow);
+    - ``loss`` (last stage): the final norm's and loss's tensors of one micro-batch; under
+      1F1B the stage's blocks are resharded then (its forward just ran), under GPipe not;
+    - ``norm_backward`` (last stage): the final norm's backward (its fp32 temporaries),
+      the output projection's grad written;
+    - ``embedding_backward`` (first stage): the dense [vocab, d] embedding grad in the
+      param dtype and its incoming grad, with the other in-flight micro-batches' saved
+      activations. Under TP DTensor writes that grad dense on every TP rank (pp = 1's
+      ``embedding_backward`` phase) and, with no reduce between micro-batches, FSDP2
+      accumulates it at that size: the first stage keeps a full-vocabulary accumulated
+      embedding grad instead of its vocab / tp rows;
+    - ``reduce`` (FSDP over > 1 rank): after the schedule each unit's accumulated grads
+      are copied into a reduce-scatter input and its output allocated (the root unit,
+      resharded by then, is the largest).
+    """
+    par, prec = cfg.parallelism, cfg.precision
+    tp, shards = par.tp, par.fsdp_degree
+    micro = micro_config(cfg)
+    tokens = micro.tokens_per_gpu
+    a = prec.activation_bytes
+    block = model.params_per_layer / tp
+    embed = model.embedding_params / tp
+    out = (model.output_params + model.dim) / tp
+    k = len(modes)
+    root = (embed if first else 0.0) + (out if last else 0.0)
+    stage_params = k * block + root
+    accumulated = stage_params * prec.grad_reduce_bytes
+    if first and tp > 1:
+        accumulated += (model.embedding_params - embed) * prec.grad_reduce_bytes
+    common = {
+        "params": stage_params / shards * prec.master_bytes,
+        "optimizer": stage_params / shards * prec.optimizer_state_bytes,
+        "fsdp_unsharded": stage_params * prec.param_bytes + accumulated,
+    }
+    ids = mt.input_bytes  # int64 ids and labels of one micro-batch
+    # PipelineStage allocates a receive buffer per micro-batch up front and keeps them
+    # (torch 2.13 stage.py, _setup_forward_recv_info / _setup_backward_recv_info): one for
+    # the activation into every stage but the first, one for the grad into every stage but
+    # the last. The local batch's ids and labels are alive all step.
+    n_stages = par.pp * cfg.pp_virtual_stages
+    receives = sum((s != 0) + (s != n_stages - 1) for s in range(rank, n_stages, par.pp))
+    buffers = receives * cfg.pp_microbatches * p2p_bytes(model, cfg) + cfg.pp_microbatches * ids
+    saved_one = sum(mt.layer.saved[mode] for mode in modes)  # one micro-batch, every chunk of the rank
+    saved = in_flight * saved_one
+    raw = layer_memory(model, micro, executor)
+    first_grads = model.dim * model.ffn_dim / tp * prec.param_bytes  # w2's weight grad
+    output_grad = model.output_params / tp * prec.param_bytes
+    # A micro-batch's backward walks the rank's blocks from the top. At block j the other
+    # in-flight micro-batches' activations are all saved, this one's up to block j. Under
+    # 1F1B a forward ran since the blocks' last backward and resharded them: block j and
+    # those above it (gathered by this backward, kept: reshard_after_backward=False) are
+    # gathered (the traces show no block prefetched below); under GPipe all stay gathered.
+    # Block j's own moment is the larger of its SwiGLU backward (all its saved tensors, the
+    # gradient temporaries, w2's weight grad) and its end (traced: the attention norm's
+    # backward with every weight grad of the block written in bf16, the block's other
+    # saved tensors freed, the RMSNorm backward's fp32 temporaries as for the final norm).
+    norm_in = a * tokens * model.dim / tp + FP32 * tokens / tp
+    phases: dict[str, dict[str, float]] = {}
+    best = -1.0
+    for j in range(k - 1, -1, -1):
+        mode = modes[j]
+        gathered = k if cfg.pp_schedule == "gpipe" else k - j
+        own = mt.layer.saved[mode]
+        moment = max(own + raw.working[mode] + first_grads,
+                     min(own, norm_in) + block * prec.param_bytes + mt.norm_backward_working_bytes)
+        phase = dict(common, fsdp_unsharded=(root + gathered * block) * prec.param_bytes + accumulated,
+                     activations=(in_flight - 1) * saved_one + sum(mt.layer.saved[m] for m in modes[:j]) + buffers,
+                     recompute_working=moment, logits_loss=output_grad if last else 0.0)
+        if sum(phase.values()) > best:
+            best, phases["layer_backward"] = sum(phase.values()), phase
+    if last:
+        # 1F1B / interleaved: the last stage's backward of a micro-batch follows its forward
+        # at once, and the forward resharded the stage's blocks (reshard_after_forward): the
+        # loss runs with only the root unit gathered. GPipe ran every forward first; from
+        # the second micro-batch's loss on, the blocks stay gathered since their backward.
+        resharded = 0.0
+        if cfg.pp_schedule != "gpipe":
+            resharded = len(stage_layers(model.n_layers, par.pp * cfg.pp_virtual_stages)[-1]) * block
+        loss_common = dict(common, fsdp_unsharded=common["fsdp_unsharded"] - resharded * prec.param_bytes)
+        phases["loss"] = dict(loss_common, activations=saved + buffers + mt.root_activation_bytes,
+                              recompute_working=0.0, logits_loss=mt.loss_logits_bytes)
+        if mt.norm_backward_working_bytes:
+            # The final norm's backward (pp = 1's norm_backward phase): its fp32 temporaries
+            # and incoming grad, with its saved input and the output projection's bf16 grad.
+            phases["norm_backward"] = dict(loss_common, activations=saved + buffers + mt.final_norm_saved_bytes,
+                                           recompute_working=mt.norm_backward_working_bytes,
+                                           logits_loss=output_grad)
+    if first:
+        incoming = a * tokens * model.dim  # the embedding output's grad (gathered over the sequence under TP)
+        dense = model.embedding_params * prec.param_bytes
+        phases["embedding_backward"] = dict(common, activations=max(0.0, in_flight - 1) * saved_one + buffers,
+                                            recompute_working=dense + incoming, logits_loss=0.0)
+    if shards > 1:
+        unit = max(root, block) * prec.grad_reduce_bytes * (1 + 1 / shards)
+        phases["reduce"] = dict(common, fsdp_unsharded=common["fsdp_unsharded"] - root * prec.param_bytes,
+                                activations=buffers, recompute_working=unit, logits_loss=0.0)
+    return phases
 
 
 def rank_counts_policy(n_layers: int, pp: int, virtual: int, counts: dict[str, int]) -> tuple[str, ...]:

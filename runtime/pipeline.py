@@ -139,13 +139,29 @@ def pipeline_loss_fn(last: Stage, tp: int, chunk_tokens: int | None, tokens: int
     return loss_fn
 
 
-def build_schedule(pipe: Pipeline, device: torch.device, loss_fn) -> None:
-    """PipelineStages on the pp group (shapes inferred on the first step) and the schedule."""
+def static_stage_args(pipe: Pipeline, microbatch: int, local_seq: int, tp: int, dtype: torch.dtype
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) examples of each of this rank's stages on the meta device, for
+    ``PipelineStage``'s static shapes: token ids ``[mb, S]`` into stage 0, hidden states
+    ``[mb, S / tp, d]`` (sequence-parallel under TP: the blocks' local output) between
+    stages, the final norm's output out of the last."""
+    d = pipe.stages[0].spec.dim
+    ids = torch.empty(microbatch, local_seq, dtype=torch.long, device="meta")
+    hidden = torch.empty(microbatch, local_seq // tp, d, dtype=dtype, device="meta", requires_grad=True)
+    return [(ids if i == 0 else hidden, hidden) for i in pipe.stage_ids]
+
+
+def build_schedule(pipe: Pipeline, device: torch.device, loss_fn,
+                   static_args: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """PipelineStages on the pp group and the schedule. Shapes are inferred on the first
+    step (P2P metadata exchange), or given by ``static_args`` (``static_stage_args``)."""
     scale_grads = pipe.scale_grads
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-    stages = [PipelineStage(module, i, pipe.n_stages, device, group=pipe.group)
-              for module, i in zip(pipe.stages, pipe.stage_ids)]
+    shapes = static_args or [(None, None)] * len(pipe.stages)
+    stages = [PipelineStage(module, i, pipe.n_stages, device, input_args=inputs, output_args=outputs,
+                            group=pipe.group)
+              for module, i, (inputs, outputs) in zip(pipe.stages, pipe.stage_ids, shapes)]
     try:
         if pipe.schedule_name == "interleaved-1f1b":
             pipe.schedule = ScheduleInterleaved1F1B(stages, n_microbatches=pipe.microbatches, loss_fn=loss_fn,
@@ -169,7 +185,10 @@ def forward_backward(pipe: Pipeline, inputs: torch.Tensor, labels: torch.Tensor,
     args = (inputs,) if pipe.has_first else ()
     extra = {"target": labels, "losses": losses} if pipe.has_last else {}
     assert pipe.schedule is not None, "build_schedule first"
-    pipe.schedule.step(*args, **extra)  # type: ignore[attr-defined]
+    # return_outputs=False: the losses are all we read; by default the last stage keeps every
+    # micro-batch's output (the final norm's, tokens x d each) until the next step and
+    # concatenates them at the end of this one (torch 2.13 schedules.py, output_chunks).
+    pipe.schedule.step(*args, return_outputs=False, **extra)  # type: ignore[attr-defined]
     total = torch.zeros((), device=inputs.device)
     for loss in losses:
         loss = loss.detach()

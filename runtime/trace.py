@@ -4,7 +4,8 @@ Recipe (shared/design.md): FakeTensorMode + the fake process group (``FakeStore`
 backend "fake") with the plan's world size, rank 0's view of the device mesh, the
 runtime's own model / parallelization / loss / optimizer, and FSDP2's memory tracker.
 Two steps run; the second's forward and backward (steady state: optimizer states
-allocated) are reported.
+allocated) are reported. Pipeline plans (pp > 1, CPU program): one pp rank runs the
+runtime's stages under PyTorch's schedule (``trace_pipeline_memory``).
 Parameters are kept in the plan's precision (bf16 compute, fp32 master), as on GPU.
 
 What is not the same as a GPU run: kernels' scratch space (cuBLAS / flash workspaces),
@@ -105,15 +106,19 @@ class TraceResult:
     peak_bytes: float
     categories: dict[str, float]
     components: dict[str, float]
+    peak_at: str = ""  # pp > 1: where the peak was reached (op, modules)
+    traced_rank: str = ""  # pp > 1: which pp rank was traced
 
 
-def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> TraceResult:
+def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu", pp_rank: int | None = None
+                      ) -> TraceResult:
     """Rank 0's forward + backward peak of the plan's second step, traced with fake tensors.
 
     ``device_type="cpu"``: the CPU program (CPU attention kernels; ring CP runs through the
     portable all-gather-K/V path). ``"cuda"``: the CUDA program on the fake CUDA device
     (``runtime/fake_cuda.py``, loaded before torch): the fused SDPA kernels' ops, FSDP2's
     bf16/fp32 mixed precision as on GPU, and PyTorch's own ring attention for ``ring-*``.
+    pp > 1: pp rank ``pp_rank``'s stages (default 0), CPU program only (``trace_pipeline_memory``).
     """
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -133,9 +138,11 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
 
     p = plan.parallelism
     if p.pp > 1:
-        from .mesh import LayoutError
-        raise LayoutError(f"parallelism.pp={p.pp}: memory tracing runs one whole model (pp = 1); pipeline "
-                          "stages are not traced yet")
+        if device_type != "cpu":
+            from .mesh import LayoutError
+            raise LayoutError(f"parallelism.pp={p.pp}: the CUDA program's trace runs one whole model (pp = 1); "
+                              "trace pipeline stages with the CPU program (--program cpu)")
+        return trace_pipeline_memory(plan, pp_rank=0 if pp_rank is None else pp_rank, steps=steps)
     world = p.world_size
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world)
     device = torch.device(device_type)
@@ -195,6 +202,168 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu") -> T
                 untracked.__exit__(None, None, None)
     finally:
         dist.destroy_process_group()
+    return _result(snapshot, device_type)
+
+
+def clear_dtensor_caches() -> None:
+    """Forget DTensor's cached sharding decisions (torch 2.13: the C++ dispatch fast path's
+    cache, ``ShardingPropagator``'s per-thread LRU caches, ``_gen_transform_infos``, the redistribute planners,
+    ``MeshTopoInfo.build_from_mesh``).
+
+    Their keys hold DeviceMeshes, which compare equal across process groups by layout;
+    their values hold the mesh they were computed with. A trace after another trace with
+    the same layout but another rank (a new fake group, other group names) would get
+    specs on the old meshes and fail on a group that no longer exists."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._collective_utils import MeshTopoInfo
+    from torch.distributed.tensor._redistribute import _gen_transform_infos, clear_redistribute_planner_cache
+
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache.cache_clear()
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    _gen_transform_infos.cache_clear()
+    clear_redistribute_planner_cache()
+    MeshTopoInfo.build_from_mesh.cache_clear()
+
+
+def _multi_root_tracker(tracker_class, roots: list, optimizer):
+    """An FSDP2 memory tracker over several FSDP roots, each run once per micro-batch.
+
+    A pp rank holds one FSDP root per stage (``v`` of them, interleaved), and the schedule
+    calls each once per micro-batch. ``FSDPMemTracker`` takes one root and raises when a
+    root's forward is entered again (it takes that for a second iteration, torch 2.13
+    fsdp2_mem_tracker.py, the wrapped ``FSDPState._pre_forward``). Its byte accounting is
+    per tensor (dispatch + weak references), not per module: the subclass below forgets a
+    root's per-module stats just before its forward (``enter_roots``; the peak is kept)
+    and instruments every root's FSDP modules.
+    """
+    from torch import nn
+
+    class PipelineTracker(tracker_class):
+        peak_at = ""  # the op (and modules running) where the peak was last raised
+        _func = None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._func = func
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _update_peak_stats(self, peak_state):
+            before = dict(self._peak_mem)
+            super()._update_peak_stats(peak_state)
+            if self._peak_mem != before:
+                where = sorted(m for m in self._mod_tracker.parents if m != "Global")
+                self.peak_at = (f"{'backward' if self._mod_tracker.is_bw else 'forward'} "
+                                f"{getattr(self._func, '__name__', self._func)} in {', '.join(where) or 'no module'}")
+
+        def enter_roots(self):
+            def forget(module, args):
+                if not self._mod_tracker.is_bw:
+                    self.memory_tracking.pop(module, None)
+            # prepend: ahead of the tracker's own wrapped FSDP pre-forward hook
+            return [root.register_forward_pre_hook(forget, prepend=True) for root in roots]
+
+    tracker = PipelineTracker(roots[0], optimizer)
+    tracker._root_mod = nn.ModuleList(roots)  # the modules to instrument: every stage's
+    return tracker
+
+
+def trace_pipeline_memory(plan: Plan, pp_rank: int = 0, steps: int = 2) -> TraceResult:
+    """pp rank ``pp_rank``'s forward + backward peak of the plan's second step (CPU program).
+
+    The rank runs the runtime's own stages (``runtime.pipeline``: split, per-stage
+    TP / CP / AC / FSDP2), PyTorch's schedule (GPipe / 1F1B / Interleaved1F1B) and the
+    pipeline loss, as global rank ``pp_rank x world / pp`` (pp is the mesh's outermost
+    dim; coordinate 0 on the others) of the fake process group. Two departures, both
+    forced by a process group that carries no data, neither changing what is allocated:
+
+    - The stages get their shapes up front (``PipelineStage(input_args=, output_args=)``,
+      ``runtime.pipeline.static_stage_args``) instead of exchanging them over P2P on the
+      first step (a fake ``recv_object_list`` returns nothing). The schedule then
+      allocates the same per-micro-batch receive buffers from the same metadata.
+    - The schedule's P2P warm-up vote (``_warmup_p2p``) is replaced by its outcome when
+      every rank gives static shapes: STATIC. The real vote multiplies 0/1 flags received
+      from the previous rank and reads the result with ``.item()``: under the fake group
+      the received flag is never written, and under fake tensors ``.item()`` has no value.
+
+    P2P sends and receives themselves run as the schedule issues them: the fake group
+    completes them at once and leaves the pre-allocated receive buffers as they are (a
+    fake tensor's bytes are its size, not its contents), so the buffers, the
+    activations saved per micro-batch and the order the schedule frees them in are the
+    real ones.
+    """
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.pipelining._utils import InferenceMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from . import pipeline as pp
+    from .mesh import LayoutError, ParallelDims, build_mesh
+    from .train import build_pipeline, build_training_state, local_tokens, loss_backward_context
+
+    p = plan.parallelism
+    if not 0 <= pp_rank < p.pp:
+        raise LayoutError(f"pp rank {pp_rank}: the plan has pp={p.pp} (ranks 0..{p.pp - 1})")
+    world = p.world_size
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world, p.pp)
+    device = torch.device("cpu")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    clear_dtensor_caches()
+    dist.init_process_group("fake", store=FakeStore(), rank=pp_rank * (world // p.pp), world_size=world)
+    try:
+        mesh = build_mesh(dims, "cpu", plan.mesh_order)
+        param_dtype = torch.bfloat16 if plan.precision.param_dtype == "bfloat16" else torch.float32
+        # Mesh and sharding metadata need real (tiny) tensors on CPU: build the stages outside
+        # fake mode, on the meta device; materialization and the steps run under it.
+        pipe, stages_model = build_pipeline(plan, mesh, dims, device, param_dtype=param_dtype)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake_mode:
+            state = build_training_state(plan, mesh, dims, device, materialize=False, param_dtype=param_dtype,
+                                         model=stages_model, pipeline=pipe, pp_static_shapes=True)
+
+            def warmup_outcome(stages, has_backward, p2p_done):
+                for stage in stages:
+                    stage._inference_mode = InferenceMode.STATIC
+
+            pipe.schedule._warmup_p2p = warmup_outcome  # type: ignore[attr-defined]
+            tracker = _multi_root_tracker(propagation_blind(FSDPMemTracker), pipe.stages, state.optimizer)
+            vocab = plan.model_spec().vocab_size
+            untracked = sharding_propagation_untracked()
+            untracked.__enter__()
+            tracker.__enter__()
+            handles = tracker.enter_roots()
+            try:
+                for step in range(steps):
+                    for _ in range(plan.grad_accum_steps):
+                        tokens = torch.randint(0, vocab, (plan.local_batch_size, plan.seq_len + 1))
+                        inputs, labels, positions = local_tokens(state, tokens[:, :-1], tokens[:, 1:])
+                        with loss_backward_context(dims):
+                            pp.forward_backward(pipe, inputs, labels, positions)
+                    if step == steps - 1:
+                        snapshot = tracker.get_tracker_snapshot("peak")
+                        break
+                    pp.clip_grad_norm_(pipe, state.model.parameters(), plan.optimizer.max_norm)
+                    state.optimizer.step()
+                    state.optimizer.zero_grad(set_to_none=True)
+                    if step == 0:
+                        tracker.reset_mod_stats()
+                        _reset_peak(tracker)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                tracker.__exit__(None, None, None)
+                untracked.__exit__(None, None, None)
+    finally:
+        dist.destroy_process_group()
+    result = _result(snapshot, "cpu")
+    result.peak_at = tracker.peak_at
+    result.traced_rank = f"pp rank {pp_rank} of {p.pp} (global rank {pp_rank * (world // p.pp)} of {world})"
+    return result
+
+
+def _result(snapshot, device_type: str) -> TraceResult:
     per_device = next((v for k, v in snapshot.items() if str(k).startswith(device_type)),
                       next(iter(snapshot.values())))
     categories = {getattr(k, "value", str(k)): float(v) for k, v in per_device.items() if k != "Total"}

@@ -74,8 +74,8 @@ def build_parallel_model(plan: Plan, mesh, dims: ParallelDims, device: torch.dev
     return model
 
 
-def build_pipeline(plan: Plan, mesh, dims: ParallelDims, device: torch.device, shard_over_cp: bool = True
-                   ) -> tuple[pp.Pipeline, pp.LocalStages]:
+def build_pipeline(plan: Plan, mesh, dims: ParallelDims, device: torch.device, shard_over_cp: bool = True,
+                   param_dtype: torch.dtype | None = None) -> tuple[pp.Pipeline, pp.LocalStages]:
     """This pp rank's stages on the meta device, each parallelized like a whole model."""
     if dims.cp > 1 and uses_native_cp(plan.cp_impl, device.type):
         raise LayoutError(f"cp_impl {plan.cp_impl!r} with pp > 1: the ring runs inside context_parallel() around "
@@ -85,7 +85,8 @@ def build_pipeline(plan: Plan, mesh, dims: ParallelDims, device: torch.device, s
         model = Transformer(spec)
     pipe = pp.split_model(model, mesh, dims, plan.pp_virtual_stages, plan.pp_schedule, plan.microbatches)
     layer_modes = plan.activation_checkpoint.layer_modes(spec.n_layers)
-    param_dtype = DTYPES[plan.precision.param_dtype] if device.type == "cuda" else torch.float32
+    if param_dtype is None:
+        param_dtype = DTYPES[plan.precision.param_dtype] if device.type == "cuda" else torch.float32
     reduce_dtype = DTYPES[plan.precision.reduce_dtype] if device.type == "cuda" else torch.float32
     for stage in pipe.stages:
         modes = tuple(layer_modes[int(name)] for name in stage.layers)
@@ -97,15 +98,19 @@ def build_pipeline(plan: Plan, mesh, dims: ParallelDims, device: torch.device, s
 def build_training_state(plan: Plan, mesh, dims: ParallelDims, device: torch.device, seed: int = 0,
                          materialize: bool = True, shard_over_cp: bool = True,
                          param_dtype: torch.dtype | None = None, model: Transformer | None = None,
-                         pp_schedule_scales_grads: bool = False) -> TrainingState:
+                         pp_schedule_scales_grads: bool = False, pp_static_shapes: bool = False,
+                         pipeline: pp.Pipeline | None = None) -> TrainingState:
     """Model built on meta, parallelized, then materialized shard by shard (+ AdamW).
 
     ``pp_schedule_scales_grads`` (pp > 1, negative control only): PyTorch's default loss
-    scaling, wrong under gradient accumulation (runtime/pipeline.py)."""
-    pipe = None
-    if dims.pp > 1:
-        pipe, model = build_pipeline(plan, mesh, dims, device, shard_over_cp)
-    elif model is None:
+    scaling, wrong under gradient accumulation (runtime/pipeline.py). ``pp_static_shapes``
+    (pp > 1): give the stages their shapes instead of exchanging them on the first step
+    (the fake process group's P2P carries no data; runtime/trace.py). ``pipeline`` and
+    ``model``: a pipeline already built by ``build_pipeline`` (its stages and LocalStages)."""
+    if dims.pp > 1 and pipeline is None:
+        pipeline, model = build_pipeline(plan, mesh, dims, device, shard_over_cp, param_dtype)
+    pipe = pipeline
+    if pipe is None and model is None:
         model = build_parallel_model(plan, mesh, dims, device, shard_over_cp, param_dtype)
     assert model is not None
     model.to_empty(device=device)
@@ -116,7 +121,12 @@ def build_training_state(plan: Plan, mesh, dims: ParallelDims, device: torch.dev
         tokens = plan.local_batch_size * plan.seq_len // dims.cp * plan.grad_accum_steps  # per rank and step
         loss_fn = pp.pipeline_loss_fn(pipe.stages[-1], dims.tp, plan.loss_chunk_tokens,
                                       tokens // pipe.microbatches if pipe.scale_grads else tokens)
-        pp.build_schedule(pipe, device, loss_fn)
+        static = None
+        if pp_static_shapes:
+            dtype = param_dtype or (DTYPES[plan.precision.param_dtype] if device.type == "cuda" else torch.float32)
+            static = pp.static_stage_args(pipe, plan.local_batch_size // pipe.microbatches, plan.seq_len // dims.cp,
+                                          dims.tp, dtype)
+        pp.build_schedule(pipe, device, loss_fn, static)
     opt = plan.optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas),
                                   weight_decay=opt.weight_decay, foreach=False)

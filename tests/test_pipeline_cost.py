@@ -127,7 +127,9 @@ def test_per_stage_memory_by_hand():
     each; final norm 64."""
     cfg = _cfg(Parallelism(dp_shard=2, pp=2), 256, 4, 2)
     est = estimate_step(SMALL, ClusterSpec(H100, 4), cfg)
-    first, last = (s.breakdown_bytes for s in est.pipeline.stages)
+    # The layer-backward phase (cost_models.pipeline.stage_memory_phases); the peak is the largest phase.
+    first, last = (s.phases["layer_backward"] for s in est.pipeline.stages)
+    assert all(s.tensor_bytes >= max(s.phase_tensor_bytes.values()) for s in est.pipeline.stages)
     block = 36_992
     stage0 = 2 * block + 65_536  # layers 0, 1 + embedding
     stage1 = 2 * block + 65_536 + 64  # layers 2, 3 + output + final norm
@@ -138,16 +140,21 @@ def test_per_stage_memory_by_hand():
     assert first["fsdp_unsharded"] == stage0 * (2 + 4)
     assert last["fsdp_unsharded"] == stage1 * (2 + 4)
     # Saved with full AC: each block's bf16 input, 512 x 64 x 2 = 65,536 bytes per micro-batch.
-    # Rank 0 holds 2 micro-batches (min(m, pp - 0)) x 2 layers, + their int64 ids and labels
-    # (2 x 8 x 512 each), + a receive buffer each way (512 x 64 x 2).
-    assert first["activations"] == 2 * 2 * 65_536 + 2 * 8192 + 2 * 65_536
-    # Rank 1 holds one micro-batch (min(2, 2 - 1)) and one micro-batch's ids.
-    assert last["activations"] == 1 * 2 * 65_536 + 8192 + 2 * 65_536
+    # Rank 0 holds 2 micro-batches (min(m, pp - 0)) x 2 layers; its worst block is block 0
+    # (every block gathered, above): the other micro-batch's 2 layers, block 0's own input
+    # (in its moment, recompute_working), + the local batch's int64 ids and labels (2 x 8 x 512
+    # per micro-batch), + a grad receive buffer per micro-batch (512 x 64 x 2).
+    assert first["activations"] == 1 * 2 * 65_536 + 2 * 8192 + 2 * 65_536
+    # Rank 1 holds one micro-batch (min(2, 2 - 1)): at block 0 nothing else; the ids and an
+    # activation receive buffer per micro-batch.
+    assert last["activations"] == 2 * 8192 + 2 * 65_536
     assert est.peak_memory_bytes == max(s.peak_bytes for s in est.pipeline.stages)
     assert est.stage_peak_bytes == tuple(s.peak_bytes for s in est.pipeline.stages)
     # GPipe keeps all m micro-batches on every rank: more activation memory on the last rank.
     gpipe = estimate_step(SMALL, ClusterSpec(H100, 4), replace(cfg, pp_schedule="gpipe"))
-    assert gpipe.pipeline.stages[1].breakdown_bytes["activations"] == 2 * 2 * 65_536 + 8192 + 2 * 65_536
+    # (its worst block is the top one, every block staying gathered: block 0's input is saved too)
+    assert gpipe.pipeline.stages[1].phases["layer_backward"]["activations"] == (1 * 2 * 65_536 + 65_536 + 2 * 8192
+                                                                                + 2 * 65_536)
 
 
 def test_pp_one_summary_and_breakdown_unchanged_keys():
