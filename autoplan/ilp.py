@@ -22,6 +22,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pulp
 
@@ -157,9 +158,14 @@ def price_pipeline(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executo
     usable = float(gpu.memory_bytes if capacity_bytes is None else capacity_bytes)
     k_max = max_rank_layers(model.n_layers, par.pp, cfg.pp_virtual_stages)
 
+    seen: dict[tuple, Any] = {}
+
     def evaluate(counts: dict[str, int]):
-        modes = rank_counts_policy(model.n_layers, par.pp, cfg.pp_virtual_stages, counts)
-        return estimate_pipeline(model, cluster, cfg, executor, modes)
+        key = tuple(sorted(counts.items()))
+        if key not in seen:
+            modes = rank_counts_policy(model.n_layers, par.pp, cfg.pp_virtual_stages, counts)
+            seen[key] = estimate_pipeline(model, cluster, cfg, executor, modes)
+        return seen[key]
 
     order = [m for m in AC_MODES[::-1] if m in allowed_modes]  # full, selective, none: decreasing recompute
     full = evaluate(_uniform(order[0], k_max))
@@ -167,6 +173,10 @@ def price_pipeline(model: ModelSpec, gpu: GPUSpec, candidate: Candidate, executo
     if full.peak_bytes <= usable:
         for a_index, heavy in enumerate(order):
             for light in order[a_index + 1:] or [heavy]:
+                # Every layer in ``light`` is the pair's fastest mix: when even that is not
+                # faster than the best found, the pair cannot win (no bisection needed).
+                if best is not None and evaluate(_uniform(light, k_max)).step_time_s >= best[0]:
+                    continue
                 low, high = 0, k_max  # n layers per rank in ``heavy`` (all heavy: checked after)
                 if heavy == light:
                     low = k_max

@@ -29,10 +29,10 @@ def add_memory_constraints(prob: pulp.LpProblem, p: PricedCandidate, x, n: dict,
     zero = 0
     nf, ns, nn = n.get("full", zero), n.get("selective", zero), n.get("none", zero)
     uf, us, un = u.get("full", zero), u.get("selective", zero), u.get("none", zero)
-    saved_all = A["full"] * nf + A["selective"] * ns + A["none"] * nn
     loss_base = (mt.static_bytes + mt.root_unsharded_bytes + mt.forward_block_bytes + mt.root_activation_bytes
                  + mt.loss_working_bytes) * gib
-    prob += loss_base * x + saved_all <= budget * x, f"mem_loss_{tag}"
+    _at_most(prob, [(x, loss_base - budget), (nf, A["full"]), (ns, A["selective"]), (nn, A["none"])], 0.0,
+             f"mem_loss_{tag}")
     base = (mt.static_bytes + mt.root_unsharded_bytes + mt.backward_block_bytes + mt.root_grad_bytes
             + mt.input_bytes) * gib
     big = max(0.0, base + L * (max(A.values()) + g) + max(W.values()) - budget)
@@ -77,31 +77,49 @@ def add_memory_constraints(prob: pulp.LpProblem, p: PricedCandidate, x, n: dict,
             prob += alone_bottom[m] <= u[m] - several
             for below in order[:i]:
                 prob += alone_bottom[m] <= 1 - u[below]
+    # Each constraint: sum(coefficient x variable) - big <= 0, where the big-M relaxation
+    # ``budget x + big (1 - u)`` is folded in (``u`` gains ``big``, ``x`` loses ``budget``).
+    bx = base - budget
     if "none" in n:
         if top_side["none"]:
-            prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * nn \
-                + (Wt["none"] + top_step["none"]) * un - save0 * alone_bottom["none"] \
-                <= budget * x + big * (1 - un), f"mem_none_top_{tag}"
+            _at_most(prob, [(x, bx), (nf, A["full"]), (ns, A["selective"]), (nn, A["none"]),
+                            (un, Wt["none"] + top_step["none"] + big), (alone_bottom["none"], -save0)], big,
+                     f"mem_none_top_{tag}")
         if bottom_side["none"]:
             for below in [u[m] for m in ("full", "selective") if m in u] or [zero]:
-                prob += base * x + A["full"] * nf + A["selective"] * ns + A["none"] * un + g * (nn - un) \
-                    + W["none"] * un - (save0 - bottom_step["none"]) * (un - below) - delta["none"] * alone_top["none"] \
-                    <= budget * x + big * (1 - un)
+                _at_most(prob, [(x, bx), (nf, A["full"]), (ns, A["selective"]), (nn, g),
+                                (un, A["none"] - g + W["none"] - (save0 - bottom_step["none"]) + big),
+                                (below, save0 - bottom_step["none"]), (alone_top["none"], -delta["none"])], big)
     if "selective" in n:
         if top_side["selective"]:
-            prob += base * x + A["full"] * nf + A["selective"] * ns + g * nn \
-                + (Wt["selective"] + top_step["selective"]) * us + (delta["selective"] - top_step["selective"]) * un \
-                - save0 * alone_bottom["selective"] <= budget * x + big * (1 - us), f"mem_sel_top_{tag}"
+            _at_most(prob, [(x, bx), (nf, A["full"]), (ns, A["selective"]), (nn, g),
+                            (us, Wt["selective"] + top_step["selective"] + big),
+                            (un, delta["selective"] - top_step["selective"]), (alone_bottom["selective"], -save0)],
+                     big, f"mem_sel_top_{tag}")
         if bottom_side["selective"]:
-            prob += base * x + A["full"] * nf + A["selective"] * us + g * (nn + ns - us) + W["selective"] * us \
-                - (save0 - bottom_step["selective"]) * (us - uf) - delta["selective"] * alone_top["selective"] \
-                <= budget * x + big * (1 - us), f"mem_sel_bottom_{tag}"
+            _at_most(prob, [(x, bx), (nf, A["full"]), (nn, g), (ns, g),
+                            (us, A["selective"] - g + W["selective"] - (save0 - bottom_step["selective"]) + big),
+                            (uf, save0 - bottom_step["selective"]), (alone_top["selective"], -delta["selective"])],
+                     big, f"mem_sel_bottom_{tag}")
     if "full" in n:
         if top_side["full"]:
             for above in [u[m] for m in ("none", "selective") if m in u] or [zero]:
-                prob += base * x + A["full"] * nf + g * (nn + ns) + (Wt["full"] + top_step["full"]) * uf \
-                    + (delta["full"] - top_step["full"]) * above - save0 * alone_bottom["full"] \
-                    <= budget * x + big * (1 - uf)
+                _at_most(prob, [(x, bx), (nf, A["full"]), (nn, g), (ns, g), (uf, Wt["full"] + top_step["full"] + big),
+                                (above, delta["full"] - top_step["full"]), (alone_bottom["full"], -save0)], big)
         if bottom_side["full"]:
-            prob += base * x + A["full"] * uf + g * (L * x - uf) + W["full"] * uf - (save0 - bottom_step["full"]) * uf \
-                - delta["full"] * alone_top["full"] <= budget * x + big * (1 - uf), f"mem_full_bottom_{tag}"
+            _at_most(prob, [(x, bx + g * L), (uf, A["full"] - g + W["full"] - (save0 - bottom_step["full"]) + big),
+                            (alone_top["full"], -delta["full"])], big, f"mem_full_bottom_{tag}")
+
+
+def _at_most(prob: pulp.LpProblem, terms: list, constant: float, name: str | None = None) -> None:
+    """Add ``sum(coefficient x variable) <= constant``; a term whose variable is the plain
+    number 0 (a mode not allowed) drops out. One affine expression built from a dict:
+    pulp's operator overloading builds a new expression per ``+`` (most of the ILP's
+    set-up time on large searches)."""
+    coefficients: dict = {}
+    for variable, coefficient in terms:
+        if isinstance(variable, (int, float)):
+            constant -= variable * coefficient
+            continue
+        coefficients[variable] = coefficients.get(variable, 0.0) + coefficient
+    prob.addConstraint(pulp.LpAffineExpression(coefficients) <= constant, name)

@@ -24,6 +24,7 @@ from cost_models.specs import ClusterSpec, GiB, GPUSpec, ModelSpec, SpecError
 from cost_models.step import StepEstimate, estimate_step
 
 from .caveats import IMPRACTICAL_STEP_S, MAX_SEQ_LEN, caveats
+from .errors import UsageError
 from .fix import check_conflicts
 from .ilp import Choice, PricedCandidate, choose, price
 from .longest import FitCheck, Longest, longest_fitting_seq
@@ -196,20 +197,37 @@ def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: d
         if bound <= factor * compute_only:
             return [], [], best  # not tried: its rejections would only add noise
     out = []
-    for c in candidates:
-        if _pipeline_static_bytes(request, c) > request.usable_bytes:
-            continue  # its stage-0 weights alone do not fit
-        if bound < float("inf") and _pipeline_lower_bound(request, c) >= bound:
-            continue
-        out.append(price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
-                         request.usable_bytes, None, allowed))
+    # Branch and bound: cheapest compute-only bound first, and every pipeline priced lowers
+    # the bar for the rest (a candidate that cannot beat the best found is not priced).
+    bounded = sorted((_pipeline_lower_bound(request, c), i, c) for i, c in enumerate(candidates)
+                     if _pipeline_static_bytes(request, c) <= request.usable_bytes)  # stage-0 weights fit
+    for lower, _, c in bounded:
+        if lower >= bound:
+            break
+        priced_pipeline = price(request.model, request.gpu, c, request.executor, request.gpus_per_node,
+                                request.usable_bytes, None, allowed)
+        out.append(priced_pipeline)
+        if priced_pipeline.pipeline is not None and priced_pipeline.pipeline.counts is not None:
+            bound = min(bound, priced_pipeline.seconds_per_token({}))
+    rejections = list(rejections)
+    if len(candidates) > len(bounded):
+        rejections.append(Rejection("pipeline (pp > 1)", PIPELINE_TOO_BIG, len(candidates) - len(bounded)))
+    if len(bounded) > len(out):
+        rejections.append(Rejection("pipeline (pp > 1)", PIPELINE_CANNOT_WIN, len(bounded) - len(out)))
     return out, rejections, best
+
+
+PIPELINE_TOO_BIG = "pp rank 0's weights, grads, optimizer state and saved activations alone exceed usable memory"
+PIPELINE_CANNOT_WIN = ("slower than the plan found even at its lower bound (bubble + compute + the least "
+                       "recompute pp rank 0 needs to fit)")
 
 
 def pipeline_fits(request: PlanRequest) -> bool:
     """Whether some pipeline (pp > 1) of the throughput planner's pipeline space fits
     ``request.num_gpus`` at ``request.target_seq_len``: ``make_plan`` with a pp > 1 layout
     filter finds a plan, without building the pp = 1 space (capacity scans many counts)."""
+    if request.target_seq_len is None:
+        raise UsageError("pipeline_fits: the request needs a target sequence length")
     allowed = request.allowed_modes()
     fixed = {k: v for k, v in request.fixed.items() if k not in ("ac", "seq_len")}
     candidates, _ = pipeline_candidates(request.model, request.gpu, request.num_gpus, request.target_seq_len,
@@ -225,46 +243,80 @@ def pipeline_fits(request: PlanRequest) -> bool:
 
 
 def _pipeline_static_bytes(request: PlanRequest, candidate: Candidate) -> float:
-    """Bytes pp rank 0 holds at least (a lower bound of its peak): its layers' and
-    embedding's gathered params + fp32 unsharded grads (FSDP2 under the schedule,
-    cost_models/pipeline.py), their sharded fp32 params + AdamW states, the CUDA context,
-    and the activations its in-flight micro-batches save in its layers with the AC mode
-    that saves least (full)."""
+    """Bytes pp rank 0 holds at least (a lower bound of its peak): its weights
+    (``_rank0_weight_bytes``) and the activations its in-flight micro-batches save in its
+    layers with the AC mode that saves least (full)."""
     from cost_models.pipeline import in_flight_microbatches, micro_config, rank_layers
 
     model, p = request.model, candidate.parallelism
     cfg = candidate.train_config()
-    prec = cfg.precision
+    k = len(rank_layers(model.n_layers, p.pp, candidate.pp_virtual_stages)[0])
+    saved = min(_saved_per_layer(model, micro_config(cfg), request.executor).values())
+    in_flight = in_flight_microbatches(cfg.pp_schedule, 0, p.pp, cfg.pp_microbatches, cfg.pp_virtual_stages)
+    return _rank0_weight_bytes(request, candidate) + in_flight * k * saved
+
+
+def _rank0_weight_bytes(request: PlanRequest, candidate: Candidate) -> float:
+    """pp rank 0's layers' and embedding's gathered params + fp32 unsharded grads (FSDP2
+    under the schedule, cost_models/pipeline.py), their sharded fp32 params + AdamW
+    states, and the CUDA context."""
+    from cost_models.pipeline import rank_layers
+
+    model, p = request.model, candidate.parallelism
+    prec = candidate.train_config().precision
     k = len(rank_layers(model.n_layers, p.pp, candidate.pp_virtual_stages)[0])
     params = (k * model.params_per_layer + model.embedding_params) / p.tp
-    saved = _least_saved_per_layer(model, micro_config(cfg), request.executor)
-    in_flight = in_flight_microbatches(cfg.pp_schedule, 0, p.pp, cfg.pp_microbatches, cfg.pp_virtual_stages)
     return (params * (prec.param_bytes + prec.grad_reduce_bytes)
             + params / p.fsdp_degree * (prec.master_bytes + prec.optimizer_state_bytes)
-            + request.executor.cuda_context_bytes + in_flight * k * saved)
+            + request.executor.cuda_context_bytes)
 
 
 @lru_cache(maxsize=4096)
-def _least_saved_per_layer(model: ModelSpec, micro: TrainConfig, executor: ExecutorProfile) -> float:
-    """Bytes one layer saves for one micro-batch under its leanest AC mode (micro-batch
-    configs repeat across schedules, micro-batch counts and pp degrees: cached)."""
-    from cost_models.memory import memory_terms
+def _saved_per_layer(model: ModelSpec, micro: TrainConfig, executor: ExecutorProfile) -> dict[str, float]:
+    """Bytes one layer saves for one micro-batch per AC mode (micro-batch configs repeat
+    across schedules, micro-batch counts and pp degrees: cached)."""
+    from cost_models.activations import layer_memory
+    from cost_models.executors import resolve_executor
 
-    return min(memory_terms(model, micro, executor).layer.saved.values())
+    return dict(layer_memory(model, micro, resolve_executor(executor)).saved)
 
 
 def _pipeline_lower_bound(request: PlanRequest, candidate: Candidate) -> float:
-    """Seconds per token a pipeline candidate cannot beat: its schedule slots x the compute
-    (no recompute, no communication) of its rank with the most layers."""
-    from cost_models.pipeline import max_rank_layers, micro_config, micro_layer_time, schedule_slots
+    """Seconds per token a pipeline candidate cannot beat: its schedule slots x the larger
+    of the compute (no recompute, no communication) of its rank with the most layers and
+    rank 0's compute + the least recompute that lets its activations fit next to its
+    weights. That recompute is the LP relaxation over AC mixes (``_lp_vertices``) with
+    only ``in_flight - 1`` micro-batches' saved activations and no working sets (rank 0's
+    peak phases hold at least that much); infinite when even that does not fit."""
+    from cost_models.pipeline import (
+        in_flight_microbatches,
+        max_rank_layers,
+        micro_config,
+        micro_layer_time,
+        rank_layers,
+        schedule_slots,
+    )
+
+    from .ilp import _lp_vertices
 
     cfg = candidate.train_config()
     par = cfg.parallelism
+    micro = micro_config(cfg)
     cluster = ClusterSpec(request.gpu, candidate.num_gpus, request.gpus_per_node)
-    layer = micro_layer_time(request.model, cluster, micro_config(cfg), request.executor)
+    layer = micro_layer_time(request.model, cluster, micro, request.executor)
+    per_layer = layer.forward_s + layer.backward_s
     k = max_rank_layers(request.model.n_layers, par.pp, cfg.pp_virtual_stages)
-    step = cfg.grad_accum_steps * schedule_slots(par.pp, cfg.pp_microbatches, cfg.pp_virtual_stages) \
-        * k * (layer.forward_s + layer.backward_s)
+    k0 = len(rank_layers(request.model.n_layers, par.pp, cfg.pp_virtual_stages)[0])
+    in_flight = in_flight_microbatches(cfg.pp_schedule, 0, par.pp, cfg.pp_microbatches, cfg.pp_virtual_stages)
+    saved = {m: max(0.0, in_flight - 1) * v for m, v in _saved_per_layer(request.model, micro, request.executor).items()}
+    allowed = request.allowed_modes()
+    order = [m for m in AC_MODES if m in allowed]  # increasing recompute
+    recompute, _ = _lp_vertices(k0, request.usable_bytes - _rank0_weight_bytes(request, candidate), saved,
+                                layer.recompute_s, order)
+    if recompute is None:
+        return float("inf")
+    microbatch_s = max(k * per_layer, k0 * per_layer + recompute)
+    step = cfg.grad_accum_steps * schedule_slots(par.pp, cfg.pp_microbatches, cfg.pp_virtual_stages) * microbatch_s
     return step / (cfg.seq_len * cfg.local_batch_size * cfg.grad_accum_steps / (par.cp * par.tp * par.pp))
 
 
@@ -309,7 +361,7 @@ def make_plan(request: PlanRequest) -> PlanResult:
     plan = _to_plan(request, chosen.candidate, choice.counts, estimate, alternatives, ties, rejections, objective)
     capped = bool(longest and longest.capped)
     plan.explanation[1:1] = caveats(estimate, capped)
-    plan.explanation += _pipeline_lines(priced, chosen)
+    plan.explanation += _pipeline_lines(priced, chosen, rejections)
     return PlanResult(plan, estimate, alternatives, rejections, plan.explanation, objective, len(priced),
                       choice.proven_optimal, capped, estimate.step_time_s > IMPRACTICAL_STEP_S)
 
@@ -517,11 +569,18 @@ def _to_plan(request: PlanRequest, cand: Candidate, counts: dict[str, int], esti
     )
 
 
-def _pipeline_lines(priced: list[PricedCandidate], chosen: PricedCandidate) -> list[str]:
-    """What pipeline parallelism would do, when pipelines were priced and another plan won."""
+def _pipeline_lines(priced: list[PricedCandidate], chosen: PricedCandidate,
+                    rejections: list[Rejection] = ()) -> list[str]:  # type: ignore[assignment]
+    """What pipeline parallelism would do, when pipelines were considered and another plan won."""
     pipelines = [p for p in priced if p.pipeline is not None]
-    if not pipelines or chosen.pipeline is not None:
+    if chosen.pipeline is not None:
         return []
+    if not pipelines:
+        ruled_out = {r.reason: r.count for r in rejections if r.what == "pipeline (pp > 1)"}
+        if not ruled_out:
+            return []
+        return [f"pipelines (pp > 1): none of {sum(ruled_out.values()):,} priced, all ruled out before pricing "
+                "(the pipeline rejections above)"]
     fitting = [p for p in pipelines if p.pipeline is not None and p.pipeline.counts is not None]
     degrees = sorted({p.candidate.parallelism.pp for p in pipelines})
     line = f"pipelines (pp {', '.join(map(str, degrees))}): {len(fitting)} of {len(pipelines)} priced fit"

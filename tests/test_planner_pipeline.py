@@ -142,12 +142,55 @@ def test_explanation_names_the_bubble_and_the_plan_runs():
     assert cfg.parallelism.pp == 4 and cfg.pp_microbatches == 8
 
 
-def test_405b_on_16k_gpus_prices_pipelines():
-    """The 405B / 16,384-GPU case prices pipelines and says how the best one did."""
+def test_405b_on_16k_gpus_considers_pipelines():
+    """The 405B / 16,384-GPU case considers pipelines and says what became of them: each is
+    ruled out before pricing (rank 0 cannot hold its own weights and activations, or its
+    lower bound is slower than the plan found), counted in the rejections."""
     result = make_plan(PlanRequest(model=MODEL_PRESETS["llama3.1-405b"], gpu=H100, num_gpus=16384,
                                    target_seq_len=131072, top_k=1))
+    assert result.plan.parallelism.pp == 1
     line = next(line for line in result.explanation if line.startswith("pipelines (pp "))
-    assert "16" in line.split(")")[0] and "priced fit; the fastest" in line and "bubble" in line
+    ruled_out = [r for r in result.rejections if r.what == "pipeline (pp > 1)"]
+    assert ruled_out and f"none of {sum(r.count for r in ruled_out):,} priced" in line
+    pinned = make_plan(PlanRequest(model=MODEL_PRESETS["llama3.1-405b"], gpu=H100, num_gpus=16384,
+                                   target_seq_len=131072, top_k=0, fixed={"tp": 8, "cp": 16, "pp": 16}))
+    assert pinned.estimate.tokens_per_second_per_gpu < result.estimate.tokens_per_second_per_gpu
+
+
+@pytest.mark.parametrize("model, gpus, seq", [(SHAPES[0], 16, 16384), (SHAPES[1], 16, 4096),
+                                              (MODEL_PRESETS["llama3-70b"], 64, 16384)])
+def test_pipeline_lower_bound_never_beats_the_best_mix(model, gpus, seq):
+    """The planner does not price a pipeline whose lower bound is slower than the plan it
+    has: that bound must not exceed the candidate's best per-rank AC mix (every two-mode
+    mix, priced by estimate_step), and must be infinite only where no mix fits."""
+    from autoplan.planner import _pipeline_lower_bound
+    from autoplan.search import pipeline_candidates
+
+    full = ACPolicy.uniform("full", model.n_layers)
+    probe = estimate_step(model, ClusterSpec(H100, gpus),
+                          TrainConfig(Parallelism(dp_shard=gpus // 2, pp=2), seq, 4, 1, full, "none",
+                                      pp_schedule="1f1b", pp_microbatches=4, pp_virtual_stages=1))
+    request = PlanRequest(model=model, gpu=H100, num_gpus=gpus, target_seq_len=seq,
+                          memory_capacity_bytes=probe.peak_memory_bytes * 1.3)
+    candidates, _ = pipeline_candidates(model, H100, gpus, seq, None, {}, None)
+    checked = 0
+    for c in candidates[::max(1, len(candidates) // 12)]:
+        cfg = c.train_config()
+        par = cfg.parallelism
+        k = max(len(r) for r in _rank_layers(model.n_layers, par.pp, cfg.pp_virtual_stages))
+        best = None
+        for heavy, light, n in {(a, b, n) for i, a in enumerate(ORDER) for b in ORDER[i + 1:] for n in range(k + 1)}:
+            trial = replace(cfg, ac=_policy(model.n_layers, par.pp, cfg.pp_virtual_stages, heavy, light, n))
+            est = estimate_step(model, ClusterSpec(H100, gpus), trial)
+            if est.peak_memory_bytes <= request.usable_bytes:
+                score = est.step_time_s / (seq * cfg.local_batch_size / (par.cp * par.tp * par.pp))
+                best = score if best is None else min(best, score)
+        lower = _pipeline_lower_bound(request, c)
+        if best is None:
+            continue
+        assert lower <= best * (1 + 1e-9), (c.describe(), lower, best)
+        checked += 1
+    assert checked >= 3
 
 
 def test_cost_command_prices_a_pipeline(capsys):
