@@ -146,20 +146,24 @@ class MemoryTerms:
             self.static_bytes + self.embedding_backward_grad_bytes + self.embedding_backward_unsharded_bytes
             + self.input_bytes + self.embedding_backward_working_bytes,
         ]
-        base = self.static_bytes + self.root_unsharded_bytes + self.root_grad_bytes + self.input_bytes
+        base = (self.static_bytes + self.root_unsharded_bytes + self.root_grad_bytes + self.input_bytes
+                + self.backward_block_bytes)
         top = self.n_layers - 1
+        save0 = self.first_layer_block_saving_bytes
+        top_working = self.top_layer_working or self.layer.working
         below = 0.0  # saved activations of the runs below this one
         first = 0
         for mode, count in (("full", n_full), ("selective", n_selective), ("none", n_none)):
-            if count:
-                last = first + count - 1
-                saved = A[mode]
-                # Linear inside a run; block 0 and the top block differ from their neighbours.
-                for index in {first, min(first + 1, last), max(last - 1, first), last}:
-                    peaks.append(base + self._blocks_at(index) + below + saved * (index - first + 1)
-                                 + g * (top - index) + self._working_at(index, mode))
-                below += saved * count
-                first += count
+            if not count:
+                continue
+            last = first + count - 1
+            saved, working = A[mode], self.layer.working[mode]
+            # Linear inside a run; block 0 and the top block differ from their neighbours.
+            for index in (first, first + 1, last - 1, last) if count > 3 else range(first, last + 1):
+                peaks.append(base + below + saved * (index - first + 1) + g * (top - index)
+                             + (top_working[mode] if index == top else working) - (save0 if index == 0 else 0.0))
+            below += saved * count
+            first += count
         return max(peaks)
 
     def reserved_phase_bytes(self, layer_modes: tuple[str, ...]) -> dict[str, float]:
