@@ -55,3 +55,13 @@ def run_plan(plan_path: Path, nproc: int, steps: int, tmp: Path, extra=(), timeo
     if metrics.exists():
         losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     return result.returncode, losses, result.stderr
+
+
+def failure_text(stderr: str, keep: int = 40) -> str:
+    """What a failed torchrun launch said, for an assertion message: the workers' own error
+    lines (an abort's "terminate called ..." comes before torchrun's long summary, which a
+    plain tail cuts off), then the tail."""
+    lines = stderr.splitlines()
+    marks = ("terminate", "Error", "error:", "Abort", "abort", "Traceback", "Signal")
+    own = [line for line in lines if any(mark in line for mark in marks)][:keep]
+    return "\n".join(own) + "\n...\n" + stderr[-1500:]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from runtime.context_parallel import chunked_causal_attention, head_tail_chunks, reorder_gathered, shard_sequence
 from runtime.data import DataError, TokenSource
 from runtime.model import RMSNormFunction
-from runtime_helpers import free_port, run_plan, write_plan
+from runtime_helpers import failure_text, free_port, run_plan, write_plan
 
 
 @pytest.mark.parametrize("cp", [2, 4])
@@ -71,13 +71,13 @@ def test_token_file_and_too_short_file(tmp_path):
 def test_resume_continues_bit_for_bit(tmp_path):
     plan = write_plan(tmp_path / "plan.yaml", {"dp_shard": 2}, local_batch_size=2)
     code, straight, err = run_plan(plan, 2, 10, tmp_path)
-    assert code == 0, err[-2000:]
+    assert code == 0, failure_text(err)
     ckpt = tmp_path / "ckpt"
     code, first, err = run_plan(plan, 2, 5, tmp_path, extra=["--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"])
-    assert code == 0, err[-2000:]
+    assert code == 0, failure_text(err)
     assert (ckpt / "step-5" / "COMPLETE").exists()
     code, second, err = run_plan(plan, 2, 10, tmp_path, extra=["--checkpoint-dir", str(ckpt), "--resume"])
-    assert code == 0, err[-2000:]
+    assert code == 0, failure_text(err)
     assert first + second == straight  # exact equality, not approximately
 
 
