@@ -1,12 +1,13 @@
 """Mutation testing as a standing habit: how many small, plausible bugs the suite catches.
 
-    python benchmarks/mutation.py [--group cost_models|planner|runtime ...] [--jobs 2]
+    python benchmarks/mutation.py [--group runtime|memory_core|rules_search|step_core|cost_core ...] [--jobs 1]
 
 Runs mutmut (a kept library; ``pip install mutmut``) on a throw-away copy of the tree, one
 group of modules at a time against the tests that cover them, and prints per group the
 mutation score (killed / total) and every surviving mutant's name. ``mutmut show NAME``
-in the printed work folder shows a survivor's diff. Not part of CI: a full run takes
-tens of minutes on two cores.
+in the printed work folder shows a survivor's diff. Not part of CI: each fast group takes
+about 20 minutes with one worker; the whole-package groups (cost_models, planner) hours.
+benchmarks/mutation_results.md records the last scores and what each survivor is.
 
 A survivor is either a missing test (write one that fails on it) or an equivalent mutant
 (a change no input can observe, e.g. ``max(a, 0.0)`` -> ``max(a, 1e-300)`` on positive
@@ -26,20 +27,58 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Each group pairs a few modules with the FAST tests that exercise them (mutmut 3 runs,
+# per mutant, only the listed tests that cover the mutated function), so one group runs in
+# about 20 minutes with one worker. `cost_models` and `planner` are the old whole-package
+# groups: their lists include slow brute-force and published-run tests (hours).
+_UNITS = "tests/test_runtime_units.py::"
+_SLOW_HF = "tests/test_hf_config.py::test_qkv_biases_train_under_tensor_parallel_like_one_process"  # 10 s, torch
 GROUPS = {
-    # The FLOP and collective formulas with their fast hand-derived tests: a group small
-    # enough to run in ~20 minutes on two cores (the whole cost_models group runs every
-    # memory and published-run test per mutant: hours).
+    # The FLOP and collective formulas with their fast hand-derived tests.
     "cost_core": {
         "sources": ["cost_models/flops.py", "cost_models/comm.py"],
         "tests": ["tests/test_cost_models.py", "tests/test_comm.py", "tests/test_seeded_cost.py",
                   "tests/test_step_time.py", "tests/test_flops_comm_by_hand.py"],
     },
+    # Activation, allocator and kernel memory with the phase walk it is checked against.
+    "memory_core": {
+        "sources": ["cost_models/activations.py", "cost_models/allocator.py", "cost_models/memory.py",
+                    "cost_models/kernels.py"],
+        "tests": ["tests/test_memory_phases.py", "tests/test_memory_ring.py", "tests/test_memory_allocator.py",
+                  "tests/test_cost_models.py", "tests/test_seeded_cost.py", "tests/test_cost_properties.py",
+                  "tests/test_torchtitan_profile.py", "tests/test_ilp_memory.py", "tests/test_ilp_memory_binding.py",
+                  "tests/test_step_time.py", "tests/test_memory_by_hand.py"],
+    },
+    # Step time, executor profiles, hardware/model specs.
+    "step_core": {
+        "sources": ["cost_models/step.py", "cost_models/executors.py", "cost_models/specs.py",
+                    "cost_models/models.py"],
+        "tests": ["tests/test_cost_models.py", "tests/test_step_time.py", "tests/test_seeded_cost.py",
+                  "tests/test_cost_properties.py", "tests/test_flops_comm_by_hand.py", "tests/test_memory_phases.py",
+                  "tests/test_hf_config.py", "tests/test_step_by_hand.py", "--deselect", _SLOW_HF],
+    },
+    # Layout rules, the search, --fix suggestions and unit parsing.
+    "rules_search": {
+        "sources": ["cost_models/rules.py", "autoplan/search.py", "autoplan/fix.py", "autoplan/units.py"],
+        "tests": ["tests/test_units.py", "tests/test_fix.py", "tests/test_planner_bruteforce.py",
+                  "tests/test_alternatives.py", "tests/test_seeded_cost.py", "tests/test_ilp_memory.py",
+                  "tests/test_rules_search_by_hand.py"],
+    },
+    # The runtime's pure pieces, in process (the torchrun tests import the tree they run
+    # in, not mutmut's copy, and take seconds each).
+    "runtime": {
+        "sources": ["runtime/context_parallel.py", "runtime/metrics.py", "runtime/data.py"],
+        "tests": ["tests/test_runtime_metrics_by_hand.py", "tests/test_context_parallel_by_hand.py",
+                  "tests/test_runtime_data.py", "tests/test_seeded_runtime.py",
+                  _UNITS + "test_portable_cp_attention_is_exact_in_fp64",
+                  _UNITS + "test_gathered_chunks_reorder_to_the_sequence",
+                  _UNITS + "test_token_file_and_too_short_file"],
+    },
     "cost_models": {
         "sources": ["cost_models/"],
         "tests": ["tests/test_cost_models.py", "tests/test_cost_properties.py", "tests/test_memory_phases.py",
                   "tests/test_step_time.py", "tests/test_comm.py", "tests/test_published_runs.py",
-                  "tests/test_memory_model.py", "tests/test_memory_ring.py", "tests/test_torchtitan_profile.py",
+                  "tests/test_memory_ring.py", "tests/test_torchtitan_profile.py",
                   "tests/test_planner_reference.py", "tests/test_ilp_memory.py",
                   "tests/test_seeded_cost.py", "tests/test_memory_allocator.py", "tests/test_hf_config.py"],
     },
@@ -51,12 +90,8 @@ GROUPS = {
                   "tests/test_ilp_objective_accum.py", "tests/test_ilp_memory_binding.py", "tests/test_longest.py",
                   "tests/test_cli_conflicts.py"],
     },
-    "runtime": {
-        "sources": ["runtime/context_parallel.py", "runtime/metrics.py", "runtime/data.py"],
-        "tests": ["tests/test_runtime_units.py", "tests/test_seeded_runtime.py", "tests/test_runtime_inputs.py",
-                  "tests/test_runtime_data.py"],
-    },
 }
+FAST_GROUPS = ["runtime", "memory_core", "rules_search", "step_core", "cost_core"]
 
 
 def _copy_tree(work: Path) -> None:
@@ -71,7 +106,9 @@ def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
     group = GROUPS[name]
     work = Path(tempfile.mkdtemp(prefix=f"autoplan-mutation-{name}-"))
     _copy_tree(work)
-    tests = [t for t in group["tests"] if (work / t).exists()]
+    # Test files (or node ids, file::test) that exist in this tree, and pytest options.
+    tests = [t for t in group["tests"] if t.startswith("-") or not t.startswith("tests/")
+             or (work / t.split("::")[0]).exists()]
     config = ("\n[tool.mutmut]\n"
               f"source_paths = {group['sources']!r}\n"
               f"pytest_add_cli_args_test_selection = {tests!r}\n"
@@ -100,14 +137,15 @@ def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--group", action="append", choices=list(GROUPS), help="default: every group")
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--group", action="append", choices=list(GROUPS),
+                        help=f"default: the fast groups ({', '.join(FAST_GROUPS)})")
+    parser.add_argument("--jobs", type=int, default=1, help="mutmut workers (default 1)")
     args = parser.parse_args()
     if shutil.which("mutmut") is None and subprocess.run([sys.executable, "-m", "mutmut", "--help"],
                                                          capture_output=True).returncode != 0:
         print("mutation testing needs mutmut: pip install mutmut", file=sys.stderr)
         return 2
-    for name in args.group or list(GROUPS):
+    for name in args.group or FAST_GROUPS:
         _, _, survivors, _ = run_group(name, args.jobs)
         for mutant in survivors:
             print(f"  survived {mutant}")
