@@ -128,10 +128,15 @@ def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
     if statuses and all(s == "not checked" for s in statuses.values()):
         tail = log.read_text(errors="replace")[-600:]
         print(f"{name}: mutmut checked none of {total} mutants; see {log}:\n{tail}", flush=True)
-    killed = sum(1 for s in statuses.values() if s in ("killed", "timeout"))
+    # A mutant that crashes the test process (mutmut's "suspicious": a signal such as the
+    # SIGFPE of the CPU flash kernel on an out-of-range slice, or "segfault") is caught.
+    crashed = sum(1 for s in statuses.values() if s in ("suspicious", "segfault"))
+    killed = crashed + sum(1 for s in statuses.values() if s in ("killed", "timeout"))
     survivors = sorted(m for m, s in statuses.items() if s == "survived")
-    print(f"{name}: {killed} killed of {total} mutants ({killed / max(total, 1):.0%}), "
-          f"{len(survivors)} survived, {time.perf_counter() - began:.0f} s; work folder {work}", flush=True)
+    untested = sum(1 for s in statuses.values() if s == "no tests")
+    print(f"{name}: {killed} killed of {total} mutants ({killed / max(total, 1):.0%}; {crashed} of them by a crash), "
+          f"{len(survivors)} survived, {untested} not covered by any listed test, "
+          f"{time.perf_counter() - began:.0f} s; work folder {work}", flush=True)
     return killed, total, survivors, work
 
 

@@ -74,6 +74,23 @@ def test_lower_right_form_equals_full_causal_attention(cp):
     assert (out - CP.shard_sequence(_reference(q4, k4, v4), 0, 2, dim=2)).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("cp, seq", [(1, 4), (2, 4)])
+def test_lower_right_form_gqa_when_sizes_coincide(cp, seq):
+    # 4 query heads on 2 K/V heads where the sequence (4) equals the query heads, and
+    # where the local tokens (2) equal the K/V heads: GQA must follow the head counts.
+    q, k, v = _qkv(11, heads=4, kv_heads=2, seq=seq)
+    reference = _reference(q, k, v)
+    for rank in range(cp):
+        out = CP.chunked_attention_lower_right(CP.shard_sequence(q, rank, cp, dim=2), k, v, CP.head_tail_chunks(rank, cp))
+        assert (out - CP.shard_sequence(reference, rank, cp, dim=2)).abs().max() < 1e-12
+
+
+def test_output_buffers_are_on_the_inputs_device():
+    # the fake (meta) form traces shapes: its buffers must stay on the query's device
+    out, lse = CP._cp_attention_empty(torch.empty(2, 3, 8, 4, device="meta"))
+    assert out.device.type == "meta" and lse.device.type == "meta"
+
+
 class _Mesh:
     group = object()
 
@@ -104,3 +121,28 @@ def test_allgather_kv_attention_end_to_end_with_a_stand_in_gather(monkeypatch):
         out = attention(*local)
         assert (out - CP.shard_sequence(reference, rank, cp, dim=2)).abs().max() < 1e-12
     assert calls == [(2, _Mesh.group, True)] * (2 * cp)
+
+
+class _LooksCuda(torch.Tensor):
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_allgather_kv_attention_takes_the_lower_right_form_on_cuda(monkeypatch):
+    cp, rank = 2, 1
+    q, k, v = _qkv(6, heads=4, kv_heads=2, seq=4 * cp)
+    monkeypatch.setattr(funcol, "all_gather_single_autograd", lambda x, gather_dim, group: torch.cat(
+        [CP.shard_sequence(t, r, cp, dim=2) for t in (k, v) if any(
+            torch.equal(x, CP.shard_sequence(t, s, cp, dim=2)) for s in range(cp)) for r in range(cp)], dim=gather_dim))
+    seen = []
+    lower_right = CP.chunked_attention_lower_right
+
+    def spy(*args):
+        seen.append(args[3])
+        return lower_right(*(a.as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a for a in args))
+    monkeypatch.setattr(CP, "chunked_attention_lower_right", spy)
+    local = [CP.shard_sequence(t, rank, cp, dim=2) for t in (q, k, v)]
+    out = CP.AllGatherKVAttention(_Mesh(), rank, cp)(local[0].as_subclass(_LooksCuda), local[1], local[2])
+    assert seen == [(1, 2)]
+    assert (out - CP.shard_sequence(_reference(q, k, v), rank, cp, dim=2)).abs().max() < 1e-12

@@ -132,11 +132,36 @@ def test_step_metrics_without_write_touch_no_file_and_print_nothing(tmp_path, ca
     assert path.read_text() == '{"step": 7}\n' and log.file is None
     assert capsys.readouterr().out == ""
     assert log.records[0]["tokens_per_second_per_gpu"] == 128 / 4 / 2.0
-    # A writer without a path writes nothing either; with log_every=0 it prints nothing.
-    silent = M.StepMetrics(plan, torch.device("cpu"), 4, None, write=True, log_every=0)
+    # A writer without a path writes nothing either; by default it prints nothing.
+    silent = M.StepMetrics(plan, torch.device("cpu"), 4, None, write=True)
     silent.record(1, {"loss": 1.0, "lr": 0.0, "grad_norm": 0.0}, step_time_s=2.0)
     silent.close()
     assert silent.file is None and capsys.readouterr().out == ""
+
+
+def test_a_fresh_run_starts_the_metrics_file_over(tmp_path):
+    plan = _plan(tmp_path)
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')  # left by an earlier run
+    M.StepMetrics(plan, torch.device("cpu"), 4, str(path), write=True).close()  # start_step defaults to 0
+    assert path.read_text() == ""
+
+
+def test_progress_lines_are_flushed_as_printed(tmp_path, monkeypatch):
+    events = []
+
+    class Stdout:  # torchrun pipes stdout: an unflushed line would show up only at exit
+        def write(self, text):
+            events.append(("write", text))
+
+        def flush(self):
+            events.append(("flush",))
+    plan = _plan(tmp_path)
+    log = M.StepMetrics(plan, torch.device("cpu"), 4, None, write=True, log_every=1)
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    log.record(1, {"loss": 1.0, "lr": 0.0, "grad_norm": 0.0, "peak_memory_bytes": None}, step_time_s=2.0)
+    monkeypatch.undo()
+    assert events[-1] == ("flush",) and events[0][1].startswith("step 1  loss 1.0000")
 
 
 def test_step_metrics_on_cuda_reads_allocated_and_reserved_peaks(tmp_path, monkeypatch):
@@ -166,7 +191,7 @@ def test_progress_line_on_gpu_is_exact():
 
 
 def test_progress_line_on_cpu_reports_the_process_rss(monkeypatch):
-    asked, sizes = [], [3 * 2**19, 3 * 2**29]  # 1.5 GiB as KiB (Linux), then as bytes (macOS)
+    asked, sizes = [], [20 * 2**20, 3 * 2**29]  # 20 GiB as KiB (Linux), then 1.5 GiB as bytes (macOS)
 
     def usage(who):
         asked.append(who)
@@ -174,7 +199,7 @@ def test_progress_line_on_cpu_reports_the_process_rss(monkeypatch):
     monkeypatch.setattr(resource, "getrusage", usage)
     metrics = {"step": 3, "loss": 0.5, "tokens_per_second_per_gpu": 999.5, "peak_memory_bytes": None}
     monkeypatch.setattr(sys, "platform", "linux")
-    assert M.progress_line(metrics, 4) == "step 3/4  loss 0.5000  tokens/s/GPU 1,000  memory 1.50 GiB (process RSS)"
+    assert M.progress_line(metrics, 4) == "step 3/4  loss 0.5000  tokens/s/GPU 1,000  memory 20.00 GiB (process RSS)"
     monkeypatch.setattr(sys, "platform", "darwin")
     assert M.progress_line(metrics, 4) == "step 3/4  loss 0.5000  tokens/s/GPU 1,000  memory 1.50 GiB (process RSS)"
     assert asked == [resource.RUSAGE_SELF] * 2
