@@ -1,0 +1,185 @@
+"""The memory model's closed form against its phase walk on made-up terms (every
+candidate phase gets to be the largest), the loss's allocator request sequence and the
+kernel cost helpers (GEMM, loss traffic, attention keys and backend, optimizer), by
+hand-derived numbers."""
+
+import random
+
+import pytest
+
+from cost_models.activations import LayerMemory, torchtitan_layer_sac_modes
+from cost_models.allocator import loss_allocation_events
+from cost_models.config import ACPolicy, Parallelism, TrainConfig
+from cost_models.executors import resolve_executor
+from cost_models.kernels import (
+    attention_backend_for,
+    attention_keys_per_call,
+    gemm_time_s,
+    loss_elementwise_bytes_per_token,
+    optimizer_time_s,
+    parameter_tensors,
+)
+from cost_models.memory import MemoryTerms, estimate_memory, memory_terms, predict_reserved_peak_bytes
+from cost_models.models import ModelSpec
+from cost_models.specs import GPU_PRESETS, MODEL_PRESETS
+
+L8B = MODEL_PRESETS["llama3-8b"]
+MODES = ("full", "selective", "none")
+
+
+def _terms(rng: random.Random, n_layers: int) -> MemoryTerms:
+    def draw():
+        return rng.choice([0, rng.randint(1, 10), rng.randint(1, 1000)])
+    logits, stranded = draw(), draw()
+    return MemoryTerms(
+        static_bytes=draw(), sharded_grad_bytes_per_layer=draw(), sharded_grad_bytes_root=draw(),
+        root_unsharded_bytes=draw(), root_activation_bytes=draw(), input_bytes=draw(),
+        loss_working_bytes=logits + stranded, forward_block_bytes=draw(), backward_block_bytes=draw(),
+        root_grad_bytes=draw(), root_reduce_bytes=draw(), optimizer_temp_bytes=draw(),
+        layer=LayerMemory(saved={m: draw() for m in MODES}, working={m: draw() for m in MODES}),
+        comm_buffer_bytes=draw(), fixed_overhead_bytes=0.0, fragmentation=0.0, n_layers=n_layers,
+        loss_stranded_bytes=stranded, loss_logits_bytes=logits)
+
+
+def test_closed_form_peak_equals_the_phase_walk_on_made_up_terms():
+    # Real models leave most of the closed form's candidates dominated; made-up byte
+    # counts (zeros, small and large) let each one be the maximum somewhere.
+    rng = random.Random(0)
+    for _ in range(3000):
+        n_layers = rng.randint(1, 5)
+        n_full = rng.randint(0, n_layers)
+        n_sel = rng.randint(0, n_layers - n_full)
+        n_none = n_layers - n_full - n_sel
+        terms = _terms(rng, n_layers)
+        modes = ("full",) * n_full + ("selective",) * n_sel + ("none",) * n_none
+        walk = max(sum(p.values()) - p["comm_buffers"] for p in terms.phases(modes).values())
+        assert terms.peak_tensor_bytes_for_counts(n_full, n_sel, n_none) == walk, (n_full, n_sel, n_none, terms)
+
+
+def test_tensor_peak_names_the_largest_phase():
+    rng = random.Random(1)
+    terms = _terms(rng, 2)
+    big = dict(vars(terms))
+    big.update(optimizer_temp_bytes=10**9)
+    name, phase = MemoryTerms(**big).tensor_peak(("none", "none"))
+    assert name == "optimizer" and phase["activations"] == 10**9
+    big.update(optimizer_temp_bytes=0, loss_logits_bytes=10**9, loss_working_bytes=10**9)
+    name, phase = MemoryTerms(**big).tensor_peak(("none", "none"))
+    assert name == "loss" and phase["logits_loss"] == 10**9
+
+
+def test_reserved_peak_scales_the_tensor_walk_by_the_fragmentation_given():
+    cfg = TrainConfig(Parallelism(dp_shard=8), 8192, ac=ACPolicy.uniform("selective", 32))
+    terms = memory_terms(L8B, cfg, "torchtitan")
+    walk = max(sum(p.values()) - p["comm_buffers"] for p in terms.phases(cfg.ac.layer_modes).values())
+    assert predict_reserved_peak_bytes(L8B, cfg, "torchtitan") == estimate_memory(L8B, cfg, "torchtitan").reserved_peak_bytes
+    none, quarter = (predict_reserved_peak_bytes(L8B, cfg, "torchtitan", fragmentation=f) for f in (0.0, 0.25))
+    assert none == pytest.approx(walk + terms.allocator_pool_bytes, rel=1e-12)
+    assert quarter - none == pytest.approx(0.25 * walk, rel=1e-9)
+
+
+def test_loss_request_sequence_by_hand():
+    # Full-sequence fp32 cross-entropy (torchtitan: one chunk), tp=1: logits (2 bytes per
+    # element), the fp32 copy and log-softmax (4 each); ``del pred`` frees the logits
+    # before backward; nll grad and log-softmax grad (4 each), then the logits' grad (2).
+    tiny = ModelSpec("t", vocab_size=100, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16)
+    cfg = TrainConfig(Parallelism(dp_shard=2, cp=2), 64, local_batch_size=3)
+    L = 96 * 100  # 3 x 64 / 2 tokens on this GPU x vocab
+    assert loss_allocation_events(tiny, cfg, resolve_executor("torchtitan")) == [
+        ("alloc", "0:logits", 2 * L), ("alloc", "0:up", 4 * L), ("alloc", "0:lsm", 4 * L), ("free", "0:up", 0.0),
+        ("free", "0:logits", 0.0), ("alloc", "0:gnll", 4 * L), ("alloc", "0:glsm", 4 * L), ("free", "0:gnll", 0.0),
+        ("free", "0:lsm", 0.0), ("alloc", "0:grad", 2 * L), ("free", "0:glsm", 0.0), ("free", "0:grad", 0.0)]
+    # tp=2: loss_parallel on vocab-sharded logits (L / 2 per GPU), logits kept to the end
+    kept = resolve_executor("torchtitan").with_overrides(logits_freed_before_backward=False)
+    tp2 = TrainConfig(Parallelism(dp_shard=1, tp=2), 64, local_batch_size=3)
+    H = 192 * 100 / 2
+    assert [(kind, name, n / H) for kind, name, n in loss_allocation_events(tiny, tp2, kept)] == [
+        ("alloc", "0:logits", 2), ("alloc", "0:up", 4), ("alloc", "0:shifted", 4), ("alloc", "0:exp", 4),
+        ("alloc", "0:result", 4), ("free", "0:exp", 0), ("free", "0:shifted", 0), ("free", "0:up", 0),
+        ("alloc", "0:zeros", 4), ("alloc", "0:exp2", 4), ("alloc", "0:sum", 4), ("alloc", "0:prod", 4),
+        ("free", "0:zeros", 0), ("free", "0:exp2", 0), ("free", "0:sum", 0), ("free", "0:result", 0),
+        ("alloc", "0:grad", 2), ("free", "0:prod", 0), ("free", "0:logits", 0), ("free", "0:grad", 0)]
+
+
+def test_sac_option_error_is_one_line():
+    with pytest.raises(ValueError, match=r"^selective_ac_option=-1: must be >= 0$"):
+        torchtitan_layer_sac_modes(4, -1)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+GPU = GPU_PRESETS["h100-sxm-80gb"].with_overrides(bf16_flops_per_s=1e15, matmul_efficiency=0.5,
+                                                   hbm_bytes_per_s=1e12, sm_count=132)
+
+
+def test_gemm_time_compute_bound_by_hand():
+    # 4096^3: tiles 32 x 16 = 512 in ceil(512 / 132) = 4 waves of 132 SMs; fill 4096 / (4096 + 128)
+    expected = 2 * 4096**3 / (0.5e15 * (512 / 528) * (4096 / 4224))
+    assert gemm_time_s(GPU, 4096, 4096, 4096) == pytest.approx(expected, rel=1e-12)
+
+
+def test_gemm_time_memory_bound_by_hand():
+    # 2 x 4096 x 8192 streams A (2 x 4096), B (4096 x 8192) and C (2 x 8192) in bf16
+    assert gemm_time_s(GPU, 2, 8192, 4096) == pytest.approx(2 * (2 * 4096 + 4096 * 8192 + 2 * 8192) / 1e12, rel=1e-12)
+    assert gemm_time_s(GPU, 4096, 2, 8192) == pytest.approx(2 * (4096 * 8192 + 8192 * 2 + 4096 * 2) / 1e12, rel=1e-12)
+    # a 1-wide GEMM still costs (streams its operands)
+    assert gemm_time_s(GPU, 1, 1, 1) == pytest.approx(max(2 / (0.5e15 * (1 / 132) * (1 / 129)), 6 / 1e12))
+
+
+def test_gemm_with_an_empty_dimension_is_free():
+    for shape in ((0, 5, 5), (5, 0, 5), (5, 5, 0), (-1, 5, 5), (0, 0, 0)):
+        assert gemm_time_s(GPU, *shape) == 0.0
+
+
+def test_loss_elementwise_traffic_by_hand():
+    model = ModelSpec("v", vocab_size=1000, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16)
+    # forward: cast (2 + 4), log-softmax (4 + 4), nll read (4) = 18; backward: nll grad,
+    # log-softmax backward (3 x 4) + cast back (4 + 2) = 18
+    assert loss_elementwise_bytes_per_token(model, 2) == 36 * 1000
+    assert loss_elementwise_bytes_per_token(model, 4) == 40 * 1000  # fp32 logits: 20 + 20
+
+
+def test_attention_keys_per_call_by_hand():
+    def keys(cp, impl):
+        return attention_keys_per_call(TrainConfig(Parallelism(cp=cp), 8192, cp_impl=impl))
+    assert keys(1, "allgather-kv") == keys(1, "ring-allgather") == 8192.0
+    assert keys(2, "allgather-kv") == keys(8, "allgather-kv") == 4096.0  # causal prefix: S / 2 on average
+    assert keys(2, "ring-allgather") == 0.75 * 4096 and keys(4, "ring-alltoall") == 0.75 * 2048
+
+
+def test_attention_backend_by_hand():
+    gqa = L8B  # 32 query heads on 8 K/V heads
+    mha = ModelSpec("m", vocab_size=10, dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=16)
+
+    def backend(cp, impl, preferred, native_gqa=False, model=None):
+        ex = resolve_executor("autoplan").with_overrides(attention_backend=preferred, native_gqa=native_gqa)
+        return attention_backend_for(TrainConfig(Parallelism(cp=cp), 8192, cp_impl=impl), ex, model)
+    # all-gather-KV CP's lower-right mask: flash, or efficient when preferred; never cuDNN
+    assert backend(2, "allgather-kv", "cudnn") == "flash"
+    assert backend(2, "allgather-kv", "efficient") == "efficient"
+    assert backend(2, "allgather-kv", "flash") == "flash"
+    assert backend(1, "allgather-kv", "cudnn") == "cudnn"  # no CP: the preferred kernel
+    assert backend(2, "ring-allgather", "cudnn") == "cudnn"
+    assert backend(1, "allgather-kv", "cudnn", native_gqa=True, model=gqa) == "flash"  # enable_gqa
+    assert backend(1, "allgather-kv", "cudnn", native_gqa=True, model=mha) == "cudnn"
+    assert backend(1, "allgather-kv", "cudnn", native_gqa=False, model=gqa) == "cudnn"
+
+
+def test_parameter_tensors_by_hand():
+    assert parameter_tensors(L8B) == 32 * 9 + 3 == 291
+    base = dict(vocab_size=10, dim=8, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=16)
+    assert parameter_tensors(ModelSpec("a", **base)) == 2 * 9 + 3
+    assert parameter_tensors(ModelSpec("b", qkv_bias=True, **base)) == 2 * 12 + 3
+    assert parameter_tensors(ModelSpec("c", tie_embeddings=True, **base)) == 2 * 9 + 2
+
+
+def test_optimizer_time_by_hand():
+    cfg = TrainConfig(Parallelism(dp_shard=4, cp=2, tp=2), 8192)  # FSDP over dp_shard x cp = 8
+    hbm = L8B.num_params / 2 / 8 * 32 / 1e12  # AdamW fp32: 28 bytes read/written + 4 for the norm
+    fast_host = resolve_executor("autoplan").with_overrides(optimizer_foreach=False, dtensor_op_overhead_s=1e-9,
+                                                            host_op_overhead_s=1e-9)
+    assert optimizer_time_s(L8B, GPU, cfg, fast_host) == pytest.approx(hbm, rel=1e-12)
+    slow = fast_host.with_overrides(dtensor_op_overhead_s=30e-6, host_op_overhead_s=10e-6)
+    assert optimizer_time_s(L8B, GPU, cfg, slow) == pytest.approx(291 * (10 * 30e-6 + 10e-6), rel=1e-12)
+    foreach = slow.with_overrides(optimizer_foreach=True, dtensor_op_overhead_s=0.01)
+    assert optimizer_time_s(L8B, GPU, cfg, foreach) == pytest.approx(20 * (0.01 + 291 * 1e-6), rel=1e-12)
