@@ -183,3 +183,88 @@ def test_optimizer_time_by_hand():
     assert optimizer_time_s(L8B, GPU, cfg, slow) == pytest.approx(291 * (10 * 30e-6 + 10e-6), rel=1e-12)
     foreach = slow.with_overrides(optimizer_foreach=True, dtensor_op_overhead_s=0.01)
     assert optimizer_time_s(L8B, GPU, cfg, foreach) == pytest.approx(20 * (0.01 + 291 * 1e-6), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- the estimate's breakdown
+
+BREAKDOWN = ["params", "grads", "optimizer", "fsdp_unsharded", "activations", "recompute_working", "logits_loss",
+             "comm_buffers", "overhead"]
+
+
+def _estimate_on(monkeypatch, terms, n_layers=2, ac=None):
+    import cost_models.memory as memory
+    monkeypatch.setattr(memory, "memory_terms", lambda model, cfg, executor=None: terms)
+    model = ModelSpec("m", vocab_size=10, dim=8, n_layers=n_layers, n_heads=2, n_kv_heads=2, ffn_dim=16)
+    return estimate_memory(model, TrainConfig(Parallelism(), 64, ac=ac))
+
+
+def _hand_terms(**values):
+    base = dict(static_bytes=1200, sharded_grad_bytes_per_layer=10, sharded_grad_bytes_root=5, root_unsharded_bytes=20,
+                root_activation_bytes=3, input_bytes=2, loss_working_bytes=0, forward_block_bytes=7,
+                backward_block_bytes=11, root_grad_bytes=13, root_reduce_bytes=17, optimizer_temp_bytes=0,
+                layer=LayerMemory(saved={"full": 1, "selective": 2, "none": 4}, working={"full": 8, "selective": 6,
+                                                                                         "none": 5}),
+                comm_buffer_bytes=50, fixed_overhead_bytes=1000, fragmentation=0.5, n_layers=2,
+                allocator_pool_bytes=300)
+    base.update(values)
+    return MemoryTerms(**base)
+
+
+def test_estimate_breakdown_of_an_optimizer_peak_by_hand(monkeypatch):
+    # optimizer phase: static 1200 (params 4 + optimizer 8 bytes per parameter: 400 + 800),
+    # grads 2 x 10 + 5, the AdamW temporaries 10000 as its "activations"
+    est = _estimate_on(monkeypatch, _hand_terms(optimizer_temp_bytes=10000))
+    tensor = 1200 + 25 + 10000
+    reserved = tensor * 1.5 + 300
+    assert est.peak_phase == "optimizer" and est.tensor_peak_phase == "optimizer"
+    assert list(est.breakdown_bytes) == BREAKDOWN
+    assert est.breakdown_bytes == {"params": 400, "grads": 25, "optimizer": 800, "fsdp_unsharded": 0.0,
+                                   "activations": 10000, "recompute_working": 0.0, "logits_loss": 0.0,
+                                   "comm_buffers": 50, "overhead": 700 + reserved - tensor}
+    assert est.overhead_bytes == {"cuda_context": 700, "allocator_side_stream_pools": 300, "allocator_stranded": 0.0,
+                                  "allocator_fragmentation": tensor * 0.5}
+    assert est.reserved_peak_bytes == reserved and est.tensor_peak_bytes == tensor
+    assert est.peak_bytes == reserved + 700 + 50
+
+
+def test_estimate_breakdown_of_a_loss_peak_by_hand(monkeypatch):
+    # loss phase: static 1200, unsharded 20 + 7, activations 2 layers x 4 (no AC) + 3,
+    # logits 9000 and 600 stranded allocator bytes
+    est = _estimate_on(monkeypatch, _hand_terms(loss_logits_bytes=9000, loss_stranded_bytes=600,
+                                                loss_working_bytes=9600))
+    tensor = 1200 + 27 + 11 + 9000
+    assert est.peak_phase == "loss" and est.phase_tensor_bytes["loss"] == tensor
+    assert est.breakdown_bytes == {"params": 400, "grads": 0.0, "optimizer": 800, "fsdp_unsharded": 27,
+                                   "activations": 11, "recompute_working": 0.0, "logits_loss": 9000,
+                                   "comm_buffers": 50, "overhead": 700 + (tensor + 600) * 1.5 + 300 - tensor}
+    assert est.overhead_bytes["allocator_stranded"] == 600
+    assert est.overhead_bytes["allocator_fragmentation"] == pytest.approx((tensor + 600) * 0.5)
+
+
+def test_estimate_refuses_a_policy_of_another_depth(monkeypatch):
+    with pytest.raises(ValueError, match="^activation checkpoint policy has 3 layers, model has 2$"):
+        _estimate_on(monkeypatch, _hand_terms(), ac=ACPolicy.uniform("full", 3))
+
+
+# ----------------------------------------------------------------------------- attention rate
+
+
+def test_attention_rate_by_hand():
+    from cost_models.kernels import attention_rate_per_s
+    from cost_models.specs import SpecError
+
+    gpu = GPU.with_overrides(attention_efficiency=0.5)  # FA2's forward: half of peak
+    ref = 16384 / (16384 + 512)  # the ramp at the 16k tokens the tables quote
+    assert attention_rate_per_s(gpu, "flash", False, 16384) == pytest.approx(1e15 * 0.5)
+    assert attention_rate_per_s(gpu, "flash", True, 16384) == pytest.approx(1e15 * 0.5 * 0.86)
+    assert attention_rate_per_s(gpu, "flash", False, 65536) == pytest.approx(1e15 * 0.5)  # flat past 16k
+    assert attention_rate_per_s(gpu, "flash", False, 512) == pytest.approx(1e15 * 0.5 * 0.5 / ref)
+    assert attention_rate_per_s(gpu, "flash", False, 0) == pytest.approx(1e15 * 0.5 * (1 / 513) / ref)  # >= 1 key
+    fast = gpu.with_overrides(attention_efficiency=0.9)
+    assert attention_rate_per_s(fast, "cudnn", False, 16384) == pytest.approx(1e15 * 0.95)  # capped at 95%
+    assert attention_rate_per_s(gpu.with_overrides(arch="ampere"), "efficient", True, 16384) == pytest.approx(
+        1e15 * 0.5 * 0.6 * 0.86)
+    assert attention_rate_per_s(gpu.with_overrides(arch="cdna3"), "cudnn", True, 16384) == pytest.approx(
+        1e15 * 0.5 * 0.86)  # no table: FA2-like
+    with pytest.raises(SpecError, match=r"^attention_backend='math': use one of flash, cudnn, efficient$"):
+        attention_rate_per_s(gpu, "math", False, 16384)
