@@ -268,3 +268,68 @@ def test_attention_rate_by_hand():
         1e15 * 0.5 * 0.86)  # no table: FA2-like
     with pytest.raises(SpecError, match=r"^attention_backend='math': use one of flash, cudnn, efficient$"):
         attention_rate_per_s(gpu, "math", False, 16384)
+
+
+def test_phases_by_hand():
+    # two layers, the first without AC (saves 4), the second full AC (saves 1); every
+    # optional phase present. The two backward layer phases tie at 1315 bytes: the first
+    # one walked (the last layer) is reported.
+    terms = _hand_terms(optimizer_temp_bytes=40, loss_logits_bytes=9, loss_stranded_bytes=6, loss_working_bytes=15,
+                        norm_backward_working_bytes=21, final_norm_saved_bytes=19, forward_working_bytes=23,
+                        layer=LayerMemory(saved={"full": 1, "selective": 2, "none": 4},
+                                          working={"full": 14, "selective": 6, "none": 5}))
+    common = {"params_and_optimizer": 1200, "comm_buffers": 50}
+    phases = terms.phases(("none", "full"))
+    assert list(phases) == ["loss", "norm_backward", "forward", "backward", "root_reduce", "optimizer"]
+    assert phases == {
+        "loss": dict(common, fsdp_unsharded=27, activations=8, logits_loss=9, allocator_stranded=6),
+        "norm_backward": dict(common, fsdp_unsharded=44, activations=26, recompute_working=21),
+        "forward": dict(common, fsdp_unsharded=31, activations=7, recompute_working=23),
+        "backward": dict(common, fsdp_unsharded=44, grads=0, activations=7, recompute_working=14),
+        "root_reduce": dict(common, grads=20, fsdp_unsharded=17, activations=2),
+        "optimizer": dict(common, grads=25, activations=40),
+    }
+    assert "norm_backward" not in _hand_terms().phases(("none", "none"))  # absent when zero
+
+
+def test_loss_request_sequence_chunks_and_variants():
+    tiny = ModelSpec("t", vocab_size=100, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16)
+    tt = resolve_executor("torchtitan")
+
+    def events(tokens, executor):
+        return loss_allocation_events(tiny, TrainConfig(Parallelism(), tokens), executor)
+    chunked = events(96, tt.with_overrides(loss_chunk_tokens=32))  # 3 chunks of 32 tokens
+    assert [e for e in chunked if e[0] == "alloc" and e[1].endswith("logits")] == [
+        ("alloc", f"{c}:logits", 2 * 32 * 100) for c in range(3)]
+    many = events(320, tt.with_overrides(loss_chunk_tokens=32))  # 10 chunks: two stand for all
+    assert sorted({name.split(":")[0] for _, name, _ in many}) == ["0", "1"]
+    bf16 = events(32, tt.with_overrides(loss_upcast_fp32=False))  # no upcast: every tensor bf16
+    assert {n for kind, _, n in bf16 if kind == "alloc"} == {2 * 32 * 100}
+    fused = events(32, tt.with_overrides(compile=True, loss_compiled_with_model=True))
+    assert fused == [("alloc", "0:logits", 6400), ("alloc", "0:grad", 6400), ("free", "0:logits", 0.0),
+                     ("free", "0:grad", 0.0)]
+
+
+def test_ring_attention_transients_by_hand():
+    from cost_models.activations import ring_attention_bytes
+
+    # q_dim 64, kv_dim 16; cp tokens T = 256 per GPU, tp 2: q = 256 x 64 / 2 = 8192 and
+    # kv = 2048 elements, fp32 LSE 4 x 256 x 8 heads / 2 = 4096 bytes; bf16 activations.
+    model = ModelSpec("r", vocab_size=10, dim=64, n_layers=1, n_heads=8, n_kv_heads=2, ffn_dim=16)
+
+    def ring(cp, impl, executor="autoplan"):
+        cfg = TrainConfig(Parallelism(cp=cp, tp=2), 256 * cp, cp_impl=impl)
+        return ring_attention_bytes(model, cfg, resolve_executor(executor))
+    # forward: q, k, v (2 (q + 2 kv)) + rotation + fp32 output and merge (16 q) + bf16 out (2 q) + 4 LSE copies
+    # backward: fp32 grad_query and dq_accum (8 q) + dq, dk, dv twice (4 (q + 2 kv)) + fp32 dK/dV (24 kv)
+    #           + rotation + the next cat (4 kv) + LSE
+    base_fwd = 2 * (8192 + 4096) + 16 * 8192 + 2 * 8192 + 4 * 4096
+    base_bwd = 8 * 8192 + 4 * (8192 + 4096) + 24 * 2048 + 4 * 2048 + 4096
+    assert ring(4, "ring-alltoall") == (base_fwd + 2 * 4 * 2048, base_bwd + 2 * 4 * 2048)  # current + next
+    assert ring(3, "ring-alltoall") == ring(4, "ring-alltoall")
+    assert ring(2, "ring-alltoall") == (base_fwd + 4 * 2048, base_bwd + 2 * 4 * 2048)  # cp 2: one buffer
+    assert ring(4, "ring-allgather") == (base_fwd + 4 * 4 * 2048, base_bwd + 4 * 4 * 2048)  # cp gathered copies
+    # K/V expanded to the query heads (no native GQA): kv = q = 8192 elements
+    expanded_fwd = 2 * (8192 + 2 * 8192) + 16 * 8192 + 2 * 8192 + 4 * 4096 + 2 * 4 * 8192
+    expanded_bwd = 8 * 8192 + 4 * (3 * 8192) + 24 * 8192 + 4 * 8192 + 4096 + 2 * 4 * 8192
+    assert ring(4, "ring-alltoall", "torchtitan") == (expanded_fwd, expanded_bwd)
