@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from cost_models.activations import LayerMemory, torchtitan_layer_sac_modes
+from cost_models.activations import LayerMemory, layer_memory, torchtitan_layer_sac_modes
 from cost_models.allocator import loss_allocation_events
-from cost_models.config import ACPolicy, Parallelism, TrainConfig
+from cost_models.config import ACPolicy, Parallelism, Precision, TrainConfig
 from cost_models.executors import resolve_executor
 from cost_models.kernels import (
     attention_backend_for,
@@ -333,3 +333,138 @@ def test_ring_attention_transients_by_hand():
     expanded_fwd = 2 * (8192 + 2 * 8192) + 16 * 8192 + 2 * 8192 + 4 * 4096 + 2 * 4 * 8192
     expanded_bwd = 8 * 8192 + 4 * (3 * 8192) + 24 * 8192 + 4 * 8192 + 4096 + 2 * 4 * 8192
     assert ring(4, "ring-alltoall", "torchtitan") == (expanded_fwd, expanded_bwd)
+
+
+# ----------------------------------------------------------------------------- memory_terms by hand
+
+# d 16, 4 heads of 4 (q 16), 2 K/V heads (kv 8), FFN 32, vocab 1000, untied: per block
+# wq 256 + wk 128 + wv 128 + wo 256 + w1, w3, w2 3 x 512 + 2 norms 32 = 2336 parameters;
+# root: embedding + output 2 x 16000 + final norm 16 = 32016; all: 36688.
+SMALL = ModelSpec("small", vocab_size=1000, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32)
+HAND_EX = resolve_executor("torchtitan").with_overrides(
+    fsdp_last_block_resharded=False, fsdp_blocks_in_flight=2, fsdp_root_units=2, norm_backward_fp32_temporaries=3.0,
+    compile=False, loss_num_chunks=None, loss_chunk_tokens=None, cuda_context_bytes=1000,
+    allocator_fragmentation=0.125, nccl_communicator_bytes=100, nccl_alltoall_peer_bytes=7)
+
+
+def test_memory_terms_by_hand():
+    from cost_models.activations import loss_working_bytes
+    from cost_models.allocator import allocator_loss_stranded_bytes
+
+    assert (SMALL.params_per_layer, SMALL.root_params, SMALL.num_params) == (2336, 32016, 36688)
+    cfg = TrainConfig(Parallelism(dp_shard=2, tp=2), 64)  # 64 tokens per GPU, tp 2, 2 FSDP shards
+    t = memory_terms(SMALL, cfg, HAND_EX)
+    assert t.static_bytes == 36688 / 4 * (4 + 8)  # fp32 master + AdamW states of the shard
+    assert t.sharded_grad_bytes_per_layer == 2336 / 4 * 4 and t.sharded_grad_bytes_root == 32016 / 4 * 4
+    assert t.forward_block_bytes == 1168 * 2  # the last block stays gathered (bf16)
+    assert t.backward_block_bytes == 2 * 1168 * 2  # two blocks in flight
+    assert t.root_grad_bytes == 1000 * 16 / 2 * 2  # the output projection's bf16 grad
+    assert t.root_reduce_bytes == 16008 * 2 + 16008 * 4  # bf16 grads + their fp32 reduce copy
+    assert t.root_unsharded_bytes == 16008 * 2 / 2  # two root units: norm + output stay gathered
+    # final norm input (bf16 + fp32 rstd, sequence-sharded) + its gathered output + ids and labels
+    assert t.final_norm_saved_bytes == 2 * 64 * 16 / 2 + 4 * 64 / 2 == 1152
+    assert t.input_bytes == 2 * 8 * 64 and t.root_activation_bytes == 1152 + 2 * 64 * 16 + 1024
+    assert t.norm_backward_working_bytes == 3 * 4 * 64 * 16 / 2 + 2 * 64 * 16  # 3 fp32 temporaries + gathered grad
+    assert t.optimizer_temp_bytes == 3 * 4 * 1000 * 16 / 2 / 2  # the largest shard: embedding / output
+    layer = layer_memory(SMALL, cfg, HAND_EX)
+    assert t.layer.saved == layer.saved
+    # working: the block's own + w2's weight grad (16 x 32 / 2 bf16), or the post-backward
+    # moment (all grads 2336 + fp32 reduce copy 4672 - the resharded params 2336)
+    assert t.layer.working == {m: max(w + 512, 4672) for m, w in layer.working.items()}
+    assert t.loss_logits_bytes == loss_working_bytes(SMALL, cfg, HAND_EX) == 22 * 64 * 500
+    assert t.loss_stranded_bytes == allocator_loss_stranded_bytes(SMALL, cfg, HAND_EX)
+    assert t.forward_working_bytes == 0.0
+    # pools: all-gather output max(root unit 8004, 2 blocks 2336) bf16; every fp32 sharded grad
+    assert t.allocator_pool_bytes == 2 * 8004 + (2 * 2336 + 32016)
+    assert t.fixed_overhead_bytes == 1000 + 2 * 8004 + (2 * 2336 + 32016)
+    assert t.comm_buffer_bytes == 2 * 100  # FSDP's and TP's communicators
+    assert t.fragmentation == 0.125 and t.n_layers == 2
+
+
+def test_memory_terms_variants_by_hand():
+    cfg = TrainConfig(Parallelism(dp_shard=2, tp=2), 64)
+    base = memory_terms(SMALL, cfg, HAND_EX)
+    # the last block resharded after forward; one root unit (all of it stays gathered)
+    other = memory_terms(SMALL, cfg, HAND_EX.with_overrides(fsdp_last_block_resharded=True, fsdp_root_units=1))
+    assert other.forward_block_bytes == 0.0 and other.root_unsharded_bytes == 16008 * 2
+    assert other.allocator_pool_bytes == 2 * 16008 + (2 * 2336 + 32016)
+    tied = ModelSpec("tied", vocab_size=1000, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32,
+                     tie_embeddings=True)  # one shared embedding: the root is not split
+    assert memory_terms(tied, cfg, HAND_EX).root_unsharded_bytes == tied.root_params / 2 * 2
+    # fp32 reduce = param dtype: no reduce copy
+    fp32 = TrainConfig(Parallelism(dp_shard=2, tp=2), 64, precision=Precision.fp32())
+    t32 = memory_terms(SMALL, fp32, HAND_EX)
+    assert t32.root_reduce_bytes == 16008 * 4
+    # post-backward: all fp32 grads (1168 x 4) less the resharded fp32 params: 0
+    assert t32.layer.working == {m: max(w + 16 * 32 / 2 * 4, 0.0)
+                                 for m, w in layer_memory(SMALL, fp32, HAND_EX).working.items()}
+    # compiled blocks: one fp32 temporary in the final norm's backward
+    assert memory_terms(SMALL, cfg, HAND_EX.with_overrides(compile=True)).norm_backward_working_bytes == \
+        4 * 64 * 16 / 2 + 2 * 64 * 16
+    # 4 loss chunks of 16 tokens: hidden-state copies + fp32 grad buffer (6 x 64 x 16), and
+    # the output projection's grad alive across chunks
+    chunked = memory_terms(SMALL, cfg, HAND_EX.with_overrides(loss_num_chunks=4))
+    assert chunked.loss_logits_bytes == 22 * 16 * 500 + 6 * 64 * 16 + 16000
+    assert base.loss_logits_bytes == 22 * 64 * 500
+    one_chunk = memory_terms(SMALL, TrainConfig(Parallelism(dp_shard=2, tp=2), 4), HAND_EX.with_overrides(
+        loss_num_chunks=4))  # 4 tokens, 4 chunks of 1: still chunked
+    assert one_chunk.loss_logits_bytes == 22 * 1 * 500 + 6 * 4 * 16 + 16000
+    # ring CP: the attention's forward transient
+    from cost_models.activations import ring_attention_bytes
+    ring = TrainConfig(Parallelism(dp_shard=1, cp=2, tp=2), 128, cp_impl="ring-alltoall")
+    assert memory_terms(SMALL, ring, HAND_EX).forward_working_bytes == ring_attention_bytes(SMALL, ring, HAND_EX)[0] > 0
+    gather = TrainConfig(Parallelism(dp_shard=1, cp=2, tp=2), 128, cp_impl="ring-allgather")
+    assert memory_terms(SMALL, gather, HAND_EX).forward_working_bytes == \
+        ring_attention_bytes(SMALL, gather, HAND_EX)[0]
+    assert memory_terms(SMALL, TrainConfig(Parallelism(cp=2, tp=2), 128), HAND_EX).forward_working_bytes == 0.0
+
+
+@pytest.mark.parametrize("ffn, q_heads, expected", [(512, 4, 16 * 512), (8, 64, 16 * 256)])
+def test_optimizer_temporaries_take_the_largest_shard(ffn, q_heads, expected):
+    model = ModelSpec("w", vocab_size=8, dim=16, n_layers=1, n_heads=q_heads, n_kv_heads=q_heads, ffn_dim=ffn,
+                      head_dim=4)  # q width = 4 x heads
+    t = memory_terms(model, TrainConfig(Parallelism(dp_shard=2), 64), HAND_EX)
+    assert t.optimizer_temp_bytes == 3 * 4 * expected / 2
+
+
+def test_folded_loss_working_set_is_the_largest_of_loss_forward_and_norm_phases():
+    # loss_working_bytes re-bases the ring forward phase and the final norm's backward
+    # onto the loss phase: base + it = the largest of the three phase totals.
+    tiny_vocab = ModelSpec("tv", vocab_size=16, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64)
+    seen = set()
+    for model, cfg in [(SMALL, TrainConfig(Parallelism(dp_shard=2, tp=2), 64)),
+                       (tiny_vocab, TrainConfig(Parallelism(cp=2), 4096, cp_impl="ring-allgather")),
+                       (tiny_vocab, TrainConfig(Parallelism(cp=2), 4096, cp_impl="ring-alltoall")),
+                       (tiny_vocab, TrainConfig(Parallelism(dp_shard=2), 4096))]:
+        t = memory_terms(model, cfg, HAND_EX)
+        modes = ("none",) * model.n_layers
+        phases = t.phases(modes)
+        totals = {p: sum(phases[p].values()) - phases[p]["comm_buffers"] for p in ("loss", "forward", "norm_backward")
+                  if p in phases}
+        loss_base = totals["loss"] - t.loss_logits_bytes - t.loss_stranded_bytes
+        assert loss_base + t.loss_working_bytes == pytest.approx(max(totals.values()), rel=1e-12)
+        seen.add(max(totals, key=totals.get))
+    assert seen == {"loss", "forward", "norm_backward"}  # each one is the largest somewhere
+
+
+def test_nccl_and_loss_working_by_hand():
+    from cost_models.activations import loss_working_bytes
+    from cost_models.memory import nccl_bytes
+
+    ex = HAND_EX
+    # communicators: FSDP (dp_shard x cp = 4) and CP's; one all-to-all peer under ring CP
+    assert nccl_bytes(TrainConfig(Parallelism(dp_shard=2, cp=2), 64, cp_impl="ring-alltoall"), ex) == 2 * 100 + 7
+    assert nccl_bytes(TrainConfig(Parallelism(dp_shard=2, cp=2), 64, cp_impl="ring-allgather"), ex) == 2 * 100 + 7
+    assert nccl_bytes(TrainConfig(Parallelism(dp_shard=2, cp=2), 64, cp_impl="allgather-kv"), ex) == 2 * 100
+    assert nccl_bytes(TrainConfig(Parallelism(dp_replicate=2, dp_shard=2, tp=2), 64), ex) == 3 * 100
+    model = ModelSpec("v", vocab_size=1000, dim=16, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=16)
+    tp1, tp2 = TrainConfig(Parallelism(), 64), TrainConfig(Parallelism(tp=2), 64)
+    flat = ex.with_overrides(loss_upcast_fp32=False)
+    # per logit element: tp 1: max(logits 2 + upcast 4 + log-softmax 4, 3 x 4) = 12; tp 2
+    # (loss_parallel): max(2 + 4 x 4, 5 x 4 + 2) = 22 over vocab / 2
+    assert loss_working_bytes(model, tp1, ex) == 12 * 64 * 1000
+    assert loss_working_bytes(model, tp2, ex) == 22 * 64 * 500
+    assert loss_working_bytes(model, tp1, flat) == 6 * 64 * 1000  # no upcast: max(2 + 2 + 2, 3 x 2)
+    assert loss_working_bytes(model, tp2, flat) == 12 * 64 * 500  # max(2 + 4 x 2, 5 x 2 + 2)
+    wide = ex.with_overrides(logits_bytes=8)  # fp64 logits: the forward (8 + 4 + 4) is the larger
+    assert loss_working_bytes(model, tp1, wide) == 16 * 64 * 1000
