@@ -1,6 +1,7 @@
 """Mutation testing as a standing habit: how many small, plausible bugs the suite catches.
 
     python benchmarks/mutation.py [--group runtime|memory_core|rules_search|step_core|cost_core ...] [--jobs 1]
+    python benchmarks/mutation.py --rerun-survivors /tmp/autoplan-mutation-GROUP-XXXX
 
 Runs mutmut (a kept library; ``pip install mutmut``) on a throw-away copy of the tree, one
 group of modules at a time against the tests that cover them, and prints per group the
@@ -102,10 +103,8 @@ def _copy_tree(work: Path) -> None:
         shutil.copy2(ROOT / name, target)
 
 
-def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
+def _configure(work: Path, name: str) -> None:
     group = GROUPS[name]
-    work = Path(tempfile.mkdtemp(prefix=f"autoplan-mutation-{name}-"))
-    _copy_tree(work)
     # Test files (or node ids, file::test) that exist in this tree, and pytest options.
     tests = [t for t in group["tests"] if t.startswith("-") or not t.startswith("tests/")
              or (work / t.split("::")[0]).exists()]
@@ -116,14 +115,24 @@ def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
               "also_copy = ['autoplan', 'cost_models', 'runtime', 'tests', 'examples', 'benchmarks']\n")
     with open(work / "pyproject.toml", "a") as out:
         out.write(config.replace("'", '"'))
-    began = time.perf_counter()
+
+
+def _mutmut_run(work: Path, jobs: int, mutants: list[str] | None = None) -> Path:
     log = work / "mutmut-run.log"
-    with open(log, "w") as out:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=work,
-                       stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "a") as out:
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)] + (mutants or []),
+                       cwd=work, stdout=out, stderr=subprocess.STDOUT)
+    return log
+
+
+def _statuses(work: Path) -> dict[str, str]:
     results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
                              capture_output=True, text=True).stdout
-    statuses = dict(re.findall(r"^\s*(\S+): (\S.*)$", results, flags=re.M))
+    return dict(re.findall(r"^\s*(\S+): (\S.*)$", results, flags=re.M))
+
+
+def _report(name: str, work: Path, log: Path, began: float) -> tuple[int, int, list[str], Path]:
+    statuses = _statuses(work)
     total = len(statuses)
     if statuses and all(s == "not checked" for s in statuses.values()):
         tail = log.read_text(errors="replace")[-600:]
@@ -140,18 +149,44 @@ def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
     return killed, total, survivors, work
 
 
+def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
+    work = Path(tempfile.mkdtemp(prefix=f"autoplan-mutation-{name}-"))
+    _copy_tree(work)
+    _configure(work, name)
+    began = time.perf_counter()
+    return _report(name, work, _mutmut_run(work, jobs), began)
+
+
+def rerun_survivors(work: Path, jobs: int) -> tuple[int, int, list[str], Path]:
+    """Check a finished run's survivors again against this tree's current tests (new test
+    files join mutmut's coverage map); the other mutants keep their results. The sources
+    must be the ones that run mutated."""
+    name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "tests"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for test in files:
+        shutil.copy2(ROOT / test, work / test)
+    survivors = sorted(m for m, s in _statuses(work).items() if s == "survived")
+    began = time.perf_counter()
+    return _report(name, work, _mutmut_run(work, jobs, survivors), began)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group", action="append", choices=list(GROUPS),
                         help=f"default: the fast groups ({', '.join(FAST_GROUPS)})")
     parser.add_argument("--jobs", type=int, default=1, help="mutmut workers (default 1)")
+    parser.add_argument("--rerun-survivors", metavar="WORK", type=Path,
+                        help="re-check the survivors of a finished run (its work folder) with the current tests")
     args = parser.parse_args()
     if shutil.which("mutmut") is None and subprocess.run([sys.executable, "-m", "mutmut", "--help"],
                                                          capture_output=True).returncode != 0:
         print("mutation testing needs mutmut: pip install mutmut", file=sys.stderr)
         return 2
-    for name in args.group or FAST_GROUPS:
-        _, _, survivors, _ = run_group(name, args.jobs)
+    runs = ([lambda: rerun_survivors(args.rerun_survivors, args.jobs)] if args.rerun_survivors else
+            [lambda name=name: run_group(name, args.jobs) for name in args.group or FAST_GROUPS])
+    for run in runs:
+        _, _, survivors, _ = run()
         for mutant in survivors:
             print(f"  survived {mutant}")
     return 0
