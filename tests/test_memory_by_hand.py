@@ -8,7 +8,7 @@ import random
 import pytest
 
 from cost_models.activations import LayerMemory, layer_memory, torchtitan_layer_sac_modes
-from cost_models.allocator import loss_allocation_events
+from cost_models.allocator import loss_allocation_events, simulate_allocator
 from cost_models.config import ACPolicy, Parallelism, Precision, TrainConfig
 from cost_models.executors import resolve_executor
 from cost_models.kernels import (
@@ -468,3 +468,119 @@ def test_nccl_and_loss_working_by_hand():
     assert loss_working_bytes(model, tp2, flat) == 12 * 64 * 500  # max(2 + 4 x 2, 5 x 2 + 2)
     wide = ex.with_overrides(logits_bytes=8)  # fp64 logits: the forward (8 + 4 + 4) is the larger
     assert loss_working_bytes(model, tp1, wide) == 16 * 64 * 1000
+
+
+# ----------------------------------------------------------------------------- one block, by hand
+
+
+def test_layer_memory_by_hand():
+    from cost_models.activations import ring_attention_bytes, save_bytes, selective_saves
+
+    # d 16, q 16 (4 heads), kv 8; cp 2 (all-gather KV), tp 2: 32 tokens per GPU, K/V of 64
+    wide = ModelSpec("w", vocab_size=8, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=32)
+    narrow = ModelSpec("n", vocab_size=8, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=8)
+    cfg = TrainConfig(Parallelism(cp=2, tp=2), 64)
+    ex = resolve_executor("autoplan").with_overrides(sp_saves_gathered_matmul_input=True, native_gqa=True,
+                                                     norm_saved_bytes_per_element=None)
+    # none: 2 norm inputs (bf16 16/2 + fp32 rstd 1/2 per token = 18 bytes x 32 = 576 each), 2
+    # gathered norm outputs (2 x 2 x 32 x 16), q (2 x 32 x 8), K and V of the whole sequence
+    # (2 x 64 x 2 x 8 / 2 = 1024), attention output + fp32 lse (512 + 4 x 32 x 2 = 768), 4 f-wide
+    # SwiGLU tensors (4 x 2 x 32 x f / 2)
+    common = 2 * 576 + 2048 + 512 + 1024 + 768
+    for model, f, transient in ((wide, 32, 2 * 2 * 32 * 32 / 2 + 512),  # FFN grads (2 f) dominate
+                                (narrow, 8, 512 + 1024 + 512)):  # dq + gathered dK, dV dominate
+        mem = layer_memory(model, cfg, ex)
+        none = common + 4 * 2 * 32 * f / 2
+        sizes = save_bytes(model, cfg)
+        selective = sum(sizes[name] for name in selective_saves(ex))
+        assert mem.saved == {"none": none, "selective": selective, "full": sizes["block_input"]}
+        assert selective < none and sizes["block_input"] < selective
+        assert mem.working == {"none": transient, "selective": none - selective + transient,
+                               "full": none - sizes["block_input"] + transient}
+    # sequence parallel keeps the norm outputs sharded when told so (16 / 2 wide)
+    sharded = layer_memory(wide, cfg, ex.with_overrides(sp_saves_gathered_matmul_input=False))
+    assert sharded.saved["none"] == common - 1024 + 4 * 2 * 32 * 32 / 2
+    one = TrainConfig(Parallelism(cp=2), 64)  # tp 1: nothing to shard
+    assert layer_memory(wide, one, ex.with_overrides(sp_saves_gathered_matmul_input=False)).saved == \
+        layer_memory(wide, one, ex).saved
+    # ring CP keeps only the local K/V (32 tokens: 512) and its backward holds the ring's buffers
+    for impl in ("ring-allgather", "ring-alltoall"):
+        ring = TrainConfig(Parallelism(cp=2, tp=2), 64, cp_impl=impl)
+        mem = layer_memory(narrow, ring, ex)
+        assert mem.saved["none"] == common - 512 + 4 * 2 * 32 * 8 / 2
+        assert mem.working["none"] == max(2 * 2 * 32 * 8 / 2, ring_attention_bytes(narrow, ring, ex)[1]) + 512
+
+
+def test_allocator_rules_by_hand():
+    MiB = 2**20
+    # exactly 1 MiB is still a small request: a 2 MiB segment, and its 1 MiB remainder is
+    # split off (small blocks always split) for the next request
+    assert simulate_allocator([("alloc", "a", MiB)]) == (2 * MiB, MiB)
+    assert simulate_allocator([("alloc", "a", MiB), ("alloc", "b", 512 * 1024)]) == (2 * MiB, 1.5 * MiB)
+    # a large block keeps a remainder of <= 1 MiB (no split): a small request needs a new segment
+    for first in (11 * MiB + 512 * 1024, 11 * MiB):
+        assert simulate_allocator([("alloc", "a", first), ("alloc", "b", 100 * 1024)])[0] == 14 * MiB
+    # freeing a block merges it with a free neighbour after it: the merged block serves 18 MiB
+    assert simulate_allocator([("alloc", "a", 5 * MiB), ("free", "a", 0), ("alloc", "b", 18 * MiB)]) == \
+        (20 * MiB, 18 * MiB)
+    # the split remainder lies after the block: a freed first block does not merge with the
+    # second request's block, so 12 MiB needs a new segment
+    events = [("alloc", "a", 5 * MiB), ("alloc", "c", 5 * MiB), ("free", "a", 0), ("alloc", "d", 12 * MiB)]
+    assert simulate_allocator(events)[0] == 32 * MiB
+    # best fit takes the FIRST of equal free blocks (segment 0's 20 MiB, not segment 1's):
+    # then freeing x merges 30 MiB in segment 1, where 25 MiB fits
+    events = [("alloc", "t", 20 * MiB), ("alloc", "s", 30 * MiB), ("free", "s", 0), ("alloc", "x", 10 * MiB),
+              ("free", "t", 0), ("alloc", "c", 8 * MiB), ("free", "x", 0), ("alloc", "d", 25 * MiB)]
+    assert simulate_allocator(events) == (50 * MiB, 50 * MiB)
+
+
+def test_expandable_segment_grows_its_free_tail():
+    MiB = 2**20
+    # a 100 MiB, b 10 MiB appended (110); b freed leaves a free 10 MiB tail; c 30 MiB grows
+    # that tail by 20 MiB (130) instead of a new 30 MiB segment (140)
+    events = [("alloc", "a", 100 * MiB), ("alloc", "b", 10 * MiB), ("free", "b", 0), ("alloc", "c", 30 * MiB)]
+    assert simulate_allocator(events, expandable_segments=True) == (130 * MiB, 130 * MiB)
+    assert simulate_allocator(events, expandable_segments=False) == (140 * MiB, 130 * MiB)
+    # after the growth the tail is exactly c: freeing c and asking 31 MiB grows it by 2 MiB more
+    more = events + [("free", "c", 0), ("alloc", "e", 31 * MiB)]
+    assert simulate_allocator(more, expandable_segments=True) == (132 * MiB, 131 * MiB)
+
+
+def test_loss_request_chunk_counts():
+    tiny = ModelSpec("t", vocab_size=100, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16)
+    tt = resolve_executor("torchtitan").with_overrides(loss_chunk_tokens=8)
+
+    def prefixes(tokens, executor=tt):
+        events = loss_allocation_events(tiny, TrainConfig(Parallelism(), tokens), executor)
+        return sorted({int(name.split(":")[0]) for _, name, _ in events})
+    assert prefixes(64) == list(range(8))  # 8 chunks: every one
+    assert prefixes(72) == [0, 1]  # 9: two stand for all
+    fused = tt.with_overrides(compile=True, loss_compiled_with_model=True)
+    assert prefixes(24, fused) == [0, 1, 2]
+
+
+def test_single_loss_chunk_adds_no_chunk_buffers():
+    cfg = TrainConfig(Parallelism(dp_shard=2, tp=2), 64)
+    one = memory_terms(SMALL, cfg, HAND_EX.with_overrides(loss_num_chunks=1))
+    assert one.loss_logits_bytes == 22 * 64 * 500
+
+
+def test_gathered_blocks_set_the_all_gather_pool_when_larger_than_the_root():
+    # vocab 16, d 64, heads 4 of 16, FFN 64: per block 4 x 4096 + 3 x 4096 + 128 = 28800
+    # parameters; root 2 x 1024 + 64 = 2112
+    model = ModelSpec("b", vocab_size=16, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64)
+    assert (model.params_per_layer, model.root_params) == (28800, 2112)
+    t = memory_terms(model, TrainConfig(Parallelism(), 64), HAND_EX)
+    assert t.allocator_pool_bytes == 2 * (2 * 28800) + (2 * 28800 * 4 + 2112 * 4)
+
+
+def test_post_backward_grads_can_set_the_block_working_set():
+    # 2 tokens: activations are tiny; FSDP2's post-backward holds all the block's bf16 grads
+    # (2336 x 2) + their fp32 reduce copy (2336 x 4) after its bf16 params (2336 x 2) go
+    cfg = TrainConfig(Parallelism(), 2)
+    t = memory_terms(SMALL, cfg, HAND_EX)
+    assert t.layer.working["none"] == 2336 * 4
+    # fp32 everywhere: no reduce copy; the block's own working set + w2's fp32 grad
+    fp32 = TrainConfig(Parallelism(), 2, precision=Precision.fp32())
+    assert memory_terms(SMALL, fp32, HAND_EX).layer.working["none"] == \
+        layer_memory(SMALL, fp32, HAND_EX).working["none"] + 16 * 32 * 4
