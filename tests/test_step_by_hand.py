@@ -1,0 +1,214 @@
+"""Specs, models and executor profiles by hand: validation messages, GPU files, the
+power-capped clock, parameter counts of a small model counted by hand, and name lookups."""
+
+import json
+
+import pytest
+
+from cost_models.executors import EXECUTOR_PROFILES, ExecutorProfile, resolve_executor
+from cost_models.models import ModelSpec, model_from_hf_config, resolve_model
+from cost_models.specs import GPU_PRESETS, ClusterSpec, GPUSpec, SpecError, gpu_from_file, resolve_gpu
+
+H100 = GPU_PRESETS["h100-sxm-80gb"]
+
+
+def test_gpu_field_checks_name_the_field():
+    cases = {
+        "memory_bytes": (0, "GPU field memory_bytes=0 must be a positive number"),
+        "hbm_bytes_per_s": (float("inf"), "GPU field hbm_bytes_per_s=inf must be a positive number"),
+        "gpus_per_node": ("8", "GPU field gpus_per_node='8' must be a positive number"),
+        "matmul_efficiency": (1.5, "GPU field matmul_efficiency=1.5 must be in (0, 1]"),
+        "attention_efficiency": (0, "GPU field attention_efficiency=0 must be in (0, 1]"),
+        "clock_fraction_at_limit": (2.0, "GPU field clock_fraction_at_limit=2.0 must be in (0, 1]"),
+        "intra_node_latency_s": (-1e-6, "GPU field intra_node_latency_s=-1e-06 must be a number of seconds >= 0"),
+        "collective_base_latency_s": (float("nan"),
+                                      "GPU field collective_base_latency_s=nan must be a number of seconds >= 0"),
+        "sm_count": (0, "GPU field sm_count=0 must be a positive integer"),
+        "tdp_w": (0, "GPU field tdp_w=0 must be a positive number of watts"),
+        "power_limit_w": (-5, "GPU field power_limit_w=-5 must be a positive number of watts"),
+    }
+    for field, (value, message) in cases.items():
+        with pytest.raises(SpecError) as info:
+            H100.with_overrides(**{field: value})
+        assert str(info.value) == message, field
+    H100.with_overrides(matmul_efficiency=1.0, intra_node_latency_s=0.0, clock_fraction_at_limit=None,
+                        power_limit_w=None)  # the edges that are allowed
+
+
+def test_clock_fraction_under_a_power_limit():
+    assert H100.clock_fraction == 1.0  # no limit
+    assert H100.with_overrides(power_limit_w=700.0).clock_fraction == 1.0  # at TDP
+    assert H100.with_overrides(power_limit_w=800.0).clock_fraction == 1.0  # above TDP
+    # the cube law: (350 / 700) ** (1/3) = 0.7937
+    assert H100.with_overrides(power_limit_w=350.0).clock_fraction == pytest.approx(0.5 ** (1 / 3), rel=1e-12)
+    assert H100.with_overrides(power_limit_w=350.0, clock_fraction_at_limit=0.6).clock_fraction == 0.6
+
+
+def test_gpu_dict_round_trip_drops_aliases():
+    data = GPU_PRESETS["mi300x"].to_dict()
+    assert "aliases" not in data and data["name"] == "mi300x"
+    back = GPUSpec.from_dict({**data, "unknown": 1, "aliases": ("x",)})
+    assert back == GPU_PRESETS["mi300x"] and back.aliases == ()
+
+
+def test_gpu_files_by_hand(tmp_path):
+    def write(name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+    spec = gpu_from_file(write("capped.yaml", "base: h100\npower_limit_w: 500\nhbm_bytes_per_s: 2.4e12\n"
+                                              "memory_bytes: 85899345920.0\nsm_count: 114.0\n"))
+    assert spec.name == "capped" and spec.power_limit_w == 500 and spec.hbm_bytes_per_s == 2.4e12
+    assert spec.memory_bytes == 85899345920 and type(spec.memory_bytes) is int and type(spec.sm_count) is int
+    assert spec.clock_fraction == pytest.approx((500 / 700) ** (1 / 3)) and spec.aliases == ()
+    assert gpu_from_file(write("a.json", json.dumps({"base": "a100", "name": "mine"}))).name == "mine"
+    assert gpu_from_file(write("d.yaml", "{}")).bf16_flops_per_s == H100.bf16_flops_per_s  # default base
+    # a preset with its own clock at the limit: a new limit derives it again
+    base = write("b.yaml", "base: h100\npower_limit_w: 400\nclock_fraction_at_limit: 0.9\n")
+    assert gpu_from_file(base).clock_fraction == 0.9
+    assert gpu_from_file(write("n.yaml", "power_limit_w: null\narch: ampere\n")).arch == "ampere"
+    where = tmp_path
+    errors = {
+        "missing.yaml": f"--gpu {where}/missing.yaml: file not found",
+        write("bad.json", "{oops"): f"--gpu {where}/bad.json: not valid JSON (Expecting property name enclosed in "
+                                    "double quotes at line 1)",
+        write("bad.yaml", "a: [1,\n"): f"--gpu {where}/bad.yaml: not valid YAML at line 2",
+        write("list.yaml", "- 1\n"): f"--gpu {where}/list.yaml: expected a mapping of GPU fields (base: PRESET, "
+                                     "field: value, ...)",
+        write("base.yaml", "base: 3\n"): f"--gpu {where}/base.yaml: base=3 must be a GPU preset name",
+        write("nobase.yaml", "base: tpu\n"): f"--gpu {where}/nobase.yaml: base='tpu' is no GPU preset; use one of "
+                                             + ", ".join(GPU_PRESETS),
+        write("field.yaml", "speed: 3\n"): f"--gpu {where}/field.yaml: unknown GPU field 'speed' (known: "
+                                           + ", ".join(f for f in GPUSpec.__dataclass_fields__ if f != "aliases")
+                                           + ")",
+        write("text.yaml", "tdp_w: lots\n"): f"--gpu {where}/text.yaml: field tdp_w='lots' must be a number",
+        write("bool.yaml", "tdp_w: true\n"): f"--gpu {where}/bool.yaml: field tdp_w=True must be a number",
+        write("neg.yaml", "tdp_w: -1\n"): f"--gpu {where}/neg.yaml: GPU field tdp_w=-1 must be a positive number "
+                                          "of watts",
+    }
+    for path, message in errors.items():
+        with pytest.raises(SpecError) as info:
+            gpu_from_file(tmp_path / path)
+        assert str(info.value) == message, path
+    with pytest.raises(SpecError, match=r"^--gpu .*: cannot read \(IsADirectoryError\)$"):
+        gpu_from_file(tmp_path)
+
+
+def test_resolve_gpu_by_hand(tmp_path):
+    assert resolve_gpu(None) is H100 and resolve_gpu(" H100_SXM-80GB ") is H100
+    assert resolve_gpu("mi300") is GPU_PRESETS["mi300x"]  # an alias
+    path = tmp_path / "g.yaml"
+    path.write_text("base: a100\n")
+    assert resolve_gpu(str(path)).name == "g"
+    with pytest.raises(SpecError, match=r"^--gpu 'tpu': unknown GPU; use one of .* or a path to a YAML/JSON file"):
+        resolve_gpu("tpu")
+
+
+def test_cluster_checks():
+    assert ClusterSpec(H100, 4).gpus_per_node == 4 and ClusterSpec(H100, 16).gpus_per_node == 8
+    assert ClusterSpec(H100, 16).num_nodes == 2 and ClusterSpec(H100, 4).num_nodes == 1
+    for kwargs, message in (({"num_gpus": 0}, "--gpus 0: must be a positive integer"),
+                            ({"num_gpus": 8, "gpus_per_node": 0}, "--gpus-per-node 0: must be a positive integer"),
+                            ({"num_gpus": 12}, "--gpus 12: not a whole number of nodes of 8 GPUs (set "
+                                               "--gpus-per-node)")):
+        with pytest.raises(SpecError) as info:
+            ClusterSpec(H100, **kwargs)
+        assert str(info.value) == message
+
+
+def test_model_sizes_by_hand():
+    # d 16, 4 heads of 4, 2 K/V heads, FFN 32, vocab 100
+    m = ModelSpec("m", vocab_size=100, dim=16, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=32)
+    assert (m.head_dim, m.q_dim, m.kv_dim) == (4, 16, 8)
+    assert m.params_per_layer == 16 * 16 + 2 * 16 * 8 + 16 * 16 + 3 * 16 * 32 + 2 * 16 == 2336
+    assert (m.embedding_params, m.output_params, m.root_params) == (1600, 1600, 3216)
+    assert m.num_params == 3 * 2336 + 3216 and m.non_embedding_params == 3 * 2336 + 16 + 1600
+    tied_bias = ModelSpec("t", vocab_size=100, dim=16, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=32,
+                          tie_embeddings=True, qkv_bias=True, head_dim=8)  # q 32, kv 16
+    assert tied_bias.bias_params_per_layer == 32 + 2 * 16
+    assert tied_bias.params_per_layer == 16 * 32 + 2 * 16 * 16 + 32 * 16 + 3 * 16 * 32 + 32 + 64
+    assert tied_bias.output_params == 0 and tied_bias.root_params == 1616
+    assert tied_bias.non_embedding_params == 3 * tied_bias.params_per_layer + 16 + 1600
+    assert m.to_dict()["num_params"] == m.num_params and ModelSpec.from_dict({**m.to_dict(), "x": 1}) == m
+
+
+def test_model_checks_name_the_field():
+    base = dict(vocab_size=100, dim=16, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=32)
+    cases = [({"dim": 0}, "model field dim=0 must be a positive integer"),
+             ({"ffn_dim": 2.0}, "model field ffn_dim=2.0 must be a positive integer"),
+             ({"dim": 18}, "model dim=18 is not divisible by n_heads=4; give head_dim explicitly"),
+             ({"n_kv_heads": 3}, "model n_heads=4 must be a multiple of n_kv_heads=3"),
+             ({"norm": "layernorm"}, "model norm='layernorm'/activation='swiglu': only rmsnorm + swiglu (Llama "
+                                     "family) are supported"),
+             ({"activation": "gelu"}, "model norm='rmsnorm'/activation='gelu': only rmsnorm + swiglu (Llama "
+                                      "family) are supported")]
+    for change, message in cases:
+        with pytest.raises(SpecError) as info:
+            ModelSpec("m", **{**base, **change})
+        assert str(info.value) == message
+    assert ModelSpec("m", **{**base, "dim": 18, "head_dim": 4}).q_dim == 16
+
+
+def test_hf_config_by_hand(tmp_path):
+    def config(name, **fields):
+        path = tmp_path / name / "config.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(fields))
+        return path
+    required = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    vocab_size=100)
+    m = model_from_hf_config(config("plain", **required))
+    assert (m.name, m.n_kv_heads, m.tie_embeddings, m.norm_eps, m.rope_theta, m.qkv_bias, m.rope_scaling) == \
+        ("plain", 4, False, 1e-5, 10000.0, False, None)
+    q = model_from_hf_config(config("q", **required, model_type="qwen2", num_key_value_heads=2, head_dim=8,
+                                    tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6,
+                                    rope_scaling={"type": "yarn"}, _name_or_path="org/q", sliding_window=4096))
+    assert (q.name, q.n_kv_heads, q.head_dim, q.tie_embeddings, q.norm_eps, q.rope_theta, q.qkv_bias,
+            q.rope_scaling) == ("org/q", 2, 8, True, 1e-6, 1e6, True, "yarn")
+    named = model_from_hf_config(config("r", **required, rope_scaling={"rope_type": "llama3", "type": "x"}))
+    assert named.rope_scaling == "llama3"
+    assert model_from_hf_config(config("u", **required, rope_scaling={"factor": 8})).rope_scaling == "unnamed"
+    errors = [
+        (config("t", **required, model_type="gpt2"), "model_type='gpt2' is not a Llama-family decoder (supported: "
+                                                     "llama, mistral, qwen2)"),
+        (config("h", **{k: v for k, v in required.items() if k != "vocab_size"}),
+         "config.json lacks the field 'vocab_size'"),
+        (config("a", **required, hidden_act="gelu"), "hidden_act='gelu'; only silu (SwiGLU) is supported"),
+        (config("s", **required, rope_scaling=2.0), "rope_scaling=2.0 must be an object or null"),
+        (config("w", **required, model_type="mistral", sliding_window=4096),
+         "sliding_window=4096 (sliding-window attention) is not modeled: the planner would price full causal "
+         "attention; set it to null to plan full attention"),
+    ]
+    for path, message in errors:
+        with pytest.raises(SpecError) as info:
+            model_from_hf_config(path)
+        assert str(info.value) == f"--model {path}: {message}"
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]")
+    with pytest.raises(SpecError, match=r": expected a JSON object$"):
+        model_from_hf_config(listed)
+
+
+def test_resolve_model_and_executor_by_hand(tmp_path):
+    assert resolve_model(None).name == "llama3-8b" and resolve_model(" 70B ").name == "llama3-70b"
+    with pytest.raises(SpecError, match=r"^--model 'gpt': unknown model; use one of .* or a path to a Hugging Face"):
+        resolve_model("gpt")
+    assert resolve_executor(None) is EXECUTOR_PROFILES["autoplan"]
+    assert resolve_executor(" TorchTitan ") is EXECUTOR_PROFILES["torchtitan"]
+    with pytest.raises(SpecError, match=r"^--executor 'jax': use one of autoplan, torchtitan, torchtitan-0.3, "
+                                        r"torchtitan-compile$"):
+        resolve_executor("jax")
+
+
+def test_executor_profile_dict_round_trip_and_errors():
+    tt = EXECUTOR_PROFILES["torchtitan"]
+    data = json.loads(json.dumps(tt.to_dict()))  # tuples become lists in JSON
+    assert ExecutorProfile.from_dict(data) == tt and hash(ExecutorProfile.from_dict(data)) == hash(tt)
+    with pytest.raises(SpecError, match=r"^plan\.executor_profile: expected a mapping of profile fields$"):
+        ExecutorProfile.from_dict([1], where="plan.executor_profile")
+    with pytest.raises(SpecError, match=r"^executor_profile\.bogus: unknown executor profile field \(known: "):
+        ExecutorProfile.from_dict({**data, "bogus": 1, "zzz": 2})
+    with pytest.raises(SpecError, match=r"^executor_profile: .*missing 1 required"):
+        ExecutorProfile.from_dict({"name": "x"})
+    assert tt.sdpa_kv_expanded and not EXECUTOR_PROFILES["autoplan"].sdpa_kv_expanded
+    assert tt.selective_recomputed_matmuls == ("wk", "wo", "w3")  # keeps wq, wv, w1, w2
