@@ -248,3 +248,29 @@ def test_size_parsing_edges_by_hand():
         with pytest.raises(UsageError) as info:
             parse_seq_len(bad)
         assert str(info.value) == f"--target-seqlen {bad!r}: {message}" + (" of tokens" if "whole" in message else "")
+
+
+def test_rounding_edges_of_short_durations():
+    assert format_duration(0.9994) == "999 ms"  # 999.4 ms rounds down
+    assert format_duration(0.0009994995) == "999 us"  # 999.4995 us rounds down
+
+
+def test_seq_len_grid_is_whole_numbers():
+    assert all(type(v) is int for v in power_of_two_grid(1000, 100000))  # TrainConfig takes ints only
+
+
+def test_fix_value_with_an_equals_sign():
+    with pytest.raises(UsageError) as info:
+        parse_fix("ac=full=x")
+    assert str(info.value) == "--fix ac='full=x': use one of none, selective, full"
+
+
+def test_size_messages_in_full():
+    from autoplan.units import parse_batch_tokens
+
+    with pytest.raises(UsageError) as info:
+        parse_batch_tokens("4X")
+    assert str(info.value) == "--global-batch-tokens '4X': expected a size like 4M, 512k or 4194304"
+    with pytest.raises(UsageError) as info:
+        parse_train_tokens("1Q")
+    assert str(info.value) == "--train-tokens '1Q': expected a size like 1T, 300B or 1000000000"
