@@ -5,9 +5,11 @@ import json
 
 import pytest
 
+from cost_models.config import ACPolicy, Parallelism, TrainConfig
 from cost_models.executors import EXECUTOR_PROFILES, ExecutorProfile, resolve_executor
 from cost_models.models import ModelSpec, model_from_hf_config, resolve_model
 from cost_models.specs import GPU_PRESETS, ClusterSpec, GPUSpec, SpecError, gpu_from_file, resolve_gpu
+from cost_models.step import StepEstimate, TimeTerms, _collectives, estimate_step
 
 H100 = GPU_PRESETS["h100-sxm-80gb"]
 
@@ -212,3 +214,117 @@ def test_executor_profile_dict_round_trip_and_errors():
         ExecutorProfile.from_dict({"name": "x"})
     assert tt.sdpa_kv_expanded and not EXECUTOR_PROFILES["autoplan"].sdpa_kv_expanded
     assert tt.selective_recomputed_matmuls == ("wk", "wo", "w3")  # keeps wq, wv, w1, w2
+
+
+# ----------------------------------------------------------------------------- step time
+
+
+# d 64, 8 heads of 8 (q 64), 4 K/V heads (kv 32), FFN 128, vocab 256, 3 blocks: per block
+# 4096 + 2 x 2048 + 4096 + 3 x 8192 + 128 = 36992; root 2 x 16384 + 64 = 32832; all 143808
+MID = ModelSpec("mid", vocab_size=256, dim=64, n_layers=3, n_heads=8, n_kv_heads=4, ffn_dim=128)
+
+
+def test_collectives_volumes_and_counts_by_hand():
+    assert (MID.params_per_layer, MID.root_params, MID.num_params) == (36992, 32832, 143808)
+    cluster = ClusterSpec(H100, 16)
+    par = Parallelism(dp_replicate=2, dp_shard=2, cp=2, tp=2)
+
+    def rows(impl, n_full=1):
+        cfg = TrainConfig(par, 64, grad_accum_steps=3, cp_impl=impl)  # 32 tokens per GPU
+        return [(c.name, c.kind, c.group, c.group_size, c.bytes_per_call, c.calls)
+                for c in _collectives(MID, cluster, cfg, n_full)]
+    common = [
+        ("fsdp all-gather params (fwd + bwd)", "all_gather", "dp_shard+cp", 4, 36992 / 2 * 2, 2 * 3 * 3),
+        ("fsdp reduce-scatter grads", "reduce_scatter", "dp_shard+cp", 4, 36992 / 2 * 4, 3 * 3),
+        ("fsdp root unit all-gather (embedding, norm, output)", "all_gather", "dp_shard+cp", 4, 32832 / 2 * 2, 3),
+        ("fsdp root unit reduce-scatter", "reduce_scatter", "dp_shard+cp", 4, 32832 / 2 * 4, 3),
+        ("hsdp all-reduce grad shards", "all_reduce", "dp_replicate", 2, 143808 / 2 / 4 * 4, 3),
+        # 8 per block (all-gather + reduce-scatter before/after attention and FFN, fwd + bwd)
+        # + 2 per fully recomputed block
+        ("tp all-gather / reduce-scatter (SP)", "all_gather", "tp", 2, 2 * 32 * 64, (8 * 3 + 2) * 3),
+    ]
+    kv = 2 * 64 * 2 * 32 / 2  # bf16 K and V of the whole sequence, this GPU's heads: 4096
+    assert rows("allgather-kv") == common + [
+        ("cp all-gather K/V", "all_gather", "cp", 2, kv, (3 + 1) * 3),
+        ("cp reduce-scatter dK/dV", "reduce_scatter", "cp", 2, kv, 3 * 3)]
+    assert rows("ring-allgather") == common + [
+        ("cp ring all-gather K/V (fwd + bwd)", "all_gather", "cp", 2, kv, (2 * 3 + 1) * 3),
+        ("cp ring dK/dV rotations (fp32)", "send_recv", "cp", 2, kv / 2 / 2 * 4, 2 * 3 * 3)]
+    assert rows("ring-alltoall", n_full=0)[-2:] == [
+        ("cp ring K/V rotations (fwd + bwd)", "send_recv", "cp", 2, kv / 2, 2 * 3 * 1 * 3),
+        ("cp ring dK/dV rotations (fp32)", "send_recv", "cp", 2, kv / 2 / 2 * 4, 2 * 3 * 3)]
+    plain = _collectives(MID, ClusterSpec(H100, 4), TrainConfig(Parallelism(dp_shard=4), 64), 0)
+    assert [c.name for c in plain] == [r[0] for r in common[:4]]
+
+
+def test_time_terms_arithmetic_by_hand():
+    terms = TimeTerms(base_s=10.0, hiding_compute_s=4.0, fsdp_comm_s=7.0, fsdp_tail_s=0.0,
+                      recompute_s={"none": 0.0, "selective": 1.0, "full": 2.0},
+                      recompute_comm_s={"none": 0.0, "selective": 0.5, "full": 0.25}, optimizer_s=3.0,
+                      grad_accum_steps=2, compute_s=0.0, root_recompute_s=0.0, tp_comm_s=0.0, cp_comm_s=0.0)
+    mixed = {"none": 1, "selective": 1, "full": 1}
+    # recompute 3 hides the remaining FSDP traffic (7 - 4 - 3 = 0); comm redone 0.75
+    assert terms.micro_s(mixed) == 13.75 and terms.step_s(mixed) == 2 * 13.75 + 3
+    # no recompute: 7 - 4 = 3 of FSDP traffic exposed
+    assert terms.micro_s({"none": 3}) == 13.0 and terms.step_s({"none": 3}) == 29.0
+    assert terms.micro_s({"full": 3}) == 10.0 + 6.0 + 0.75  # more recompute than traffic: none exposed
+
+
+def test_step_estimate_summary_and_phase():
+    est = StepEstimate(peak_memory_bytes=5.0, memory_breakdown_bytes={"a": 1.0}, memory_capacity_bytes=9.0, fits=True,
+                       step_time_s=2.0, tokens_per_second_per_gpu=3.0, mfu=0.4, flops_per_token=7.0,
+                       executed_flops_per_step=8.0, time_breakdown_s={"compute": 2.0})
+    assert est.peak_phase == "unknown"
+    summary = est.summary()
+    assert summary == {"peak_memory_bytes": 5.0, "peak_memory_reserved_bytes": None,
+                       "memory_breakdown_bytes": {"a": 1.0}, "memory_capacity_bytes": 9.0, "step_time_s": 2.0,
+                       "tokens_per_second_per_gpu": 3.0, "mfu": 0.4, "flops_per_token": 7.0,
+                       "time_breakdown_s": {"compute": 2.0}}
+    assert summary["memory_breakdown_bytes"] is not est.memory_breakdown_bytes  # copies
+    assert summary["time_breakdown_s"] is not est.time_breakdown_s
+    cfg = TrainConfig(Parallelism(dp_shard=4), 1024)
+    full = estimate_step(MID, ClusterSpec(H100, 4), cfg)
+    assert full.peak_phase == full.memory.peak_phase
+    assert full.summary()["peak_memory_reserved_bytes"] == full.memory.reserved_peak_bytes
+
+
+@pytest.mark.parametrize("par, impl, ac, ga", [
+    (Parallelism(dp_shard=8), "allgather-kv", ("none", "none", "none"), 1),
+    (Parallelism(dp_shard=2, cp=2, tp=2), "allgather-kv", ("full", "selective", "none"), 2),
+    (Parallelism(dp_replicate=2, dp_shard=2, cp=4), "ring-allgather", ("full", "full", "none"), 3),
+    (Parallelism(dp_shard=2, cp=4), "ring-alltoall", ("selective", "none", "full"), 1),
+])
+def test_step_estimate_adds_up(par, impl, ac, ga):
+    from cost_models import flops
+
+    cluster = ClusterSpec(H100, par.world_size)
+    cfg = TrainConfig(par, 2048, local_batch_size=2, grad_accum_steps=ga, ac=ACPolicy(ac), cp_impl=impl)
+    est = estimate_step(MID, cluster, cfg)
+    t = est.time_breakdown_s
+    # the step is its compute, recompute, exposed communication and optimizer
+    assert t["compute"] + t["recompute"] + t["exposed_comm"] + t["optimizer"] == pytest.approx(est.step_time_s,
+                                                                                            rel=1e-12)
+    assert t["exposed_comm"] == pytest.approx(t["exposed_tp_comm"] + t["exposed_cp_comm"] + t["exposed_fsdp_comm"],
+                                              rel=1e-12)
+    assert (t["exposed_tp_comm"] > 0) == (par.tp > 1) and (t["exposed_cp_comm"] > 0) == (par.cp > 1)
+    assert t["recompute"] > 0 and t["optimizer"] > 0 and t["matmul"] > 0 and t["attention"] > 0
+    assert (t["cp_elementwise"] > 0) == (par.cp > 1)
+    # tokens per GPU per step: 2048 x 2 x ga over the cp x tp GPUs that share a sequence
+    tokens = 2048 * 2 * ga / (par.cp * par.tp)
+    assert est.tokens_per_second_per_gpu == pytest.approx(tokens / est.step_time_s, rel=1e-12)
+    assert est.flops_per_token == flops.model_flops_per_token(MID, 2048)
+    assert est.mfu == pytest.approx(est.flops_per_token * est.tokens_per_second_per_gpu / H100.bf16_flops_per_s,
+                                    rel=1e-12)
+    executed = flops.step_forward_backward_flops(MID, cfg.tokens_per_gpu, 2048, par.cp, par.tp)
+    assert est.executed_flops_per_step == pytest.approx(ga * sum(executed.values()), rel=1e-12)
+    assert est.memory_capacity_bytes == float(H100.memory_bytes)
+    assert est.fits == (est.peak_memory_bytes <= H100.memory_bytes)
+    assert est.peak_memory_bytes == est.memory.peak_bytes and est.memory_breakdown_bytes == est.memory.breakdown_bytes
+
+
+def test_step_estimate_refuses_a_layout_that_cannot_run():
+    odd = ModelSpec("odd", vocab_size=16, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=10)
+    with pytest.raises(SpecError) as info:
+        estimate_step(odd, ClusterSpec(H100, 4), TrainConfig(Parallelism(tp=4), 64))
+    assert str(info.value) == ("layout cannot run: tp=4 does not divide n_heads=6; tp=4 does not divide "
+                               "n_kv_heads=2; tp=4 does not divide ffn_dim=10")
