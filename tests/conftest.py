@@ -6,12 +6,16 @@ import os
 import sys
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 settings.register_profile("autoplan", max_examples=60, deadline=None, derandomize=True, database=None)
-settings.load_profile("autoplan")
+# Under mutmut a failing property test only has to fail: shrinking its example would run
+# into the mutant's CPU-time limit (counted as caught either way, but minutes later).
+settings.register_profile("mutation", parent=settings.get_profile("autoplan"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile("mutation" if os.environ.get("MUTANT_UNDER_TEST") else "autoplan")
 
 
 @pytest.fixture(autouse=True)
