@@ -114,7 +114,7 @@ def _configure(work: Path, name: str) -> None:
               "pytest_add_cli_args = ['-p', 'no:cacheprovider', '-q', '-x']\n"
               # CPU-time limit per mutant: (tests' time + 1 s) x 2 x this (mutmut's default 15
               # spends minutes on each mutant that loops forever, e.g. in prime_factors)
-              "timeout_multiplier = 4.0\n"
+              "timeout_multiplier = 1.5\n"
               "also_copy = ['autoplan', 'cost_models', 'runtime', 'tests', 'examples', 'benchmarks']\n")
     with open(work / "pyproject.toml", "a") as out:
         out.write(config.replace("'", '"'))
