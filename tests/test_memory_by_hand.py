@@ -584,3 +584,21 @@ def test_post_backward_grads_can_set_the_block_working_set():
     fp32 = TrainConfig(Parallelism(), 2, precision=Precision.fp32())
     assert memory_terms(SMALL, fp32, HAND_EX).layer.working["none"] == \
         layer_memory(SMALL, fp32, HAND_EX).working["none"] + 16 * 32 * 4
+
+
+def test_best_fit_not_first_fit():
+    MiB = 2**20
+    # free 100 MiB (segment 0) and 30 MiB (segment 1): 20 MiB takes the 30, so 90 MiB
+    # still fits the 100 (first fit would split the 100 and need a new segment)
+    events = [("alloc", "a", 100 * MiB), ("alloc", "b", 30 * MiB), ("free", "a", 0), ("free", "b", 0),
+              ("alloc", "c", 20 * MiB), ("alloc", "d", 90 * MiB)]
+    assert simulate_allocator(events) == (130 * MiB, 130 * MiB)
+
+
+def test_expandable_growth_is_at_the_segment_end():
+    MiB = 2**20
+    # blocks a 100, b 6, c 10 in one expandable segment; c freed is the tail: 30 MiB grows
+    # it by 20 (b's 6 MiB in the middle plays no part)
+    events = [("alloc", "a", 100 * MiB), ("alloc", "b", 6 * MiB), ("alloc", "c", 10 * MiB), ("free", "c", 0),
+              ("alloc", "d", 30 * MiB)]
+    assert simulate_allocator(events, expandable_segments=True) == (136 * MiB, 136 * MiB)
