@@ -328,3 +328,94 @@ def test_step_estimate_refuses_a_layout_that_cannot_run():
         estimate_step(odd, ClusterSpec(H100, 4), TrainConfig(Parallelism(tp=4), 64))
     assert str(info.value) == ("layout cannot run: tp=4 does not divide n_heads=6; tp=4 does not divide "
                                "n_kv_heads=2; tp=4 does not divide ffn_dim=10")
+
+
+def test_step_estimate_parts_by_hand():
+    from cost_models.memory import estimate_memory
+    from cost_models.step import layer_time, time_terms
+
+    par = Parallelism(dp_shard=2, tp=2)
+    cluster = ClusterSpec(H100, 4)
+    cfg = TrainConfig(par, 2048, local_batch_size=2, grad_accum_steps=3,
+                      ac=ACPolicy(("full", "selective", "selective")))
+    est = estimate_step(MID, cluster, cfg, "torchtitan")
+    terms = time_terms(MID, cluster, cfg, "torchtitan")
+    layer = layer_time(MID, cluster, cfg, resolve_executor("torchtitan"))
+    counts = {"none": 0, "selective": 2, "full": 1}
+    t = est.time_breakdown_s
+    assert est.step_time_s == pytest.approx(terms.step_s(counts), rel=1e-12)
+    layers_recompute = 2 * terms.recompute_s["selective"] + terms.recompute_s["full"]
+    assert t["recompute"] == pytest.approx(3 * (terms.root_recompute_s + layers_recompute), rel=1e-12)
+    assert t["exposed_fsdp_comm"] == pytest.approx(3 * (terms.fsdp_tail_s + max(
+        0.0, terms.fsdp_comm_s - terms.hiding_compute_s - layers_recompute)), rel=1e-12)
+    # torchtitan's selective AC re-gathers two TP inputs per selective block
+    assert layer.tp_selective_recompute_comm_s > 0
+    assert t["exposed_tp_comm"] == pytest.approx(3 * (terms.tp_comm_s + layer.tp_recompute_comm_s
+                                                      + 2 * layer.tp_selective_recompute_comm_s), rel=1e-12)
+    for key, per_layer in (("matmul", layer.matmul_s), ("attention", layer.attention_s),
+                           ("elementwise", layer.elementwise_s), ("cp_elementwise", layer.cp_elementwise_s)):
+        assert t[key] == pytest.approx(3 * 3 * per_layer, rel=1e-12), key
+    assert est.memory == estimate_memory(MID, cfg, "torchtitan")  # the executor asked for, not the default
+
+
+def test_step_estimate_checks_the_cluster_and_fits_at_capacity():
+    with pytest.raises(SpecError, match=r"^layout cannot run: degrees multiply to 4, cluster has 8 GPUs$"):
+        estimate_step(MID, ClusterSpec(H100, 8), TrainConfig(Parallelism(dp_shard=4), 64))
+    cfg = TrainConfig(Parallelism(dp_shard=4), 1024)
+    peak = estimate_step(MID, ClusterSpec(H100, 4), cfg).peak_memory_bytes
+    exact = ClusterSpec(H100.with_overrides(memory_bytes=peak), 4)  # a GPU with exactly that memory
+    assert estimate_step(MID, exact, cfg).fits
+
+
+def test_alltoall_rotations_per_cp_rank():
+    cfg = TrainConfig(Parallelism(cp=4), 64, grad_accum_steps=2, cp_impl="ring-alltoall")  # 16 tokens per GPU
+    rows = {c.name: (c.bytes_per_call, c.calls) for c in _collectives(MID, ClusterSpec(H100, 4), cfg, 1)}
+    # K/V of the local tokens (2 x 16 x 2 x 32), (2 x 3 blocks + 1 recomputed) x (cp - 1) x accumulation
+    assert rows["cp ring K/V rotations (fwd + bwd)"] == (2 * 16 * 2 * 32, (2 * 3 + 1) * 3 * 2)
+
+
+def test_gpu_spec_edges_by_hand(tmp_path):
+    H100.with_overrides(gpus_per_node=1, sm_count=1, tdp_w=0.5, power_limit_w=0.5)  # small but positive
+    with pytest.raises(SpecError, match=r"^GPU field power_limit_w=0 must be a positive number of watts$"):
+        H100.with_overrides(power_limit_w=0)
+    assert resolve_gpu("h100 sxm 80gb") is H100
+    names = ", ".join(GPU_PRESETS)
+    with pytest.raises(SpecError) as info:
+        resolve_gpu("tpu")
+    assert str(info.value) == (f"--gpu 'tpu': unknown GPU; use one of {names} or a path to a YAML/JSON file "
+                               "(base: PRESET + fields)")
+    for missing in ("missing.yml", "missing.JSON", "missing.yaml"):
+        with pytest.raises(SpecError, match=rf"^--gpu {missing}: file not found$"):
+            resolve_gpu(missing)
+
+
+def test_gpu_file_edges_by_hand(tmp_path):
+    def write(name, text):
+        path = tmp_path / name
+        path.write_bytes(text.encode())
+        return path
+    with pytest.raises(SpecError) as info:  # a reader error has no line mark
+        gpu_from_file(write("ctl.yaml", "a: \x07\n"))
+    assert str(info.value) == f"--gpu {tmp_path}/ctl.yaml: not valid YAML"
+    with pytest.raises(SpecError) as info:
+        gpu_from_file(write("none.yaml", "tdp_w: null\n"))
+    assert str(info.value) == f"--gpu {tmp_path}/none.yaml: field tdp_w=None must be a number"
+    with pytest.raises(SpecError) as info:  # checked after a name field too
+        gpu_from_file(write("late.yaml", "name: x\ntdp_w: lots\n"))
+    assert str(info.value) == f"--gpu {tmp_path}/late.yaml: field tdp_w='lots' must be a number"
+    assert gpu_from_file(write("cf.yaml", "clock_fraction_at_limit: null\n")).clock_fraction_at_limit is None
+    spec = gpu_from_file(write("gpn.yaml", "gpus_per_node: 4.0\n"))
+    assert spec.gpus_per_node == 4 and type(spec.gpus_per_node) is int
+    # the 500 W preset keeps its measured clock unless the file changes a power number
+    assert gpu_from_file(write("p1.yaml", "base: h100-96gb-500w\nname: q\n")).clock_fraction == 0.8939
+    retdp = gpu_from_file(write("p2.yaml", "base: h100-96gb-500w\ntdp_w: 1000\n"))
+    assert retdp.clock_fraction == pytest.approx(0.5 ** (1 / 3), rel=1e-12)
+
+
+def test_executor_unknown_field_lists_the_known():
+    from dataclasses import fields
+
+    known = ", ".join(sorted(f.name for f in fields(ExecutorProfile)))
+    with pytest.raises(SpecError) as info:
+        ExecutorProfile.from_dict({"name": "x", "bogus": 1})
+    assert str(info.value) == f"executor_profile.bogus: unknown executor profile field (known: {known})"
