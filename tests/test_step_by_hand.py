@@ -419,3 +419,127 @@ def test_executor_unknown_field_lists_the_known():
     with pytest.raises(SpecError) as info:
         ExecutorProfile.from_dict({"name": "x", "bogus": 1})
     assert str(info.value) == f"executor_profile.bogus: unknown executor profile field (known: {known})"
+
+
+# ----------------------------------------------------------------------------- one block's time
+
+RATES = {"all_gather": 1.0, "reduce_scatter": 2.0, "send_recv": 3.0, "all_reduce": 4.0}  # seconds per GB
+
+
+@pytest.fixture
+def stand_in_collectives(monkeypatch):
+    """Collectives at made-up rates per kind (so each term is traceable); FSDP's cached
+    per-block traffic is emptied before and after."""
+    import cost_models.step as step
+
+    calls = []
+
+    def seconds(cluster, par, order, kind, dims, nbytes):
+        calls.append((kind, dims, nbytes))
+        return RATES[kind] * nbytes / 1e9 * SCALE[0]
+    step._fsdp_block_comm_s.cache_clear()
+    monkeypatch.setattr(step, "collective_seconds", seconds)
+    yield calls
+    step._fsdp_block_comm_s.cache_clear()
+
+
+SCALE = [1.0]
+
+
+def _pieces(model, cfg, ex, tokens):
+    from cost_models import flops
+    from cost_models.kernels import (
+        attention_backend_for,
+        attention_keys_per_call,
+        attention_rate_per_s,
+        elementwise_bytes_per_token,
+        layer_matmul_s,
+    )
+    tp = cfg.parallelism.tp
+    mm_f, mm_b, per_gemm = layer_matmul_s(model, H100, tokens, tp)
+    attn = flops.layer_forward_flops(model, tokens, cfg.seq_len, cfg.parallelism.cp, tp).attention
+    backend, keys = attention_backend_for(cfg, ex, model), attention_keys_per_call(cfg)
+    attn_f = attn / attention_rate_per_s(H100, backend, False, keys)
+    attn_b = flops.ATTENTION_BACKWARD_FACTOR * attn / attention_rate_per_s(H100, backend, True, keys)
+    ew = elementwise_bytes_per_token(model, ex) * tokens / tp / H100.hbm_bytes_per_s  # bf16: a / 2 = 1
+    return mm_f, mm_b, dict(per_gemm), attn_f, attn_b, ew
+
+
+def test_layer_time_under_tp_by_hand(stand_in_collectives):
+    from cost_models.step import layer_time
+
+    ex = resolve_executor("torchtitan")  # eager: 60 host ops a block, DTensor ops 30 us, plain 10 us
+    cluster = ClusterSpec(H100, 4)
+    for seq in (262144, 16):  # GPU-bound (attention), then host-bound
+        SCALE[0] = 1.0
+        cfg = TrainConfig(Parallelism(dp_shard=2, tp=2), seq)
+        lt = layer_time(MID, cluster, cfg, ex)
+        mm_f, mm_b, gemm, attn_f, attn_b, ew = _pieces(MID, cfg, ex, seq)
+        host = 60 * 10e-6 + 7 * (30e-6 - 10e-6)  # the 7 linears are DTensor ops under TP
+        forward = max(mm_f + attn_f + ew, host)
+        copy = 36992 / 2 * (2 * 2 * 2 * 2 + 2 + 4) / H100.hbm_bytes_per_s  # FSDP copy-in/out, grad cast
+        assert lt.forward_s == pytest.approx(forward, rel=1e-12)
+        assert lt.backward_s == pytest.approx(max(mm_b + attn_b + 2 * ew, 2 * host) + copy, rel=1e-12)
+        assert (forward == host) == (seq == 16)
+        ag, rs = 1.0 * 2 * seq * 64 / 1e9, 2.0 * 2 * seq * 64 / 1e9  # bf16 hidden states, gathered width
+        assert lt.tp_comm_s == pytest.approx(2 * (2 * ag + 2 * rs), rel=1e-12)
+        assert lt.tp_recompute_comm_s == pytest.approx(2 * ag + 2 * rs, rel=1e-12)
+        assert lt.tp_selective_recompute_comm_s == pytest.approx(2 * ag, rel=1e-12)  # wk's and w3's inputs
+        gather, scatter = 1.0 * 18496 * 2 / 1e9, 2.0 * 18496 * 4 / 1e9
+        replicate = 4.0 * 18496 * 4 / 2 / 1e9  # dp_replicate = 1: a group of one
+        assert lt.fsdp_comm_s == pytest.approx(2 * gather + scatter + replicate, rel=1e-12)
+        assert lt.fsdp_first_gather_s == pytest.approx(gather) and lt.fsdp_last_scatter_s == pytest.approx(
+            scatter + replicate)
+        assert lt.recompute_s == pytest.approx({"none": 0.0, "selective": ew + gemm["wk"] + gemm["wo"] + gemm["w3"],
+                                                "full": forward}, rel=1e-12)
+        assert lt.matmul_s == pytest.approx(mm_f + mm_b) and lt.attention_s == pytest.approx(attn_f + attn_b)
+        assert lt.elementwise_s == pytest.approx(3 * ew + copy, rel=1e-12)
+        assert lt.cp_comm_s == lt.cp_elementwise_s == lt.cp_hidden_comm_s == 0.0
+    compiled = layer_time(MID, cluster, TrainConfig(Parallelism(dp_shard=2, tp=2), 16),
+                          ex.with_overrides(compile=True))
+    assert compiled.forward_s == pytest.approx(15 * 10e-6 + 7 * 20e-6, rel=1e-12)  # 15 compiled host ops
+    one = layer_time(MID, ClusterSpec(H100, 2), TrainConfig(Parallelism(dp_shard=2), 16), ex)
+    assert one.forward_s == pytest.approx(60 * 10e-6, rel=1e-12) and one.tp_comm_s == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e-6])  # communication exposed, then hidden
+def test_layer_time_under_cp_by_hand(stand_in_collectives, scale):
+    from cost_models.step import layer_time
+
+    SCALE[0] = scale
+    ex = resolve_executor("autoplan")
+    cluster = ClusterSpec(H100, 4)
+    hbm = H100.hbm_bytes_per_s
+    dq, dkv = 64, 32
+    for impl in ("ring-alltoall", "ring-allgather", "allgather-kv"):
+        cfg = TrainConfig(Parallelism(dp_shard=2, cp=2), 2048, cp_impl=impl)  # 1024 tokens per GPU
+        lt = layer_time(MID, cluster, cfg, ex)
+        _, _, _, attn_f, attn_b, _ = _pieces(MID, cfg, ex, 1024)
+        kv_local = 2 * 1024 * 2 * dkv  # bf16 K and V of the local tokens
+        hop = 3.0 * kv_local / 1e9 * scale
+        dkv_hop = 3.0 * kv_local * 2 / 1e9 * scale  # fp32 dK, dV
+        gather = 1.0 * 2 * kv_local / 1e9 * scale
+        step_f, step_b = attn_f / 2, attn_b / 2
+        if impl == "ring-alltoall":
+            forward = max(0.0, hop - step_f)
+            comm = forward + max(0.0, hop + dkv_hop - step_b) + dkv_hop
+            hidden = 2 * hop + 2 * dkv_hop - comm
+        elif impl == "ring-allgather":
+            forward = max(0.0, gather - step_f)
+            comm = forward + max(0.0, gather - step_b) + max(0.0, dkv_hop - step_b) + dkv_hop
+            hidden = 2 * gather + 2 * dkv_hop - comm
+        else:
+            forward = gather
+            comm = gather + 2.0 * 2 * kv_local / 1e9 * scale
+            hidden = 0.0
+        assert lt.cp_recompute_comm_s == pytest.approx(forward, rel=1e-9, abs=1e-18), impl
+        assert lt.cp_comm_s == pytest.approx(comm, rel=1e-9, abs=1e-18), impl
+        assert lt.cp_hidden_comm_s == pytest.approx(max(0.0, hidden), rel=1e-9, abs=1e-18), impl
+        if impl == "allgather-kv":  # gathered K/V expanded to the query heads and summed back
+            merge_f = merge_b = 1 * 2048 * 2 * dq * 4.0 / hbm
+        else:  # one ring step after the first: merge, K/V cat; backward: dq, dK/dV accumulate + cat
+            merge_f = 1024 * (0.75 * 40 * dq + 4 * 2 * dkv + 12 * dq) / hbm
+            merge_b = 1024 * (0.75 * 10 * dq + 18 * 2 * dkv + 4 * 2 * dkv) / hbm
+        assert lt.cp_elementwise_s == pytest.approx(merge_f + merge_b, rel=1e-12), impl
+    if scale > 1:
+        assert lt.cp_comm_s > 0
