@@ -438,9 +438,11 @@ def stand_in_collectives(monkeypatch):
         calls.append((kind, dims, nbytes))
         return RATES[kind] * nbytes / 1e9 * SCALE[0]
     step._fsdp_block_comm_s.cache_clear()
+    step._time_terms.cache_clear()
     monkeypatch.setattr(step, "collective_seconds", seconds)
     yield calls
     step._fsdp_block_comm_s.cache_clear()
+    step._time_terms.cache_clear()
 
 
 SCALE = [1.0]
@@ -503,43 +505,131 @@ def test_layer_time_under_tp_by_hand(stand_in_collectives):
 
 
 @pytest.mark.parametrize("scale", [1e4, 1e-6])  # communication exposed, then hidden
-def test_layer_time_under_cp_by_hand(stand_in_collectives, scale):
+@pytest.mark.parametrize("cp, tp", [(2, 1), (4, 1), (2, 2)])
+def test_layer_time_under_cp_by_hand(stand_in_collectives, scale, cp, tp):
     from cost_models.step import layer_time
 
     SCALE[0] = scale
     ex = resolve_executor("autoplan")
-    cluster = ClusterSpec(H100, 4)
+    cluster = ClusterSpec(H100, 2 * cp * tp)
     hbm = H100.hbm_bytes_per_s
-    dq, dkv = 64, 32
+    dq, dkv = 64 / tp, 32 / tp  # this GPU's query and K/V widths
+    tokens = 2048 // cp
     for impl in ("ring-alltoall", "ring-allgather", "allgather-kv"):
-        cfg = TrainConfig(Parallelism(dp_shard=2, cp=2), 2048, cp_impl=impl)  # 1024 tokens per GPU
+        cfg = TrainConfig(Parallelism(dp_shard=2, cp=cp, tp=tp), 2048, cp_impl=impl)
         lt = layer_time(MID, cluster, cfg, ex)
-        _, _, _, attn_f, attn_b, _ = _pieces(MID, cfg, ex, 1024)
-        kv_local = 2 * 1024 * 2 * dkv  # bf16 K and V of the local tokens
+        _, _, _, attn_f, attn_b, _ = _pieces(MID, cfg, ex, tokens)
+        kv_local = 2 * tokens * 2 * dkv  # bf16 K and V of the local tokens
         hop = 3.0 * kv_local / 1e9 * scale
         dkv_hop = 3.0 * kv_local * 2 / 1e9 * scale  # fp32 dK, dV
-        gather = 1.0 * 2 * kv_local / 1e9 * scale
-        step_f, step_b = attn_f / 2, attn_b / 2
-        if impl == "ring-alltoall":
-            forward = max(0.0, hop - step_f)
-            comm = forward + max(0.0, hop + dkv_hop - step_b) + dkv_hop
-            hidden = 2 * hop + 2 * dkv_hop - comm
-        elif impl == "ring-allgather":
+        gather = 1.0 * cp * kv_local / 1e9 * scale
+        step_f, step_b = attn_f / cp, attn_b / cp
+        if impl == "ring-alltoall":  # cp - 1 rotations, each behind one step's attention
+            forward = (cp - 1) * max(0.0, hop - step_f)
+            comm = forward + (cp - 1) * max(0.0, hop + dkv_hop - step_b) + dkv_hop
+            hidden = 2 * (cp - 1) * hop + cp * dkv_hop - comm
+        elif impl == "ring-allgather":  # one gather behind the diagonal step; fp32 dK/dV hops
             forward = max(0.0, gather - step_f)
-            comm = forward + max(0.0, gather - step_b) + max(0.0, dkv_hop - step_b) + dkv_hop
-            hidden = 2 * gather + 2 * dkv_hop - comm
-        else:
+            comm = forward + max(0.0, gather - step_b) + (cp - 1) * max(0.0, dkv_hop - step_b) + dkv_hop
+            hidden = 2 * gather + cp * dkv_hop - comm
+        else:  # all-gather K/V, reduce-scatter dK/dV: exposed
             forward = gather
-            comm = gather + 2.0 * 2 * kv_local / 1e9 * scale
+            comm = gather + 2.0 * cp * kv_local / 1e9 * scale
             hidden = 0.0
         assert lt.cp_recompute_comm_s == pytest.approx(forward, rel=1e-9, abs=1e-18), impl
         assert lt.cp_comm_s == pytest.approx(comm, rel=1e-9, abs=1e-18), impl
-        assert lt.cp_hidden_comm_s == pytest.approx(max(0.0, hidden), rel=1e-9, abs=1e-18), impl
+        moved = 2 * (cp - 1) * hop + cp * dkv_hop + 2 * gather  # the difference cancels most of this
+        assert lt.cp_hidden_comm_s == pytest.approx(max(0.0, hidden), abs=1e-9 * moved + 1e-18), impl
         if impl == "allgather-kv":  # gathered K/V expanded to the query heads and summed back
             merge_f = merge_b = 1 * 2048 * 2 * dq * 4.0 / hbm
-        else:  # one ring step after the first: merge, K/V cat; backward: dq, dK/dV accumulate + cat
-            merge_f = 1024 * (0.75 * 40 * dq + 4 * 2 * dkv + 12 * dq) / hbm
-            merge_b = 1024 * (0.75 * 10 * dq + 18 * 2 * dkv + 4 * 2 * dkv) / hbm
+        else:  # per ring step after the first: merge, K/V cat; backward: dq, dK/dV accumulate + cat
+            merge_f = tokens * ((cp - 1) * (0.75 * 40 * dq + 4 * 2 * dkv) + 12 * dq) / hbm
+            merge_b = tokens * (cp - 1) * (0.75 * 10 * dq + 18 * 2 * dkv + 4 * 2 * dkv) / hbm
         assert lt.cp_elementwise_s == pytest.approx(merge_f + merge_b, rel=1e-12), impl
-    if scale > 1:
-        assert lt.cp_comm_s > 0
+
+
+def test_cp_elementwise_work_is_on_the_gpu_time(stand_in_collectives):
+    from cost_models.step import layer_time
+
+    SCALE[0] = 1.0
+    ex = resolve_executor("autoplan")
+    for impl in ("ring-alltoall", "allgather-kv"):
+        cfg = TrainConfig(Parallelism(cp=2), 262144, cp_impl=impl)  # long: GPU-bound
+        lt = layer_time(MID, ClusterSpec(H100, 2), cfg, ex)
+        mm_f, mm_b, _, attn_f, attn_b, ew = _pieces(MID, cfg, ex, 131072)
+        fwd = mm_f + attn_f + ew
+        if impl == "allgather-kv":  # the expansion runs once forward, once backward
+            assert lt.forward_s - fwd == pytest.approx(lt.cp_elementwise_s / 2, rel=1e-9)
+        assert lt.forward_s > fwd
+        copy = 36992 * (8 * 2 + 2 + 4) / H100.hbm_bytes_per_s  # FSDP over dp_shard x cp = 2 ranks
+        assert lt.forward_s + lt.backward_s == pytest.approx(mm_f + mm_b + attn_f + attn_b + 3 * ew + copy
+                                                             + lt.cp_elementwise_s, rel=1e-12)
+
+
+def test_single_gpu_has_no_fsdp_copies(stand_in_collectives):
+    from cost_models.step import layer_time
+
+    SCALE[0] = 1.0
+    ex = resolve_executor("torchtitan")
+    lt = layer_time(MID, ClusterSpec(H100, 1), TrainConfig(Parallelism(), 16), ex)  # host-bound
+    assert lt.backward_s == pytest.approx(2 * 60 * 10e-6, rel=1e-12) and lt.elementwise_s == pytest.approx(
+        3 * _pieces(MID, TrainConfig(Parallelism(), 16), ex, 16)[5], rel=1e-12)
+
+
+@pytest.mark.parametrize("recomputed, groups", [("wq", 1), ("wv", 1), ("w1", 1), ("w2", 0)])
+def test_selective_regathers_the_inputs_of_recomputed_matmuls(stand_in_collectives, recomputed, groups):
+    from cost_models.step import layer_time
+
+    SCALE[0] = 1.0
+    all_saves = ("block_input", "wq", "wk", "wv", "attention", "wo", "w1", "w3", "w2")
+    ex = resolve_executor("torchtitan").with_overrides(selective_saves=tuple(s for s in all_saves if s != recomputed))
+    lt = layer_time(MID, ClusterSpec(H100, 2), TrainConfig(Parallelism(tp=2), 64), ex)
+    # the attention input (wq, wv) or the FFN input (w1) is all-gathered again; w2's is not
+    assert lt.tp_selective_recompute_comm_s == pytest.approx(groups * 1.0 * 2 * 64 * 64 / 1e9, rel=1e-12)
+
+
+def test_exposed_fsdp_traffic_by_hand(stand_in_collectives):
+    from cost_models.step import time_terms
+
+    SCALE[0] = 1e3  # slow links: FSDP traffic outlasts compute
+    cluster = ClusterSpec(H100, 4)
+    cfg = TrainConfig(Parallelism(dp_shard=2, cp=2), 4096, grad_accum_steps=2,
+                      ac=ACPolicy(("selective", "full", "none")))
+    est = estimate_step(MID, cluster, cfg, "autoplan")  # chunked loss: the root's recompute counts
+    terms = time_terms(MID, cluster, cfg, "autoplan")
+    layers = terms.recompute_s["selective"] + terms.recompute_s["full"]
+    assert terms.root_recompute_s > 0 and terms.fsdp_comm_s > terms.hiding_compute_s + layers
+    exposed = terms.fsdp_tail_s + terms.fsdp_comm_s - terms.hiding_compute_s - layers
+    assert est.time_breakdown_s["exposed_fsdp_comm"] == pytest.approx(2 * exposed, rel=1e-12)
+    layer_cp = est.time_breakdown_s["cp_elementwise"]
+    from cost_models.step import layer_time
+    assert layer_cp == pytest.approx(2 * 3 * layer_time(MID, cluster, cfg, resolve_executor("autoplan"))
+                                     .cp_elementwise_s, rel=1e-12) and layer_cp > 0
+
+
+def test_hf_messages_by_hand(tmp_path):
+    required = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                    vocab_size=100, num_key_value_heads=1)
+    for name, extra, message in (
+            ("ab", {"attention_bias": True}, "attention_bias=true (biases on q, k, v and o_proj) is not modeled; "
+                                             "only Qwen2-style q/k/v biases are: set it to false to plan without "
+                                             "biases"),
+            ("mb", {"mlp_bias": True}, "mlp_bias=true (biases on the MLP projections) is not modeled; set it to "
+                                       "false to plan without them")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**required, **extra}))
+        with pytest.raises(SpecError) as info:
+            model_from_hf_config(path)
+        assert str(info.value) == f"--model {path}: {message}"
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(required))
+    assert model_from_hf_config(one).n_layers == 1 and model_from_hf_config(one).n_kv_heads == 1
+    with pytest.raises(SpecError) as info:
+        resolve_model(str(tmp_path / "missing.json"))
+    assert str(info.value) == f"--model {tmp_path}/missing.json: file not found"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(SpecError) as info:
+        model_from_hf_config(bad)
+    assert str(info.value) == (f"--model {bad}: not valid JSON (Expecting property name enclosed in double quotes "
+                               "at line 1)")
