@@ -274,3 +274,32 @@ def test_size_messages_in_full():
     with pytest.raises(UsageError) as info:
         parse_train_tokens("1Q")
     assert str(info.value) == "--train-tokens '1Q': expected a size like 1T, 300B or 1000000000"
+
+
+def test_search_space_follows_the_global_batch():
+    from autoplan.search import build_search_space
+
+    # 8 GPUs, 4096-token sequences, a 4096 x 8 x 4 token batch: accumulation = 4 x 8 / (batch x dp)
+    space = build_search_space(EVEN, H100, [8], [4096], gpus_per_node=8, global_batch_tokens=4096 * 8 * 4)
+    assert space.candidates
+    for c in space.candidates:
+        dp = c.parallelism.dp_replicate * c.parallelism.dp_shard
+        assert c.grad_accum_steps * 4096 * c.local_batch_size * dp == 4096 * 8 * 4
+
+
+def test_batches_past_the_token_cap_are_skipped_not_the_rest():
+    from autoplan.search import Layout, expand
+
+    layout = Layout(1, Parallelism(), ClusterSpec(H100, 1), ("none",), (8, 1))  # the large batch first
+    out = expand(EVEN, layout, 8192, {}, None, [])
+    assert [c.local_batch_size for c in out] == [1]  # 8 x 8192 tokens is past the cap; 1 still runs
+
+
+def test_sequence_parallel_rejection_keeps_its_reason():
+    from autoplan.search import Layout, expand
+
+    rejections = []
+    layout = Layout(4, Parallelism(tp=4), ClusterSpec(H100, 4), ("none",), (1,))
+    assert expand(EVEN, layout, 6, {}, None, rejections) == []
+    assert [(r.what, r.reason) for r in rejections] == [
+        ("4 GPUs dp_rep=1 dp_shard=1 cp=1 tp=4 seq=6", "tokens per GPU 6 not divisible by tp=4 (sequence parallel)")]
