@@ -303,3 +303,21 @@ def test_sequence_parallel_rejection_keeps_its_reason():
     assert expand(EVEN, layout, 6, {}, None, rejections) == []
     assert [(r.what, r.reason) for r in rejections] == [
         ("4 GPUs dp_rep=1 dp_shard=1 cp=1 tp=4 seq=6", "tokens per GPU 6 not divisible by tp=4 (sequence parallel)")]
+
+
+def test_rules_edges_by_hand():
+    assert seq_len_multiple(Parallelism(tp=2)) == 2  # 1 x seq split over tp 2
+    assert seq_len_multiple(Parallelism(tp=6), local_batch_size=4) == 3  # 4 seq / 6 whole: seq by 3
+    cluster = ClusterSpec(H100, 4)
+    assert layout_violations(EVEN, TrainConfig(Parallelism(tp=2), 16), cluster) == [
+        "degrees multiply to 2, cluster has 4 GPUs"]
+
+
+def test_candidate_train_config_by_hand():
+    from autoplan.search import Candidate
+
+    order = ("dp_replicate", "dp_shard", "cp", "tp")
+    bare = Candidate(8, Parallelism(dp_shard=4, cp=2), order, 4096, 2, 3, "ring-alltoall")
+    assert bare.train_config() == TrainConfig(Parallelism(dp_shard=4, cp=2), 4096, 2, 3, None, "ring-alltoall", order)
+    given = TrainConfig(Parallelism(dp_shard=8), 1024)
+    assert Candidate(8, Parallelism(dp_shard=8), order, 1024, 1, 1, "none", given).train_config() is given
