@@ -1,12 +1,14 @@
 """Mutation testing as a standing habit: how many small, plausible bugs the suite catches.
 
-    python benchmarks/mutation.py [--group cost_models|planner|runtime ...] [--jobs 2]
+    python benchmarks/mutation.py [--group runtime|memory_core|rules_search|step_core|cost_core ...] [--jobs 1]
+    python benchmarks/mutation.py --rerun-survivors /tmp/autoplan-mutation-GROUP-XXXX
 
 Runs mutmut (a kept library; ``pip install mutmut``) on a throw-away copy of the tree, one
 group of modules at a time against the tests that cover them, and prints per group the
 mutation score (killed / total) and every surviving mutant's name. ``mutmut show NAME``
-in the printed work folder shows a survivor's diff. Not part of CI: a full run takes
-tens of minutes on two cores.
+in the printed work folder shows a survivor's diff. Not part of CI: each fast group takes
+about 20 minutes with one worker; the whole-package groups (cost_models, planner) hours.
+benchmarks/mutation_results.md records the last scores and what each survivor is.
 
 A survivor is either a missing test (write one that fails on it) or an equivalent mutant
 (a change no input can observe, e.g. ``max(a, 0.0)`` -> ``max(a, 1e-300)`` on positive
@@ -26,20 +28,58 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Each group pairs a few modules with the FAST tests that exercise them (mutmut 3 runs,
+# per mutant, only the listed tests that cover the mutated function), so one group runs in
+# about 20 minutes with one worker. `cost_models` and `planner` are the old whole-package
+# groups: their lists include slow brute-force and published-run tests (hours).
+_UNITS = "tests/test_runtime_units.py::"
+_SLOW_HF = "tests/test_hf_config.py::test_qkv_biases_train_under_tensor_parallel_like_one_process"  # 10 s, torch
 GROUPS = {
-    # The FLOP and collective formulas with their fast hand-derived tests: a group small
-    # enough to run in ~20 minutes on two cores (the whole cost_models group runs every
-    # memory and published-run test per mutant: hours).
+    # The FLOP and collective formulas with their fast hand-derived tests.
     "cost_core": {
         "sources": ["cost_models/flops.py", "cost_models/comm.py"],
         "tests": ["tests/test_cost_models.py", "tests/test_comm.py", "tests/test_seeded_cost.py",
                   "tests/test_step_time.py", "tests/test_flops_comm_by_hand.py"],
     },
+    # Activation, allocator and kernel memory with the phase walk it is checked against.
+    "memory_core": {
+        "sources": ["cost_models/activations.py", "cost_models/allocator.py", "cost_models/memory.py",
+                    "cost_models/kernels.py"],
+        "tests": ["tests/test_memory_phases.py", "tests/test_memory_ring.py", "tests/test_memory_allocator.py",
+                  "tests/test_cost_models.py", "tests/test_seeded_cost.py", "tests/test_cost_properties.py",
+                  "tests/test_torchtitan_profile.py", "tests/test_ilp_memory.py", "tests/test_ilp_memory_binding.py",
+                  "tests/test_step_time.py", "tests/test_memory_by_hand.py"],
+    },
+    # Step time, executor profiles, hardware/model specs.
+    "step_core": {
+        "sources": ["cost_models/step.py", "cost_models/executors.py", "cost_models/specs.py",
+                    "cost_models/models.py"],
+        "tests": ["tests/test_cost_models.py", "tests/test_step_time.py", "tests/test_seeded_cost.py",
+                  "tests/test_cost_properties.py", "tests/test_flops_comm_by_hand.py", "tests/test_memory_phases.py",
+                  "tests/test_hf_config.py", "tests/test_step_by_hand.py", "--deselect", _SLOW_HF],
+    },
+    # Layout rules, the search, --fix suggestions and unit parsing.
+    "rules_search": {
+        "sources": ["cost_models/rules.py", "autoplan/search.py", "autoplan/fix.py", "autoplan/units.py"],
+        "tests": ["tests/test_units.py", "tests/test_fix.py", "tests/test_planner_bruteforce.py",
+                  "tests/test_alternatives.py", "tests/test_seeded_cost.py", "tests/test_ilp_memory.py",
+                  "tests/test_rules_search_by_hand.py"],
+    },
+    # The runtime's pure pieces, in process (the torchrun tests import the tree they run
+    # in, not mutmut's copy, and take seconds each).
+    "runtime": {
+        "sources": ["runtime/context_parallel.py", "runtime/metrics.py", "runtime/data.py"],
+        "tests": ["tests/test_runtime_metrics_by_hand.py", "tests/test_context_parallel_by_hand.py",
+                  "tests/test_runtime_data.py", "tests/test_seeded_runtime.py",
+                  _UNITS + "test_portable_cp_attention_is_exact_in_fp64",
+                  _UNITS + "test_gathered_chunks_reorder_to_the_sequence",
+                  _UNITS + "test_token_file_and_too_short_file"],
+    },
     "cost_models": {
         "sources": ["cost_models/"],
         "tests": ["tests/test_cost_models.py", "tests/test_cost_properties.py", "tests/test_memory_phases.py",
                   "tests/test_step_time.py", "tests/test_comm.py", "tests/test_published_runs.py",
-                  "tests/test_memory_model.py", "tests/test_memory_ring.py", "tests/test_torchtitan_profile.py",
+                  "tests/test_memory_ring.py", "tests/test_torchtitan_profile.py",
                   "tests/test_planner_reference.py", "tests/test_ilp_memory.py",
                   "tests/test_seeded_cost.py", "tests/test_memory_allocator.py", "tests/test_hf_config.py"],
     },
@@ -51,12 +91,8 @@ GROUPS = {
                   "tests/test_ilp_objective_accum.py", "tests/test_ilp_memory_binding.py", "tests/test_longest.py",
                   "tests/test_cli_conflicts.py"],
     },
-    "runtime": {
-        "sources": ["runtime/context_parallel.py", "runtime/metrics.py", "runtime/data.py"],
-        "tests": ["tests/test_runtime_units.py", "tests/test_seeded_runtime.py", "tests/test_runtime_inputs.py",
-                  "tests/test_runtime_data.py"],
-    },
 }
+FAST_GROUPS = ["runtime", "memory_core", "rules_search", "step_core", "cost_core"]
 
 
 def _copy_tree(work: Path) -> None:
@@ -67,48 +103,95 @@ def _copy_tree(work: Path) -> None:
         shutil.copy2(ROOT / name, target)
 
 
-def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
+def _configure(work: Path, name: str) -> None:
     group = GROUPS[name]
-    work = Path(tempfile.mkdtemp(prefix=f"autoplan-mutation-{name}-"))
-    _copy_tree(work)
-    tests = [t for t in group["tests"] if (work / t).exists()]
+    # Test files (or node ids, file::test) that exist in this tree, and pytest options.
+    tests = [t for t in group["tests"] if t.startswith("-") or not t.startswith("tests/")
+             or (work / t.split("::")[0]).exists()]
     config = ("\n[tool.mutmut]\n"
               f"source_paths = {group['sources']!r}\n"
               f"pytest_add_cli_args_test_selection = {tests!r}\n"
               "pytest_add_cli_args = ['-p', 'no:cacheprovider', '-q', '-x']\n"
+              # CPU-time limit per mutant: (tests' time + 1 s) x 2 x this. mutmut's default 15
+              # spends minutes on each mutant that loops forever (e.g. in prime_factors); at
+              # 1 most "timeouts" of the rules_search group were mutants whose tests passed,
+              # only slower than their timing from the clean run (caches emptied per test).
+              "timeout_multiplier = 5.0\n"
               "also_copy = ['autoplan', 'cost_models', 'runtime', 'tests', 'examples', 'benchmarks']\n")
     with open(work / "pyproject.toml", "a") as out:
         out.write(config.replace("'", '"'))
-    began = time.perf_counter()
+
+
+def _mutmut_run(work: Path, jobs: int, mutants: list[str] | None = None) -> Path:
     log = work / "mutmut-run.log"
-    with open(log, "w") as out:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=work,
-                       stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "a") as out:
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)] + (mutants or []),
+                       cwd=work, stdout=out, stderr=subprocess.STDOUT)
+    return log
+
+
+def _statuses(work: Path) -> dict[str, str]:
     results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
                              capture_output=True, text=True).stdout
-    statuses = dict(re.findall(r"^\s*(\S+): (\S.*)$", results, flags=re.M))
+    return dict(re.findall(r"^\s*(\S+): (\S.*)$", results, flags=re.M))
+
+
+def _report(name: str, work: Path, log: Path, began: float) -> tuple[int, int, list[str], Path]:
+    statuses = _statuses(work)
     total = len(statuses)
     if statuses and all(s == "not checked" for s in statuses.values()):
         tail = log.read_text(errors="replace")[-600:]
         print(f"{name}: mutmut checked none of {total} mutants; see {log}:\n{tail}", flush=True)
-    killed = sum(1 for s in statuses.values() if s in ("killed", "timeout"))
+    # A mutant that crashes the test process (mutmut's "suspicious": a signal such as the
+    # SIGFPE of the CPU flash kernel on an out-of-range slice, or "segfault") is caught.
+    crashed = sum(1 for s in statuses.values() if s in ("suspicious", "segfault"))
+    killed = crashed + sum(1 for s in statuses.values() if s in ("killed", "timeout"))
     survivors = sorted(m for m, s in statuses.items() if s == "survived")
-    print(f"{name}: {killed} killed of {total} mutants ({killed / max(total, 1):.0%}), "
-          f"{len(survivors)} survived, {time.perf_counter() - began:.0f} s; work folder {work}", flush=True)
+    untested = sum(1 for s in statuses.values() if s == "no tests")
+    print(f"{name}: {killed} killed of {total} mutants ({killed / max(total, 1):.0%}; {crashed} of them by a crash), "
+          f"{len(survivors)} survived, {untested} not covered by any listed test, "
+          f"{time.perf_counter() - began:.0f} s; work folder {work}", flush=True)
     return killed, total, survivors, work
+
+
+def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
+    work = Path(tempfile.mkdtemp(prefix=f"autoplan-mutation-{name}-"))
+    _copy_tree(work)
+    _configure(work, name)
+    began = time.perf_counter()
+    return _report(name, work, _mutmut_run(work, jobs), began)
+
+
+def rerun_survivors(work: Path, jobs: int) -> tuple[int, int, list[str], Path]:
+    """Check a finished run's survivors again against this tree's current tests (new test
+    files join mutmut's coverage map); the other mutants keep their results. The sources
+    must be the ones that run mutated."""
+    name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "tests"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for test in files:
+        shutil.copy2(ROOT / test, work / test)
+    survivors = sorted(m for m, s in _statuses(work).items() if s == "survived")
+    began = time.perf_counter()
+    return _report(name, work, _mutmut_run(work, jobs, survivors), began)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--group", action="append", choices=list(GROUPS), help="default: every group")
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--group", action="append", choices=list(GROUPS),
+                        help=f"default: the fast groups ({', '.join(FAST_GROUPS)})")
+    parser.add_argument("--jobs", type=int, default=1, help="mutmut workers (default 1)")
+    parser.add_argument("--rerun-survivors", metavar="WORK", type=Path,
+                        help="re-check the survivors of a finished run (its work folder) with the current tests")
     args = parser.parse_args()
     if shutil.which("mutmut") is None and subprocess.run([sys.executable, "-m", "mutmut", "--help"],
                                                          capture_output=True).returncode != 0:
         print("mutation testing needs mutmut: pip install mutmut", file=sys.stderr)
         return 2
-    for name in args.group or list(GROUPS):
-        _, _, survivors, _ = run_group(name, args.jobs)
+    runs = ([lambda: rerun_survivors(args.rerun_survivors, args.jobs)] if args.rerun_survivors else
+            [lambda name=name: run_group(name, args.jobs) for name in args.group or FAST_GROUPS])
+    for run in runs:
+        _, _, survivors, _ = run()
         for mutant in survivors:
             print(f"  survived {mutant}")
     return 0

@@ -93,5 +93,31 @@ def test_npy_files_carry_their_dtype(tmp_path):
     assert source.num_sequences == 3 and source.sample(2).tolist() == [8, 9, 10, 11]
     bad = tmp_path / "b.npy"
     bad.write_bytes(b"not numpy")
-    with pytest.raises(DataError, match="not a readable .npy file"):
+    # numpy's reason (the file lacks the .npy magic, so numpy takes it for a pickle)
+    with pytest.raises(DataError, match=r"not a readable .npy file \(.*pickled \(object\) data"):
         TokenSource(16, 3, path=str(bad))
+
+
+def test_token_files_are_mapped_read_only(tmp_path):
+    # The file is memory-mapped (not read into memory) and never written through.
+    npy = tmp_path / "t.npy"
+    np.save(npy, np.arange(8, dtype=np.int32))
+    for path in (npy, _tokens(tmp_path, range(8))):
+        tokens = TokenSource(vocab_size=16, seq_len=3, path=str(path)).tokens
+        assert isinstance(tokens, np.memmap) and not tokens.flags.writeable
+
+
+def test_unknown_dtype_error_lists_the_choices(tmp_path):
+    path = _tokens(tmp_path, range(8), side=False)
+    with pytest.raises(DataError, match=r"dtype 'float16': use one of uint8, uint16, uint32, int32, int64$"):
+        token_dtype(path, "float16")
+
+
+def test_synthetic_stream_is_pinned():
+    # Sample i of seed s is torch.randint(0, vocab, (seq_len + 1,)) drawn from a generator
+    # seeded s * 1_000_003 + i (a resumed run must see the same tokens). Seed defaults to 0.
+    def drawn(seed, vocab, length):
+        return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(TokenSource(vocab_size=5, seq_len=40).sample(3), drawn(3, 5, 41))
+    assert torch.equal(TokenSource(vocab_size=5, seq_len=40, seed=2).sample(7), drawn(2_000_013, 5, 41))
+    assert 0 in TokenSource(vocab_size=2, seq_len=63).sample(0).tolist()  # 0 is a token id too
