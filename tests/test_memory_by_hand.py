@@ -89,16 +89,19 @@ def test_loss_request_sequence_by_hand():
         ("alloc", "0:logits", 2 * L), ("alloc", "0:up", 4 * L), ("alloc", "0:lsm", 4 * L), ("free", "0:up", 0.0),
         ("free", "0:logits", 0.0), ("alloc", "0:gnll", 4 * L), ("alloc", "0:glsm", 4 * L), ("free", "0:gnll", 0.0),
         ("free", "0:lsm", 0.0), ("alloc", "0:grad", 2 * L), ("free", "0:glsm", 0.0), ("free", "0:grad", 0.0)]
-    # tp=2: loss_parallel on vocab-sharded logits (L / 2 per GPU), logits kept to the end
+    # tp=2: loss_parallel on vocab-sharded logits (L / 2 per GPU), logits kept to the end.
+    # As traced op by op at TP 2 and 8: exp is freed after its all-reduced sum, before the
+    # result is written; backward holds the saved result, zeros, exp(result) and their sum,
+    # and frees two of them before the bf16 grad is cast back.
     kept = resolve_executor("torchtitan").with_overrides(logits_freed_before_backward=False)
     tp2 = TrainConfig(Parallelism(dp_shard=1, tp=2), 64, local_batch_size=3)
     H = 192 * 100 / 2
     assert [(kind, name, n / H) for kind, name, n in loss_allocation_events(tiny, tp2, kept)] == [
         ("alloc", "0:logits", 2), ("alloc", "0:up", 4), ("alloc", "0:shifted", 4), ("alloc", "0:exp", 4),
-        ("alloc", "0:result", 4), ("free", "0:exp", 0), ("free", "0:shifted", 0), ("free", "0:up", 0),
-        ("alloc", "0:zeros", 4), ("alloc", "0:exp2", 4), ("alloc", "0:sum", 4), ("alloc", "0:prod", 4),
-        ("free", "0:zeros", 0), ("free", "0:exp2", 0), ("free", "0:sum", 0), ("free", "0:result", 0),
-        ("alloc", "0:grad", 2), ("free", "0:prod", 0), ("free", "0:logits", 0), ("free", "0:grad", 0)]
+        ("free", "0:exp", 0), ("alloc", "0:result", 4), ("free", "0:shifted", 0), ("free", "0:up", 0),
+        ("alloc", "0:zeros", 4), ("alloc", "0:exp2", 4), ("alloc", "0:sum", 4),
+        ("free", "0:zeros", 0), ("free", "0:exp2", 0), ("alloc", "0:grad", 2), ("free", "0:sum", 0),
+        ("free", "0:result", 0), ("free", "0:logits", 0), ("free", "0:grad", 0)]
 
 
 def test_sac_option_error_is_one_line():
@@ -369,9 +372,19 @@ def test_memory_terms_by_hand():
     layer = layer_memory(SMALL, cfg, HAND_EX)
     assert t.layer.saved == layer.saved
     # working: the block's own + w2's weight grad (16 x 32 / 2 bf16), or the post-backward
-    # moment (all grads 2336 + fp32 reduce copy 4672 - the resharded params 2336)
-    assert t.layer.working == {m: max(w + 512, 4672) for m, w in layer.working.items()}
-    assert t.loss_logits_bytes == loss_working_bytes(SMALL, cfg, HAND_EX) == 22 * 64 * 500
+    # moment (all grads 2336 + fp32 reduce copy 4672 - the resharded params 2336); below the
+    # top block, FSDP2 still holds the block above's reduce-scatter input (1168 params x 4)
+    assert t.top_layer_working == {m: max(w + 512, 4672) for m, w in layer.working.items()}
+    assert t.layer.working == {m: max(w + 512 + 4672, 4672) for m, w in layer.working.items()}
+    assert t.first_layer_block_saving_bytes == 1168 * 2  # block 0 prefetches no block below it
+    # TP's embedding backward: a dense 1000 x 16 bf16 grad + max(the gathered incoming grad
+    # 2 x 64 x 16, the rank's own 500 rows 500 x 16 x 2); alive: both root units gathered
+    # (16008 bf16) + layer 0's held reduce-scatter input (4672); both blocks' sharded grads
+    # (2 x 2336) + the [norm, output] unit's, reduced already (half the root's 32016)
+    assert t.embedding_backward_working_bytes == 1000 * 16 * 2 + max(2 * 64 * 16, 500 * 16 * 2)
+    assert t.embedding_backward_unsharded_bytes == 16008 * 2 + 4672
+    assert t.embedding_backward_grad_bytes == 2 * 2336 + 32016 / 2
+    assert t.loss_logits_bytes == loss_working_bytes(SMALL, cfg, HAND_EX) == 16 * 64 * 500
     assert t.loss_stranded_bytes == allocator_loss_stranded_bytes(SMALL, cfg, HAND_EX)
     assert t.forward_working_bytes == 0.0
     # pools: all-gather output max(root unit 8004, 2 blocks 2336) bf16; every fp32 sharded grad
@@ -395,20 +408,22 @@ def test_memory_terms_variants_by_hand():
     fp32 = TrainConfig(Parallelism(dp_shard=2, tp=2), 64, precision=Precision.fp32())
     t32 = memory_terms(SMALL, fp32, HAND_EX)
     assert t32.root_reduce_bytes == 16008 * 4
-    # post-backward: all fp32 grads (1168 x 4) less the resharded fp32 params: 0
-    assert t32.layer.working == {m: max(w + 16 * 32 / 2 * 4, 0.0)
-                                 for m, w in layer_memory(SMALL, fp32, HAND_EX).working.items()}
+    # post-backward: all fp32 grads (1168 x 4) less the resharded fp32 params: 0; below the
+    # top block the block above's fp32 reduce-scatter input (1168 x 4) is held
+    own = layer_memory(SMALL, fp32, HAND_EX).working
+    assert t32.top_layer_working == {m: max(w + 16 * 32 / 2 * 4, 0.0) for m, w in own.items()}
+    assert t32.layer.working == {m: max(w + 16 * 32 / 2 * 4 + 1168 * 4, 0.0) for m, w in own.items()}
     # compiled blocks: one fp32 temporary in the final norm's backward
     assert memory_terms(SMALL, cfg, HAND_EX.with_overrides(compile=True)).norm_backward_working_bytes == \
         4 * 64 * 16 / 2 + 2 * 64 * 16
     # 4 loss chunks of 16 tokens: hidden-state copies + fp32 grad buffer (6 x 64 x 16), and
     # the output projection's grad alive across chunks
     chunked = memory_terms(SMALL, cfg, HAND_EX.with_overrides(loss_num_chunks=4))
-    assert chunked.loss_logits_bytes == 22 * 16 * 500 + 6 * 64 * 16 + 16000
-    assert base.loss_logits_bytes == 22 * 64 * 500
+    assert chunked.loss_logits_bytes == 16 * 16 * 500 + 6 * 64 * 16 + 16000
+    assert base.loss_logits_bytes == 16 * 64 * 500
     one_chunk = memory_terms(SMALL, TrainConfig(Parallelism(dp_shard=2, tp=2), 4), HAND_EX.with_overrides(
         loss_num_chunks=4))  # 4 tokens, 4 chunks of 1: still chunked
-    assert one_chunk.loss_logits_bytes == 22 * 1 * 500 + 6 * 4 * 16 + 16000
+    assert one_chunk.loss_logits_bytes == 16 * 1 * 500 + 6 * 4 * 16 + 16000
     # ring CP: the attention's forward transient
     from cost_models.activations import ring_attention_bytes
     ring = TrainConfig(Parallelism(dp_shard=1, cp=2, tp=2), 128, cp_impl="ring-alltoall")
@@ -461,13 +476,14 @@ def test_nccl_and_loss_working_by_hand():
     tp1, tp2 = TrainConfig(Parallelism(), 64), TrainConfig(Parallelism(tp=2), 64)
     flat = ex.with_overrides(loss_upcast_fp32=False)
     # per logit element: tp 1: max(logits 2 + upcast 4 + log-softmax 4, 3 x 4) = 12; tp 2
-    # (loss_parallel): max(2 + 4 x 4, 5 x 4 + 2) = 22 over vocab / 2
+    # (loss_parallel, as traced): max(2 + 3 x 4, 4 x 4) = 16 over vocab / 2
     assert loss_working_bytes(model, tp1, ex) == 12 * 64 * 1000
-    assert loss_working_bytes(model, tp2, ex) == 22 * 64 * 500
+    assert loss_working_bytes(model, tp2, ex) == 16 * 64 * 500
     assert loss_working_bytes(model, tp1, flat) == 6 * 64 * 1000  # no upcast: max(2 + 2 + 2, 3 x 2)
-    assert loss_working_bytes(model, tp2, flat) == 12 * 64 * 500  # max(2 + 4 x 2, 5 x 2 + 2)
+    assert loss_working_bytes(model, tp2, flat) == 8 * 64 * 500  # max(2 + 3 x 2, 4 x 2)
     wide = ex.with_overrides(logits_bytes=8)  # fp64 logits: the forward (8 + 4 + 4) is the larger
     assert loss_working_bytes(model, tp1, wide) == 16 * 64 * 1000
+    assert loss_working_bytes(model, tp2, wide) == 20 * 64 * 500  # max(8 + 3 x 4, 4 x 4)
 
 
 # ----------------------------------------------------------------------------- one block, by hand
@@ -487,8 +503,13 @@ def test_layer_memory_by_hand():
     # (2 x 64 x 2 x 8 / 2 = 1024), attention output + fp32 lse (512 + 4 x 32 x 2 = 768), 4 f-wide
     # SwiGLU tensors (4 x 2 x 32 x f / 2)
     common = 2 * 576 + 2048 + 512 + 1024 + 768
-    for model, f, transient in ((wide, 32, 2 * 2 * 32 * 32 / 2 + 512),  # FFN grads (2 f) dominate
-                                (narrow, 8, 512 + 1024 + 512)):  # dq + gathered dK, dV dominate
+    # transient = the widest backward moment + the sequence-sharded residual grad (2 x 32 x
+    # 16 / 2 = 512). FFN: the SwiGLU product's two f-wide grads (2 x 2 x 32 x f / 2), or w2's
+    # incoming grad gathered over the sequence under SP (2 x 32 x 16 = 1024) + its f-wide
+    # input grad. Attention runs after the FFN's four f-wide tensors (4 x 2 x 32 x f / 2)
+    # are freed: dq 512 + gathered dK, dV 1024 (or gathered grad 1024 + dq 512) less those.
+    for model, f, transient in ((wide, 32, 2 * 2 * 32 * 32 / 2 + 512),  # the product's grads: 2048
+                                (narrow, 8, 1024 + 2 * 32 * 8 / 2 + 512)):  # gathered grad + w2's input grad
         mem = layer_memory(model, cfg, ex)
         none = common + 4 * 2 * 32 * f / 2
         sizes = save_bytes(model, cfg)
@@ -508,7 +529,9 @@ def test_layer_memory_by_hand():
         ring = TrainConfig(Parallelism(cp=2, tp=2), 64, cp_impl=impl)
         mem = layer_memory(narrow, ring, ex)
         assert mem.saved["none"] == common - 512 + 4 * 2 * 32 * 8 / 2
-        assert mem.working["none"] == max(2 * 2 * 32 * 8 / 2, ring_attention_bytes(narrow, ring, ex)[1]) + 512
+        ffn = max(2 * 2 * 32 * 8 / 2, 1024 + 2 * 32 * 8 / 2)
+        attention = max(ring_attention_bytes(narrow, ring, ex)[1], 1024 + 512) - 4 * 2 * 32 * 8 / 2
+        assert mem.working["none"] == max(ffn, attention) + 512
 
 
 def test_allocator_rules_by_hand():
@@ -562,7 +585,7 @@ def test_loss_request_chunk_counts():
 def test_single_loss_chunk_adds_no_chunk_buffers():
     cfg = TrainConfig(Parallelism(dp_shard=2, tp=2), 64)
     one = memory_terms(SMALL, cfg, HAND_EX.with_overrides(loss_num_chunks=1))
-    assert one.loss_logits_bytes == 22 * 64 * 500
+    assert one.loss_logits_bytes == 16 * 64 * 500
 
 
 def test_gathered_blocks_set_the_all_gather_pool_when_larger_than_the_root():
@@ -577,12 +600,15 @@ def test_gathered_blocks_set_the_all_gather_pool_when_larger_than_the_root():
 def test_post_backward_grads_can_set_the_block_working_set():
     # 2 tokens: activations are tiny; FSDP2's post-backward holds all the block's bf16 grads
     # (2336 x 2) + their fp32 reduce copy (2336 x 4) after its bf16 params (2336 x 2) go
+    # on the top block (below it, the block above's fp32 reduce-scatter input, 2336 x 4, is
+    # held next to the compute moment, which then wins)
     cfg = TrainConfig(Parallelism(), 2)
     t = memory_terms(SMALL, cfg, HAND_EX)
-    assert t.layer.working["none"] == 2336 * 4
+    assert t.top_layer_working["none"] == 2336 * 4
+    assert t.layer.working["none"] == layer_memory(SMALL, cfg, HAND_EX).working["none"] + 16 * 32 * 2 + 2336 * 4
     # fp32 everywhere: no reduce copy; the block's own working set + w2's fp32 grad
     fp32 = TrainConfig(Parallelism(), 2, precision=Precision.fp32())
-    assert memory_terms(SMALL, fp32, HAND_EX).layer.working["none"] == \
+    assert memory_terms(SMALL, fp32, HAND_EX).top_layer_working["none"] == \
         layer_memory(SMALL, fp32, HAND_EX).working["none"] + 16 * 32 * 4
 
 

@@ -170,8 +170,8 @@ def test_layouts_group_bad_tp_and_refuse_replicas_inside_a_node():
 
 
 def test_fix_messages_by_hand():
-    knobs = ("dp_replicate, dp_shard, cp, tp, pp, local_batch_size, grad_accum_steps, cp_impl, ac, mesh_order, "
-             "seq_len")
+    knobs = ("dp_replicate, dp_shard, cp, tp, pp, local_batch_size, grad_accum_steps, pp_microbatches, "
+             "pp_virtual_stages, cp_impl, ac, mesh_order, seq_len, pp_schedule")
     cases = {
         "tp": f"--fix 'tp': expected knob=value, e.g. tp=8 (knobs: {knobs})",
         "xp=2": f"--fix 'xp': unknown knob; use one of {knobs}",
@@ -179,7 +179,7 @@ def test_fix_messages_by_hand():
         "tp=0": "--fix tp='0': must be a positive integer",
         "tp=x": "--fix tp='x': must be a positive integer",
         "tp=\u0663": "--fix tp='\u0663': must be a positive integer",  # an Arabic-Indic digit
-        "pp=2": "--fix pp=2: only pp=1 is supported (pipeline parallelism is not modeled yet)",
+        "pp=2,microbatches=x": "--fix pp_microbatches='x': must be a positive integer",
         "cp_impl=ring": "--fix cp_impl='ring': use one of none, allgather-kv, ring-allgather, ring-alltoall",
         "ac=some": "--fix ac='some': use one of none, selective, full",
         "mesh_order=tp/cp": ("--fix mesh_order='tp/cp': name each of dp_replicate, dp_shard, cp, tp once, outermost "
@@ -193,7 +193,8 @@ def test_fix_messages_by_hand():
             parse_fix(text)
         assert str(info.value) == message, text
     assert parse_fix(" tp = 2 ,, pp=1, mesh_order = tp>cp>dp_shard>dp_replicate , seq_len=8k,cp=1,cp_impl=none") == {
-        "tp": 2, "mesh_order": ("tp", "cp", "dp_shard", "dp_replicate"), "seq_len": 8192, "cp": 1, "cp_impl": "none"}
+        "tp": 2, "pp": 1, "mesh_order": ("tp", "cp", "dp_shard", "dp_replicate"), "seq_len": 8192, "cp": 1,
+        "cp_impl": "none"}  # pp=1 is kept: it rules pipelines out
     assert parse_fix("cp=2,seq_len=8,ac=full,local_batch_size=12") == {"cp": 2, "seq_len": 8, "ac": "full",
                                                                         "local_batch_size": 12}
 
