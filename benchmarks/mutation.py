@@ -44,11 +44,18 @@ GROUPS = {
     # Activation, allocator and kernel memory with the phase walk it is checked against.
     "memory_core": {
         "sources": ["cost_models/activations.py", "cost_models/allocator.py", "cost_models/memory.py",
-                    "cost_models/kernels.py"],
+                    "cost_models/phases.py", "cost_models/kernels.py"],
         "tests": ["tests/test_memory_phases.py", "tests/test_memory_ring.py", "tests/test_memory_allocator.py",
                   "tests/test_cost_models.py", "tests/test_seeded_cost.py", "tests/test_cost_properties.py",
                   "tests/test_torchtitan_profile.py", "tests/test_ilp_memory.py", "tests/test_ilp_memory_binding.py",
                   "tests/test_step_time.py", "tests/test_memory_by_hand.py"],
+    },
+    # The phase walk's closed form and the ILP's memory constraints that follow it (where a
+    # block sits: held reduce-scatter input, block 0's prefetch), checked split by split.
+    "phases_ilp": {
+        "sources": ["cost_models/phases.py", "autoplan/ilp_memory.py"],
+        "tests": ["tests/test_ilp_memory.py", "tests/test_ilp_memory_binding.py", "tests/test_memory_by_hand.py",
+                  "tests/test_memory_phases.py"],
     },
     # Step time, executor profiles, hardware/model specs.
     "step_core": {
@@ -92,7 +99,7 @@ GROUPS = {
                   "tests/test_cli_conflicts.py"],
     },
 }
-FAST_GROUPS = ["runtime", "memory_core", "rules_search", "step_core", "cost_core"]
+FAST_GROUPS = ["runtime", "memory_core", "rules_search", "step_core", "cost_core", "phases_ilp"]
 
 
 def _copy_tree(work: Path) -> None:
