@@ -59,6 +59,10 @@ CASES = [
     # block 0's backward binds, where one block fewer is gathered (a single full block
     # at the bottom is priced as block 0 only through the ILP's alone_bottom).
     (replace(MODEL_PRESETS["llama3-70b"], n_layers=3), 8, 16 * K, {"tp": 8}),
+    # Short sequences: the loss phase binds (its constraint carries the last block's gathered
+    # params); two blocks of TP 8: every run is an end, and block 0's backward binds too.
+    (replace(MODEL_PRESETS["llama3-8b"], n_layers=4), 8, 4 * K, {"dp_shard": 8}),
+    (replace(MODEL_PRESETS["llama3-70b"], n_layers=2), 8, 8 * K, {"tp": 8}),
 ]
 
 
@@ -79,3 +83,32 @@ def test_constraints_accept_exactly_the_splits_that_fit(model, gpus, seq, pins):
             assert not _accepts(below, counts), f"{counts}: exceeds the budget, constraints accept it"
             checked += 1
     assert checked == (L + 1) * (L + 2) // 2
+
+
+@pytest.mark.parametrize("allowed", [("full", "selective"), ("selective", "none"), ("full", "none"), ("none",),
+                                     ("full",)])
+@pytest.mark.parametrize("case", [0, 5, 6])
+def test_constraints_with_some_modes_ruled_out(allowed, case):
+    """``--ac`` can rule modes out: the ILP then has no variables for them (the constraints
+    read a plain 0 there). The constraints must still accept exactly the splits over the
+    allowed modes that fit."""
+    model, gpus, seq, pins = CASES[case]
+    space = build_search_space(model, GPU, [gpus], [seq], 8, pins, batches=(1,))
+    priced = price(model, GPU, space.candidates[0], EXECUTOR_PROFILES["autoplan"], 8, 10 * GPU.memory_bytes,
+                   None, allowed)
+    L = model.n_layers
+    splits = [dict(zip(allowed, split)) for split in _compositions(L, len(allowed))]
+    for split in splits:
+        counts = {m: split.get(m, 0) for m in ("full", "selective", "none")}
+        peak = _walk_peak(priced.memory, counts)
+        assert _accepts(replace(priced, tensor_budget_bytes=peak * (1 + 1e-6)), split), split
+        assert not _accepts(replace(priced, tensor_budget_bytes=peak * (1 - 1e-6)), split), split
+
+
+def _compositions(total: int, parts: int):
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
