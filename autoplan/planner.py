@@ -197,7 +197,7 @@ def _pipeline_priced(request: PlanRequest, num_gpus: int, seq_len: int, fixed: d
         if bound <= factor * compute_only:
             return [], [], best  # not tried: its rejections would only add noise
     out = []
-    # Branch and bound: cheapest compute-only bound first, and every pipeline priced lowers
+    # Branch and bound: cheapest lower bound first, and every pipeline priced lowers
     # the bar for the rest (a candidate that cannot beat the best found is not priced).
     bounded = sorted((_pipeline_lower_bound(request, c), i, c) for i, c in enumerate(candidates)
                      if _pipeline_static_bytes(request, c) <= request.usable_bytes)  # stage-0 weights fit
@@ -253,7 +253,7 @@ def _pipeline_static_bytes(request: PlanRequest, candidate: Candidate) -> float:
     # One micro-batch's per-layer saved bytes depend on its shape only: looked up by that
     # shape, so the 2,000-odd candidates of a large search build a few hundred configs.
     shape = (p.dp_shard, p.cp, p.tp, candidate.seq_len, candidate.local_batch_size // candidate.pp_microbatches,
-             candidate.cp_impl)
+             candidate.cp_impl, candidate.cfg.precision if candidate.cfg is not None else DEFAULT_PRECISION)
     saved = _SAVED_BY_SHAPE.get((model, request.executor, shape))
     if saved is None:
         saved = min(_saved_per_layer(model, micro_config(candidate.train_config()), request.executor).values())
