@@ -176,27 +176,21 @@ def trace_plan_memory(plan: Plan, steps: int = 2, device_type: str = "cpu", pp_r
             untracked = sharding_propagation_untracked()
             untracked.__enter__()
             tracker.__enter__()
+            def micro_step() -> None:
+                tokens = torch.randint(0, vocab, (batch, plan.seq_len + 1))
+                if native_cp:
+                    _native_cp_micro_step(state, tokens[:, :-1], tokens[:, 1:], plan.grad_accum_steps)
+                    return
+                inputs, labels, positions = local_tokens(state, tokens[:, :-1], tokens[:, 1:])
+                loss = micro_loss(state, inputs, labels, positions) / plan.grad_accum_steps
+                with loss_backward_context(state.dims):
+                    loss.backward()
+
             try:
-                for step in range(steps):
-                    for _ in range(plan.grad_accum_steps):
-                        tokens = torch.randint(0, vocab, (batch, plan.seq_len + 1))
-                        if native_cp:
-                            _native_cp_micro_step(state, tokens[:, :-1], tokens[:, 1:], plan.grad_accum_steps)
-                            continue
-                        inputs, labels, positions = local_tokens(state, tokens[:, :-1], tokens[:, 1:])
-                        loss = micro_loss(state, inputs, labels, positions) / plan.grad_accum_steps
-                        with loss_backward_context(state.dims):
-                            loss.backward()
-                    if step == steps - 1:
-                        snapshot = tracker.get_tracker_snapshot("peak")
-                        break
-                    torch.nn.utils.clip_grad_norm_(state.model.parameters(), plan.optimizer.max_norm,
-                                                   foreach=False)
-                    state.optimizer.step()
-                    state.optimizer.zero_grad(set_to_none=True)
-                    if step == 0:
-                        tracker.reset_mod_stats()
-                        _reset_peak(tracker)
+                snapshot = _traced_steps(
+                    tracker, state.optimizer, steps, plan.grad_accum_steps, micro_step,
+                    lambda: torch.nn.utils.clip_grad_norm_(state.model.parameters(), plan.optimizer.max_norm,
+                                                           foreach=False))
             finally:
                 tracker.__exit__(None, None, None)
                 untracked.__exit__(None, None, None)
@@ -334,22 +328,16 @@ def trace_pipeline_memory(plan: Plan, pp_rank: int = 0, steps: int = 2) -> Trace
             untracked.__enter__()
             tracker.__enter__()
             handles = tracker.enter_roots()
+            def micro_step() -> None:
+                tokens = torch.randint(0, vocab, (plan.local_batch_size, plan.seq_len + 1))
+                inputs, labels, positions = local_tokens(state, tokens[:, :-1], tokens[:, 1:])
+                with loss_backward_context(dims):
+                    pp.forward_backward(pipe, inputs, labels, positions)
+
             try:
-                for step in range(steps):
-                    for _ in range(plan.grad_accum_steps):
-                        tokens = torch.randint(0, vocab, (plan.local_batch_size, plan.seq_len + 1))
-                        inputs, labels, positions = local_tokens(state, tokens[:, :-1], tokens[:, 1:])
-                        with loss_backward_context(dims):
-                            pp.forward_backward(pipe, inputs, labels, positions)
-                    if step == steps - 1:
-                        snapshot = tracker.get_tracker_snapshot("peak")
-                        break
-                    pp.clip_grad_norm_(pipe, state.model.parameters(), plan.optimizer.max_norm)
-                    state.optimizer.step()
-                    state.optimizer.zero_grad(set_to_none=True)
-                    if step == 0:
-                        tracker.reset_mod_stats()
-                        _reset_peak(tracker)
+                snapshot = _traced_steps(
+                    tracker, state.optimizer, steps, plan.grad_accum_steps, micro_step,
+                    lambda: pp.clip_grad_norm_(pipe, state.model.parameters(), plan.optimizer.max_norm))
             finally:
                 for handle in handles:
                     handle.remove()
@@ -361,6 +349,25 @@ def trace_pipeline_memory(plan: Plan, pp_rank: int = 0, steps: int = 2) -> Trace
     result.peak_at = tracker.peak_at
     result.traced_rank = f"pp rank {pp_rank} of {p.pp} (global rank {pp_rank * (world // p.pp)} of {world})"
     return result
+
+
+def _traced_steps(tracker, optimizer, steps: int, accum: int, micro_step, clip) -> dict:
+    """Run ``steps`` training steps of ``accum`` micro-steps under ``tracker`` and return the
+    last step's forward + backward peak snapshot. The last step stops before its optimizer
+    update (module docstring); after the first, whose optimizer states are created lazily,
+    the peak starts over (``_reset_peak``)."""
+    for step in range(steps):
+        for _ in range(accum):
+            micro_step()
+        if step == steps - 1:
+            break
+        clip()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            tracker.reset_mod_stats()
+            _reset_peak(tracker)
+    return tracker.get_tracker_snapshot("peak")
 
 
 def _result(snapshot, device_type: str) -> TraceResult:
