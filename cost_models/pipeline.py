@@ -6,7 +6,7 @@ What the runtime does (runtime/pipeline.py, torch 2.13 ``torch.distributed.pipel
   schedule only); when they do not divide evenly the earlier stages take one more layer.
   Stage ``s`` lives on pp rank ``s mod pp``. The embedding goes with stage 0, the final norm,
   output projection and loss with the last stage (pp rank ``pp - 1``). ``stage_layers``
-  below mirrors ``runtime.pipeline.stage_layers`` (a test checks they agree).
+  below is the split ``runtime.pipeline.stage_layers`` runs.
 - Each local batch is split into ``m`` micro-batches. A step of the schedule takes
   ``(m + (pp - 1) / v) x t`` where ``t`` is one micro-batch's forward + backward on the
   slowest pp rank (all of its ``v`` chunks): GPipe and 1F1B idle ``(pp - 1) x t`` to fill
@@ -57,8 +57,8 @@ FP32 = 4
 
 
 def stage_layers(n_layers: int, stages: int) -> list[list[int]]:
-    """Layer indices of each stage (mirror of ``runtime.pipeline.stage_layers``): earlier
-    stages take one more layer when the split is uneven."""
+    """Layer indices of each stage (``runtime.pipeline.stage_layers`` runs this split):
+    earlier stages take one more layer when the split is uneven."""
     if stages < 1 or n_layers < stages:
         raise ValueError(f"{n_layers} layers cannot fill {stages} pipeline stages")
     base, extra = divmod(n_layers, stages)

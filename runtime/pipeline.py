@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cost_models.pipeline import stage_layers as priced_stage_layers
+
 from .loss import chunked_cross_entropy_sum, parallel_cross_entropy_sum
 from .mesh import LayoutError, ParallelDims
 from .model import Transformer, rope_cos_sin
@@ -30,17 +32,12 @@ from .model import Transformer, rope_cos_sin
 
 def stage_layers(n_layers: int, stages: int) -> list[list[int]]:
     """Layer indices of each stage, in order. When they do not divide evenly the earlier
-    stages take one more layer: the last stage also carries the output projection and loss."""
+    stages take one more layer: the last stage also carries the output projection and loss.
+    One split for the runtime and the cost model that prices it (``cost_models.pipeline``)."""
     if n_layers < stages:
         raise LayoutError(f"{n_layers} layers cannot fill pp x pp_virtual_stages = {stages} pipeline stages "
                           "(each needs a whole layer): lower pp or pp_virtual_stages")
-    base, extra = divmod(n_layers, stages)
-    split, start = [], 0
-    for s in range(stages):
-        size = base + (1 if s < extra else 0)
-        split.append(list(range(start, start + size)))
-        start += size
-    return split
+    return priced_stage_layers(n_layers, stages)
 
 
 def stages_of_rank(rank: int, pp: int, virtual: int) -> list[int]:
