@@ -265,14 +265,9 @@ def expand(model: ModelSpec, layout: Layout, seq_len: int, fixed: dict[str, Any]
             continue
         for cp_impl in layout.cp_impls:
             order0 = tuple(fixed["mesh_order"]) if "mesh_order" in fixed else DEFAULT_MESH_ORDER
-            try:
-                cfg = TrainConfig(par, seq_len, batch, accum, None, cp_impl, order0)
-            except SpecError as error:
-                rejections.append(Rejection(f"{what} seq={seq_len}", str(error)))
-                continue
-            reasons = layout_violations(model, cfg, cluster)
-            if reasons:
-                rejections.append(Rejection(f"{what} seq={seq_len}", "; ".join(reasons)))
+            cfg = _valid_config(model, cluster, f"{what} seq={seq_len}", rejections,
+                                par, seq_len, batch, accum, None, cp_impl, order0)
+            if cfg is None:
                 continue
             if orders is None:  # computed once per layout, and only for layouts that run
                 orders = [order0] if "mesh_order" in fixed else mesh_orders(cluster, par)
@@ -280,6 +275,22 @@ def expand(model: ModelSpec, layout: Layout, seq_len: int, fixed: dict[str, Any]
                 cfg_order = cfg if order == order0 else replace(cfg, mesh_order=order)
                 out.append(Candidate(num_gpus, par, order, seq_len, batch, accum, cp_impl, cfg_order))
     return out
+
+
+def _valid_config(model: ModelSpec, cluster: ClusterSpec, what: str, rejections: list[Rejection],
+                  *args: Any, **kwargs: Any) -> TrainConfig | None:
+    """``TrainConfig(*args, **kwargs)`` when it builds and breaks no layout rule; otherwise
+    None, with the reason appended to ``rejections`` under ``what``."""
+    try:
+        cfg = TrainConfig(*args, **kwargs)
+    except SpecError as error:
+        rejections.append(Rejection(what, str(error)))
+        return None
+    reasons = layout_violations(model, cfg, cluster)
+    if reasons:
+        rejections.append(Rejection(what, "; ".join(reasons)))
+        return None
+    return cfg
 
 
 def _grad_accum(seq_len: int, batch: int, par: Parallelism, global_batch_tokens: int | None,
@@ -354,15 +365,10 @@ def pipeline_candidates(model: ModelSpec, gpu: GPUSpec, num_gpus: int, seq_len: 
                         if isinstance(accum, str):
                             rejections.append(Rejection(f"{what} seq={seq_len} b={batch}", accum))
                             continue
-                        try:
-                            cfg = TrainConfig(par, seq_len, batch, accum, None, cp_impl, order, pp_schedule=schedule,
-                                              pp_microbatches=m, pp_virtual_stages=virtual)
-                        except SpecError as error:
-                            rejections.append(Rejection(f"{what} seq={seq_len}", str(error)))
-                            continue
-                        reasons = layout_violations(model, cfg, cluster)
-                        if reasons:
-                            rejections.append(Rejection(f"{what} seq={seq_len}", "; ".join(reasons)))
+                        cfg = _valid_config(model, cluster, f"{what} seq={seq_len}", rejections,
+                                            par, seq_len, batch, accum, None, cp_impl, order, pp_schedule=schedule,
+                                            pp_microbatches=m, pp_virtual_stages=virtual)
+                        if cfg is None:
                             continue
                         out.append(Candidate(num_gpus, par, order, seq_len, batch, accum, cp_impl, cfg,
                                              schedule, m, virtual))
