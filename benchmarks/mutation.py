@@ -1,6 +1,6 @@
 """Mutation testing as a standing habit: how many small, plausible bugs the suite catches.
 
-    python benchmarks/mutation.py [--group runtime|memory_core|rules_search|step_core|cost_core ...] [--jobs 1]
+    python benchmarks/mutation.py [--group runtime|memory_core|rules_units|search|... (see GROUPS)] [--jobs 1]
     python benchmarks/mutation.py --rerun-survivors /tmp/autoplan-mutation-GROUP-XXXX
 
 Runs mutmut (a kept library; ``pip install mutmut``) on a throw-away copy of the tree, one
@@ -65,12 +65,34 @@ GROUPS = {
                   "tests/test_cost_properties.py", "tests/test_flops_comm_by_hand.py", "tests/test_memory_phases.py",
                   "tests/test_hf_config.py", "tests/test_step_by_hand.py", "--deselect", _SLOW_HF],
     },
-    # Layout rules, the search, --fix suggestions and unit parsing.
-    "rules_search": {
-        "sources": ["cost_models/rules.py", "autoplan/search.py", "autoplan/fix.py", "autoplan/units.py"],
-        "tests": ["tests/test_units.py", "tests/test_fix.py", "tests/test_planner_bruteforce.py",
+    # Layout rules, --fix suggestions and unit parsing (split from the search: one group of
+    # 1,300 mutants ran each through the search's brute-force tests, over an hour).
+    "rules_units": {
+        "sources": ["cost_models/rules.py", "autoplan/fix.py", "autoplan/units.py"],
+        "tests": ["tests/test_units.py", "tests/test_fix.py", "tests/test_rules_search_by_hand.py",
+                  "tests/test_seeded_cost.py", "tests/test_cli_conflicts.py"],
+    },
+    # The layout search (degrees, seq grid, batches, pins, pipeline candidates).
+    "search": {
+        "sources": ["autoplan/search.py"],
+        "tests": ["tests/test_rules_search_by_hand.py", "tests/test_planner_bruteforce.py",
                   "tests/test_alternatives.py", "tests/test_seeded_cost.py", "tests/test_ilp_memory.py",
-                  "tests/test_rules_search_by_hand.py"],
+                  "tests/test_planner_pipeline.py"],
+    },
+    # What a step is asked to do (validation) and the pipeline's cost model.
+    "config_pipeline": {
+        "sources": ["cost_models/config.py", "cost_models/pipeline.py"],
+        "tests": ["tests/test_pipeline_cost.py", "tests/test_planner_pipeline.py", "tests/test_capacity_pipelines.py",
+                  "tests/test_cost_models.py", "tests/test_step_by_hand.py", "tests/test_rules_search_by_hand.py",
+                  "tests/test_memory_by_hand.py"],
+    },
+    # The ILP, the planner around it and the longest-context search, against their
+    # brute-force and independent references.
+    "planner_core": {
+        "sources": ["autoplan/ilp.py", "autoplan/planner.py", "autoplan/longest.py"],
+        "tests": ["tests/test_planner_bruteforce.py", "tests/test_planner_reference.py",
+                  "tests/test_ilp_objective_accum.py", "tests/test_longest.py", "tests/test_alternatives.py",
+                  "tests/test_planner_pipeline.py", "tests/test_ilp_memory_binding.py", "tests/test_cli.py"],
     },
     # The runtime's pure pieces, in process (the torchrun tests import the tree they run
     # in, not mutmut's copy, and take seconds each).
@@ -99,7 +121,8 @@ GROUPS = {
                   "tests/test_cli_conflicts.py"],
     },
 }
-FAST_GROUPS = ["runtime", "memory_core", "rules_search", "step_core", "cost_core", "phases_ilp"]
+FAST_GROUPS = ["runtime", "memory_core", "rules_units", "search", "step_core", "cost_core", "phases_ilp",
+               "config_pipeline", "planner_core"]
 
 
 def _copy_tree(work: Path) -> None:
