@@ -2,6 +2,7 @@
 
     python benchmarks/mutation.py [--group runtime|memory_core|rules_units|search|... (see GROUPS)] [--jobs 1]
     python benchmarks/mutation.py --rerun-survivors /tmp/autoplan-mutation-GROUP-XXXX
+    python benchmarks/mutation.py --recheck-timeouts /tmp/autoplan-mutation-GROUP-XXXX [--limit-s 120]
 
 Runs mutmut (a kept library; ``pip install mutmut``) on a throw-away copy of the tree, one
 group of modules at a time against the tests that cover them, and prints per group the
@@ -206,6 +207,42 @@ def rerun_survivors(work: Path, jobs: int) -> tuple[int, int, list[str], Path]:
     return _report(name, work, _mutmut_run(work, jobs, survivors), began)
 
 
+def recheck_timeouts(work: Path, limit_s: float) -> tuple[int, int, list[str], Path]:
+    """Run each "timeout" mutant of a finished run again, alone, under a wall-clock limit
+    of ``limit_s``: mutmut's CPU-time limit also stops mutants whose tests pass, only
+    slower than the clean run (caches are emptied per test under mutation). A mutant whose
+    tests then pass is a survivor; one that fails a test or still runs out the limit is
+    caught. The other mutants keep their results."""
+    import json
+    import os
+
+    name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
+    began = time.perf_counter()
+    stats = json.loads((work / "mutants" / "mutmut-stats.json").read_text())
+    tests_of = stats["tests_by_mangled_function_name"]
+    statuses = _statuses(work)
+    timeouts = sorted(m for m, s in statuses.items() if s == "timeout")
+    survivors = sorted(m for m, s in statuses.items() if s == "survived")
+    caught = sum(1 for s in statuses.values() if s in ("killed", "suspicious", "segfault"))
+    for mutant in timeouts:
+        tests = sorted(tests_of.get(mutant.split("__mutmut_")[0], []))
+        env = dict(os.environ, MUTANT_UNDER_TEST=mutant)
+        try:
+            passed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                    cwd=work / "mutants", env=env, capture_output=True, timeout=limit_s).returncode == 0
+        except subprocess.TimeoutExpired:
+            passed = False
+        print(f"  {mutant}: {'passes (survivor)' if passed else 'caught'}", flush=True)
+        if passed:
+            survivors.append(mutant)
+        else:
+            caught += 1
+    total = len(statuses)
+    print(f"{name}: {caught} caught of {total} mutants ({caught / max(total, 1):.0%}) after re-checking "
+          f"{len(timeouts)} timeouts, {len(survivors)} survived, {time.perf_counter() - began:.0f} s", flush=True)
+    return caught, total, sorted(survivors), work
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group", action="append", choices=list(GROUPS),
@@ -213,13 +250,20 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="mutmut workers (default 1)")
     parser.add_argument("--rerun-survivors", metavar="WORK", type=Path,
                         help="re-check the survivors of a finished run (its work folder) with the current tests")
+    parser.add_argument("--recheck-timeouts", metavar="WORK", type=Path,
+                        help="run each timed-out mutant of a finished run again alone, with a wall-clock limit")
+    parser.add_argument("--limit-s", type=float, default=120.0, help="wall-clock limit per re-checked mutant (s)")
     args = parser.parse_args()
     if shutil.which("mutmut") is None and subprocess.run([sys.executable, "-m", "mutmut", "--help"],
                                                          capture_output=True).returncode != 0:
         print("mutation testing needs mutmut: pip install mutmut", file=sys.stderr)
         return 2
-    runs = ([lambda: rerun_survivors(args.rerun_survivors, args.jobs)] if args.rerun_survivors else
-            [lambda name=name: run_group(name, args.jobs) for name in args.group or FAST_GROUPS])
+    if args.recheck_timeouts:
+        runs = [lambda: recheck_timeouts(args.recheck_timeouts, args.limit_s)]
+    elif args.rerun_survivors:
+        runs = [lambda: rerun_survivors(args.rerun_survivors, args.jobs)]
+    else:
+        runs = [lambda name=name: run_group(name, args.jobs) for name in args.group or FAST_GROUPS]
     for run in runs:
         _, _, survivors, _ = run()
         for mutant in survivors:

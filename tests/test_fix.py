@@ -78,3 +78,33 @@ def test_every_knob_is_a_plan_field_or_degree():
     from autoplan.plan import ParallelismDoc, Plan
     fields = set(Plan.model_fields) | set(ParallelismDoc.model_fields) | {"ac"}
     assert set(KNOBS) <= fields
+
+
+def test_pipeline_pins_at_their_boundaries_are_accepted():
+    # "interleaved" is short for interleaved-1f1b; micro-batches == pp and a divisor of the
+    # local batch are allowed; a schedule or a virtual count alone checks nothing else.
+    assert parse_fix("pp=4,schedule=interleaved,virtual=2") == {
+        "pp": 4, "pp_schedule": "interleaved-1f1b", "pp_virtual_stages": 2}
+    assert parse_fix("pp=4,microbatches=4") == {"pp": 4, "pp_microbatches": 4}
+    assert parse_fix("pp=2,microbatches=4,local_batch_size=8") == {
+        "pp": 2, "pp_microbatches": 4, "local_batch_size": 8}
+    assert parse_fix("pp=4,schedule=1f1b,virtual=1") == {"pp": 4, "pp_schedule": "1f1b", "pp_virtual_stages": 1}
+    assert parse_fix("schedule=gpipe") == {"pp_schedule": "gpipe"}
+    assert parse_fix("virtual=2") == {"pp_virtual_stages": 2}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pp=1,microbatches=4", "--fix pp=1 with pp_microbatches: pipeline knobs need pp > 1"),
+    ("pp=1,virtual=2", "--fix pp=1 with pp_virtual_stages: pipeline knobs need pp > 1"),
+    ("pp=1,schedule=gpipe,microbatches=2",
+     "--fix pp=1 with pp_schedule,pp_microbatches: pipeline knobs need pp > 1"),
+    ("pp=4,schedule=interleaved-1f1b,virtual=1",
+     "--fix pp_schedule=interleaved-1f1b,pp_virtual_stages=1: use virtual >= 2 with interleaved-1f1b and 1 otherwise"),
+    ("pp=4,schedule=1f1b,virtual=2",
+     "--fix pp_schedule=1f1b,pp_virtual_stages=2: use virtual >= 2 with interleaved-1f1b and 1 otherwise"),
+    ("pp=4,microbatches=3", "--fix pp_microbatches=3 with pp=4: use at least pp micro-batches"),
+])
+def test_pipeline_pin_conflicts_say_exactly_what_to_change(text, message):
+    with pytest.raises(UsageError) as error:
+        parse_fix(text)
+    assert str(error.value) == message
