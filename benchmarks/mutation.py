@@ -208,24 +208,24 @@ def rerun_survivors(work: Path, jobs: int) -> tuple[int, int, list[str], Path]:
 
 
 def recheck_timeouts(work: Path, limit_s: float) -> tuple[int, int, list[str], Path]:
-    """Run each "timeout" mutant of a finished run again, alone, under a wall-clock limit
-    of ``limit_s``: mutmut's CPU-time limit also stops mutants whose tests pass, only
-    slower than the clean run (caches are emptied per test under mutation). A mutant whose
+    """Run each "timeout" mutant of a finished run again, alone, against the group's tests
+    under a wall-clock limit of ``limit_s``: mutmut's CPU-time limit also stops mutants
+    whose tests pass, only slower than the clean run (caches are emptied per test). A mutant whose
     tests then pass is a survivor; one that fails a test or still runs out the limit is
     caught. The other mutants keep their results."""
-    import json
     import os
 
     name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
     began = time.perf_counter()
-    stats = json.loads((work / "mutants" / "mutmut-stats.json").read_text())
-    tests_of = stats["tests_by_mangled_function_name"]
+    # The group's whole test list, not mutmut's per-function selection: that comes from the
+    # clean run's calls inside tests, so a mutant that breaks a test module's collection
+    # (module-level planning) is missed by it, yet fails the suite.
+    tests = [t for t in GROUPS[name]["tests"] if t.startswith("-") or (work / "mutants" / t.split("::")[0]).exists()]
     statuses = _statuses(work)
     timeouts = sorted(m for m, s in statuses.items() if s == "timeout")
     survivors = sorted(m for m, s in statuses.items() if s == "survived")
     caught = sum(1 for s in statuses.values() if s in ("killed", "suspicious", "segfault"))
     for mutant in timeouts:
-        tests = sorted(tests_of.get(mutant.split("__mutmut_")[0], []))
         env = dict(os.environ, MUTANT_UNDER_TEST=mutant)
         try:
             passed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
