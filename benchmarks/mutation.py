@@ -193,15 +193,22 @@ def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
     return _report(name, work, _mutmut_run(work, jobs), began)
 
 
+def _copy_tests(work: Path) -> None:
+    """This tree's current tests into a run's work folder (and the mutated copy under it)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "tests"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for test in files:
+        for target in (work / test, work / "mutants" / test):
+            if target.parent.exists():
+                shutil.copy2(ROOT / test, target)
+
+
 def rerun_survivors(work: Path, jobs: int) -> tuple[int, int, list[str], Path]:
     """Check a finished run's survivors again against this tree's current tests (new test
     files join mutmut's coverage map); the other mutants keep their results. The sources
     must be the ones that run mutated."""
     name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "tests"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for test in files:
-        shutil.copy2(ROOT / test, work / test)
+    _copy_tests(work)
     survivors = sorted(m for m, s in _statuses(work).items() if s == "survived")
     began = time.perf_counter()
     return _report(name, work, _mutmut_run(work, jobs, survivors), began)
@@ -217,6 +224,7 @@ def recheck_timeouts(work: Path, limit_s: float) -> tuple[int, int, list[str], P
 
     name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
     began = time.perf_counter()
+    _copy_tests(work)
     # The group's whole test list, not mutmut's per-function selection: that comes from the
     # clean run's calls inside tests, so a mutant that breaks a test module's collection
     # (module-level planning) is missed by it, yet fails the suite.

@@ -3,6 +3,7 @@ hand-written values and messages (and a brute force for the factorizations)."""
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -31,6 +32,7 @@ from cost_models.rules import (
     degree_product_violation,
     degree_violations,
     layout_violations,
+    schedule_violation,
     seq_len_divisor,
     seq_len_multiple,
     seq_len_violation,
@@ -322,3 +324,71 @@ def test_candidate_train_config_by_hand():
     assert bare.train_config() == TrainConfig(Parallelism(dp_shard=4, cp=2), 4096, 2, 3, None, "ring-alltoall", order)
     given = TrainConfig(Parallelism(dp_shard=8), 1024)
     assert Candidate(8, Parallelism(dp_shard=8), order, 1024, 1, 1, "none", given).train_config() is given
+
+
+def test_pipeline_degree_and_layout_rules_by_hand():
+    tied = ModelSpec("tied", vocab_size=16, dim=64, n_layers=2, n_heads=16, n_kv_heads=16, ffn_dim=32,
+                     tie_embeddings=True)
+    assert degree_violations(tied, Parallelism(dp_shard=2)) == []  # pp = 1: tied is fine
+    assert degree_violations(EVEN, Parallelism(pp=2)) == []  # one layer per stage
+    assert degree_violations(EVEN, Parallelism(pp=3)) == [
+        "pp=3 exceeds n_layers=2 (each stage needs a whole layer)"]
+    assert degree_violations(tied, Parallelism(pp=2)) == [
+        "pp=2 with tied embeddings: the embedding (first stage) and output projection (last stage) would live on "
+        "different ranks"]
+    # Stages = pp x virtual stages, each a whole layer.
+    assert layout_violations(EVEN, TrainConfig(Parallelism(pp=2), 8, local_batch_size=2, pp_microbatches=2)) == []
+    assert layout_violations(EVEN, TrainConfig(Parallelism(pp=2), 8, local_batch_size=4, pp_microbatches=4,
+                                               pp_schedule="interleaved-1f1b", pp_virtual_stages=2)) == [
+        "pp=2 x pp_virtual_stages=2 = 4 stages exceed n_layers=2 (each stage needs a whole layer)"]
+    # Sequence parallel per micro-batch: 2 sequences x 3 = 6 tokens per GPU split over tp = 2,
+    # but each micro-batch's 3 tokens do not.
+    four = replace(EVEN, n_layers=4)
+    assert layout_violations(four, TrainConfig(Parallelism(pp=2, tp=2), 3, local_batch_size=2,
+                                               pp_microbatches=2, cp_impl="none")) == [
+        "tokens per GPU per micro-batch 3 not divisible by tp=2 (sequence parallel)"]
+    assert layout_violations(four, TrainConfig(Parallelism(pp=2, tp=2), 4, local_batch_size=2,
+                                               pp_microbatches=2, cp_impl="none")) == []
+    # tp = 2 without a pipeline: 7 tokens per GPU do not split.
+    assert layout_violations(EVEN, TrainConfig(Parallelism(tp=2), 7)) == [
+        "tokens per GPU 7 not divisible by tp=2 (sequence parallel)"]
+
+
+@pytest.mark.parametrize("pp, schedule, micro, virtual, batch, message", [
+    # Accepted, at each rule's boundary.
+    (1, "1f1b", 1, 1, 1, None),
+    (2, "1f1b", 2, 1, 2, None),  # micro-batches == pp
+    (2, "1f1b", 5, 1, 5, None),  # rounds only matter to interleaved-1f1b
+    (2, "1f1b", 2, 1, 4, None),  # 2 divides 4
+    (2, "interleaved-1f1b", 2, 2, 2, None),
+    (2, "interleaved-1f1b", 3, 2, 3, None),  # 3 // 2 = 1 round
+    (2, "interleaved-1f1b", 4, 2, 4, None),  # 2 rounds of 2
+    # Refused, each with its message in full.
+    (2, "zb", 2, 1, 2, "pp_schedule='zb': use one of 1f1b, gpipe, interleaved-1f1b"),
+    (2, "1f1b", 0, 1, 2, "pp_microbatches=0 and pp_virtual_stages=1 must be integers >= 1"),
+    (2, "1f1b", 2.0, 1, 2, "pp_microbatches=2.0 and pp_virtual_stages=1 must be integers >= 1"),
+    (2, "1f1b", 2, 0, 2, "pp_microbatches=2 and pp_virtual_stages=0 must be integers >= 1"),
+    (1, "1f1b", 2, 1, 2, "pp_microbatches=2, pp_virtual_stages=1 with pp=1: micro-batches and virtual stages "
+                         "belong to pipeline parallelism; leave them at 1 or set pp > 1"),
+    (2, "interleaved-1f1b", 2, 1, 2, "pp_virtual_stages=1 with pp_schedule 'interleaved-1f1b': use "
+                                     "pp_virtual_stages >= 2 with interleaved-1f1b and 1 otherwise"),
+    (2, "gpipe", 2, 2, 2, "pp_virtual_stages=2 with pp_schedule 'gpipe': use pp_virtual_stages >= 2 with "
+                          "interleaved-1f1b and 1 otherwise"),
+    (4, "1f1b", 2, 1, 2, "pp_microbatches=2 < pp=4: every stage needs a micro-batch in flight (use at least pp "
+                         "micro-batches)"),
+    (2, "1f1b", 2, 1, 3, "pp_microbatches=2 does not divide local_batch_size=3 (each micro-batch holds whole "
+                         "sequences)"),
+    (2, "interleaved-1f1b", 5, 2, 5, "pp_microbatches=5 with interleaved-1f1b on pp=2: must be a multiple of 2 "
+                                     "rounds (torch's Interleaved1F1B)"),
+])
+def test_schedule_rules_by_hand(pp, schedule, micro, virtual, batch, message):
+    assert schedule_violation(pp, schedule, micro, virtual, batch) == message
+
+
+def test_ring_context_parallel_is_refused_inside_a_pipeline():
+    four = replace(EVEN, n_layers=4)
+    ring = TrainConfig(Parallelism(pp=2, cp=2), 8, local_batch_size=2, pp_microbatches=2, cp_impl="ring-allgather")
+    assert layout_violations(four, ring) == [
+        "cp_impl=ring-allgather with pp=2: the ring runs inside context_parallel() around one model's step, not a "
+        "pipeline schedule (runtime); use allgather-kv"]
+    assert layout_violations(four, replace(ring, cp_impl="allgather-kv")) == []
