@@ -19,6 +19,7 @@ values); the closing note of the work that ran this lists which is which.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -153,18 +154,23 @@ def _configure(work: Path, name: str) -> None:
         out.write(config.replace("'", '"'))
 
 
-def _mutmut_run(work: Path, jobs: int, mutants: list[str] | None = None) -> Path:
+def _mutmut_run(work: Path, jobs: int) -> Path:
     log = work / "mutmut-run.log"
     with open(log, "a") as out:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)] + (mutants or []),
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
                        cwd=work, stdout=out, stderr=subprocess.STDOUT)
     return log
 
 
 def _statuses(work: Path) -> dict[str, str]:
+    """mutmut's status of each mutant, overridden by the verdicts of ``recheck``."""
     results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
                              capture_output=True, text=True).stdout
-    return dict(re.findall(r"^\s*(\S+): (\S.*)$", results, flags=re.M))
+    statuses = dict(re.findall(r"^\s*(\S+): (\S.*)$", results, flags=re.M))
+    verdicts_file = work / "rechecked.json"
+    if verdicts_file.exists():
+        statuses.update(json.loads(verdicts_file.read_text()))
+    return statuses
 
 
 def _report(name: str, work: Path, log: Path, began: float) -> tuple[int, int, list[str], Path]:
@@ -203,52 +209,39 @@ def _copy_tests(work: Path) -> None:
                 shutil.copy2(ROOT / test, target)
 
 
-def rerun_survivors(work: Path, jobs: int) -> tuple[int, int, list[str], Path]:
-    """Check a finished run's survivors again against this tree's current tests (new test
-    files join mutmut's coverage map); the other mutants keep their results. The sources
-    must be the ones that run mutated."""
-    name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
-    _copy_tests(work)
-    survivors = sorted(m for m, s in _statuses(work).items() if s == "survived")
-    began = time.perf_counter()
-    return _report(name, work, _mutmut_run(work, jobs, survivors), began)
+def recheck(work: Path, which: str, limit_s: float) -> tuple[int, int, list[str], Path]:
+    """Run each mutant of a finished run whose status is ``which`` ("survived" or "timeout")
+    again, alone, against this tree's current tests (the group's whole list) under a
+    wall-clock limit of ``limit_s``. A mutant whose tests pass is a survivor; one that
+    fails a test or runs out the limit is caught. Verdicts are kept in the work folder's
+    rechecked.json; the other mutants keep mutmut's results.
 
-
-def recheck_timeouts(work: Path, limit_s: float) -> tuple[int, int, list[str], Path]:
-    """Run each "timeout" mutant of a finished run again, alone, against the group's tests
-    under a wall-clock limit of ``limit_s``: mutmut's CPU-time limit also stops mutants
-    whose tests pass, only slower than the clean run (caches are emptied per test). A mutant whose
-    tests then pass is a survivor; one that fails a test or still runs out the limit is
-    caught. The other mutants keep their results."""
+    Why not ``mutmut run NAMES``: mutmut runs, per mutant, only the tests its clean run
+    saw calling the function, so new parametrized cases and test modules that plan at
+    import (collection) are never selected; and its CPU-time limit marks as "timeout"
+    mutants whose tests pass, only slower than the clean run (caches are emptied per test).
+    The sources must be the ones that run mutated."""
     import os
 
     name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
     began = time.perf_counter()
     _copy_tests(work)
-    # The group's whole test list, not mutmut's per-function selection: that comes from the
-    # clean run's calls inside tests, so a mutant that breaks a test module's collection
-    # (module-level planning) is missed by it, yet fails the suite.
     tests = [t for t in GROUPS[name]["tests"] if t.startswith("-") or (work / "mutants" / t.split("::")[0]).exists()]
-    statuses = _statuses(work)
-    timeouts = sorted(m for m, s in statuses.items() if s == "timeout")
-    survivors = sorted(m for m, s in statuses.items() if s == "survived")
-    caught = sum(1 for s in statuses.values() if s in ("killed", "suspicious", "segfault"))
-    for mutant in timeouts:
+    verdicts_file = work / "rechecked.json"
+    verdicts = json.loads(verdicts_file.read_text()) if verdicts_file.exists() else {}
+    targets = sorted(m for m, s in _statuses(work).items() if s == which)
+    for mutant in targets:
         env = dict(os.environ, MUTANT_UNDER_TEST=mutant)
         try:
             passed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                                     cwd=work / "mutants", env=env, capture_output=True, timeout=limit_s).returncode == 0
         except subprocess.TimeoutExpired:
             passed = False
-        print(f"  {mutant}: {'passes (survivor)' if passed else 'caught'}", flush=True)
-        if passed:
-            survivors.append(mutant)
-        else:
-            caught += 1
-    total = len(statuses)
-    print(f"{name}: {caught} caught of {total} mutants ({caught / max(total, 1):.0%}) after re-checking "
-          f"{len(timeouts)} timeouts, {len(survivors)} survived, {time.perf_counter() - began:.0f} s", flush=True)
-    return caught, total, sorted(survivors), work
+        verdicts[mutant] = "survived" if passed else "killed"
+        verdicts_file.write_text(json.dumps(verdicts, indent=1, sort_keys=True))
+        print(f"  {mutant}: {verdicts[mutant]}", flush=True)
+    print(f"re-checked {len(targets)} mutants that were {which!r}", flush=True)
+    return _report(name, work, work / "mutmut-run.log", began)
 
 
 def main() -> int:
@@ -257,19 +250,19 @@ def main() -> int:
                         help=f"default: the fast groups ({', '.join(FAST_GROUPS)})")
     parser.add_argument("--jobs", type=int, default=1, help="mutmut workers (default 1)")
     parser.add_argument("--rerun-survivors", metavar="WORK", type=Path,
-                        help="re-check the survivors of a finished run (its work folder) with the current tests")
+                        help="run each survivor of a finished run (its work folder) again against the current tests")
     parser.add_argument("--recheck-timeouts", metavar="WORK", type=Path,
-                        help="run each timed-out mutant of a finished run again alone, with a wall-clock limit")
-    parser.add_argument("--limit-s", type=float, default=120.0, help="wall-clock limit per re-checked mutant (s)")
+                        help="run each timed-out mutant of a finished run again, alone, under a wall-clock limit")
+    parser.add_argument("--limit-s", type=float, default=120.0, help="wall-clock limit per re-checked mutant (s, default 120)")
     args = parser.parse_args()
     if shutil.which("mutmut") is None and subprocess.run([sys.executable, "-m", "mutmut", "--help"],
                                                          capture_output=True).returncode != 0:
         print("mutation testing needs mutmut: pip install mutmut", file=sys.stderr)
         return 2
     if args.recheck_timeouts:
-        runs = [lambda: recheck_timeouts(args.recheck_timeouts, args.limit_s)]
+        runs = [lambda: recheck(args.recheck_timeouts, "timeout", args.limit_s)]
     elif args.rerun_survivors:
-        runs = [lambda: rerun_survivors(args.rerun_survivors, args.jobs)]
+        runs = [lambda: recheck(args.rerun_survivors, "survived", args.limit_s)]
     else:
         runs = [lambda name=name: run_group(name, args.jobs) for name in args.group or FAST_GROUPS]
     for run in runs:
