@@ -76,12 +76,6 @@ class PricedCandidate:
         peak = self.memory.peak_tensor_bytes_for_counts(counts["full"], counts["selective"], counts["none"])
         return peak <= self.tensor_budget_bytes
 
-    def fit_ratio(self) -> float:
-        """Memory needed with full AC over what is allowed (> 1: cannot fit)."""
-        if self.pipeline is not None:
-            return self.pipeline.full_ac_peak_bytes / self.pipeline.usable_bytes
-        return self.full_ac_peak_tensor_bytes() / self.tensor_budget_bytes
-
     def full_ac_need_bytes(self) -> float:
         """Peak bytes (context, NCCL and allocator included) with full AC."""
         if self.pipeline is not None:

@@ -331,15 +331,6 @@ def _pipeline_lower_bound(request: PlanRequest, candidate: Candidate) -> float:
     return step / (cfg.seq_len * cfg.local_batch_size * cfg.grad_accum_steps / (par.cp * par.tp * par.pp))
 
 
-def _any_fits(priced: list[PricedCandidate], allowed: tuple[str, ...]) -> bool:
-    lightest = "full" if "full" in allowed else allowed[-1]
-    return any(p.counts_fit(_uniform(lightest, p.n_layers)) for p in priced)
-
-
-def _uniform(mode: str, n_layers: int) -> dict[str, int]:
-    return {m: (n_layers if m == mode else 0) for m in AC_MODES}
-
-
 def make_plan(request: PlanRequest) -> PlanResult:
     check_conflicts(request.fixed, request.target_seq_len, request.ac)
     objective = request.resolved_objective()
@@ -613,7 +604,8 @@ def _infeasible(request: PlanRequest, objective: str, priced: list[PricedCandida
     """No plan fits: say what came closest and what would make the target fit."""
     lines = []
     if priced:
-        closest = min(priced, key=lambda p: p.fit_ratio())
+        # The layout that needs the least memory (all at full AC, the lightest mode).
+        closest = min(priced, key=lambda p: p.full_ac_need_bytes())
         need = closest.full_ac_need_bytes()
         have = request.usable_bytes
         lines.append(f"no layout fits: the closest, {closest.candidate.describe()} at seq_len "

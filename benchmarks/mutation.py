@@ -3,6 +3,7 @@
     python benchmarks/mutation.py [--group runtime|memory_core|rules_units|search|... (see GROUPS)] [--jobs 1]
     python benchmarks/mutation.py --rerun-survivors /tmp/autoplan-mutation-GROUP-XXXX
     python benchmarks/mutation.py --recheck-timeouts /tmp/autoplan-mutation-GROUP-XXXX [--limit-s 120]
+    python benchmarks/mutation.py --group GROUP --only 'module.x_function*'   # functions changed since a run
 
 Runs mutmut (a kept library; ``pip install mutmut``) on a throw-away copy of the tree, one
 group of modules at a time against the tests that cover them, and prints per group the
@@ -19,6 +20,7 @@ values); the closing note of the work that ran this lists which is which.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import re
 import shutil
@@ -94,7 +96,8 @@ GROUPS = {
         "sources": ["autoplan/ilp.py", "autoplan/planner.py", "autoplan/longest.py"],
         "tests": ["tests/test_planner_bruteforce.py", "tests/test_planner_reference.py",
                   "tests/test_ilp_objective_accum.py", "tests/test_longest.py", "tests/test_alternatives.py",
-                  "tests/test_planner_pipeline.py", "tests/test_ilp_memory_binding.py", "tests/test_cli.py"],
+                  "tests/test_planner_pipeline.py", "tests/test_ilp_memory_binding.py", "tests/test_cli.py",
+                  "tests/test_infeasible_advice.py", "tests/test_capacity_pipelines.py"],
     },
     # The runtime's pure pieces, in process (the torchrun tests import the tree they run
     # in, not mutmut's copy, and take seconds each).
@@ -154,10 +157,10 @@ def _configure(work: Path, name: str) -> None:
         out.write(config.replace("'", '"'))
 
 
-def _mutmut_run(work: Path, jobs: int) -> Path:
+def _mutmut_run(work: Path, jobs: int, only: list[str] | None = None) -> Path:
     log = work / "mutmut-run.log"
     with open(log, "a") as out:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(only or [])],
                        cwd=work, stdout=out, stderr=subprocess.STDOUT)
     return log
 
@@ -173,8 +176,11 @@ def _statuses(work: Path) -> dict[str, str]:
     return statuses
 
 
-def _report(name: str, work: Path, log: Path, began: float) -> tuple[int, int, list[str], Path]:
+def _report(name: str, work: Path, log: Path, began: float, only: list[str] | None = None
+            ) -> tuple[int, int, list[str], Path]:
     statuses = _statuses(work)
+    if only:  # a run of some functions' mutants: score those
+        statuses = {m: s for m, s in statuses.items() if any(fnmatch.fnmatch(m, pattern) for pattern in only)}
     total = len(statuses)
     if statuses and all(s == "not checked" for s in statuses.values()):
         tail = log.read_text(errors="replace")[-600:]
@@ -191,12 +197,14 @@ def _report(name: str, work: Path, log: Path, began: float) -> tuple[int, int, l
     return killed, total, survivors, work
 
 
-def run_group(name: str, jobs: int) -> tuple[int, int, list[str], Path]:
+def run_group(name: str, jobs: int, only: list[str] | None = None) -> tuple[int, int, list[str], Path]:
+    """Mutate a group's sources and run its tests on each mutant (``only``: the mutants whose
+    names match these fnmatch patterns, e.g. the functions changed since a full run)."""
     work = Path(tempfile.mkdtemp(prefix=f"autoplan-mutation-{name}-"))
     _copy_tree(work)
     _configure(work, name)
     began = time.perf_counter()
-    return _report(name, work, _mutmut_run(work, jobs), began)
+    return _report(name, work, _mutmut_run(work, jobs, only), began, only)
 
 
 def _copy_tests(work: Path) -> None:
@@ -209,9 +217,9 @@ def _copy_tests(work: Path) -> None:
                 shutil.copy2(ROOT / test, target)
 
 
-def recheck(work: Path, which: str, limit_s: float) -> tuple[int, int, list[str], Path]:
-    """Run each mutant of a finished run whose status is ``which`` ("survived" or "timeout")
-    again, alone, against this tree's current tests (the group's whole list) under a
+def recheck(work: Path, which: tuple[str, ...], limit_s: float) -> tuple[int, int, list[str], Path]:
+    """Run each mutant of a finished run whose status is in ``which`` ("survived", "no tests",
+    "timeout") again, alone, against this tree's current tests (the group's whole list) under a
     wall-clock limit of ``limit_s``. A mutant whose tests pass is a survivor; one that
     fails a test or runs out the limit is caught. Verdicts are kept in the work folder's
     rechecked.json; the other mutants keep mutmut's results.
@@ -227,9 +235,16 @@ def recheck(work: Path, which: str, limit_s: float) -> tuple[int, int, list[str]
     began = time.perf_counter()
     _copy_tests(work)
     tests = [t for t in GROUPS[name]["tests"] if t.startswith("-") or (work / "mutants" / t.split("::")[0]).exists()]
+    clean = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                           cwd=work / "mutants", env=dict(os.environ, MUTANT_UNDER_TEST=""), capture_output=True,
+                           text=True, timeout=10 * limit_s)
+    if clean.returncode != 0:  # every mutant would look caught
+        tail = "\n".join(clean.stdout.splitlines()[-5:])
+        raise SystemExit(f"{work}: the current tests fail on its unmutated sources (the code changed since that "
+                         f"run; start a fresh one, --only the changed functions):\n{tail}")
     verdicts_file = work / "rechecked.json"
     verdicts = json.loads(verdicts_file.read_text()) if verdicts_file.exists() else {}
-    targets = sorted(m for m, s in _statuses(work).items() if s == which)
+    targets = sorted(m for m, s in _statuses(work).items() if s in which)
     for mutant in targets:
         env = dict(os.environ, MUTANT_UNDER_TEST=mutant)
         try:
@@ -240,7 +255,7 @@ def recheck(work: Path, which: str, limit_s: float) -> tuple[int, int, list[str]
         verdicts[mutant] = "survived" if passed else "killed"
         verdicts_file.write_text(json.dumps(verdicts, indent=1, sort_keys=True))
         print(f"  {mutant}: {verdicts[mutant]}", flush=True)
-    print(f"re-checked {len(targets)} mutants that were {which!r}", flush=True)
+    print(f"re-checked {len(targets)} mutants that were {' or '.join(which)}", flush=True)
     return _report(name, work, work / "mutmut-run.log", began)
 
 
@@ -253,6 +268,9 @@ def main() -> int:
                         help="run each survivor of a finished run (its work folder) again against the current tests")
     parser.add_argument("--recheck-timeouts", metavar="WORK", type=Path,
                         help="run each timed-out mutant of a finished run again, alone, under a wall-clock limit")
+    parser.add_argument("--only", action="append", metavar="PATTERN",
+                        help="with --group: only the mutants matching this fnmatch pattern (repeatable), e.g. "
+                             "'autoplan.planner.x__infeasible*'")
     parser.add_argument("--limit-s", type=float, default=120.0, help="wall-clock limit per re-checked mutant (s, default 120)")
     args = parser.parse_args()
     if shutil.which("mutmut") is None and subprocess.run([sys.executable, "-m", "mutmut", "--help"],
@@ -260,11 +278,11 @@ def main() -> int:
         print("mutation testing needs mutmut: pip install mutmut", file=sys.stderr)
         return 2
     if args.recheck_timeouts:
-        runs = [lambda: recheck(args.recheck_timeouts, "timeout", args.limit_s)]
+        runs = [lambda: recheck(args.recheck_timeouts, ("timeout",), args.limit_s)]
     elif args.rerun_survivors:
-        runs = [lambda: recheck(args.rerun_survivors, "survived", args.limit_s)]
+        runs = [lambda: recheck(args.rerun_survivors, ("survived", "no tests"), args.limit_s)]
     else:
-        runs = [lambda name=name: run_group(name, args.jobs) for name in args.group or FAST_GROUPS]
+        runs = [lambda name=name: run_group(name, args.jobs, args.only) for name in args.group or FAST_GROUPS]
     for run in runs:
         _, _, survivors, _ = run()
         for mutant in survivors:
