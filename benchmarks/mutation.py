@@ -4,6 +4,7 @@
     python benchmarks/mutation.py --rerun-survivors /tmp/autoplan-mutation-GROUP-XXXX
     python benchmarks/mutation.py --recheck-timeouts /tmp/autoplan-mutation-GROUP-XXXX [--limit-s 120]
     python benchmarks/mutation.py --group GROUP --only 'module.x_function*'   # functions changed since a run
+    python benchmarks/mutation.py --group GROUP --sample 200 [--seed 0]      # a uniform sample of its mutants
 
 Runs mutmut (a kept library; ``pip install mutmut``) on a throw-away copy of the tree, one
 group of modules at a time against the tests that cover them, and prints per group the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -173,6 +175,10 @@ def _statuses(work: Path) -> dict[str, str]:
     verdicts_file = work / "rechecked.json"
     if verdicts_file.exists():
         statuses.update(json.loads(verdicts_file.read_text()))
+    sample_file = work / "sample.json"
+    if sample_file.exists():  # a sampled run: its sample is the whole population scored
+        sample = set(json.loads(sample_file.read_text()))
+        statuses = {m: s for m, s in statuses.items() if m in sample}
     return statuses
 
 
@@ -197,13 +203,24 @@ def _report(name: str, work: Path, log: Path, began: float, only: list[str] | No
     return killed, total, survivors, work
 
 
-def run_group(name: str, jobs: int, only: list[str] | None = None) -> tuple[int, int, list[str], Path]:
+def run_group(name: str, jobs: int, only: list[str] | None = None, sample: int | None = None,
+              seed: int = 0) -> tuple[int, int, list[str], Path]:
     """Mutate a group's sources and run its tests on each mutant (``only``: the mutants whose
-    names match these fnmatch patterns, e.g. the functions changed since a full run)."""
+    names match these fnmatch patterns, e.g. the functions changed since a full run;
+    ``sample``: that many mutants drawn uniformly, seeded, when all would take hours)."""
     work = Path(tempfile.mkdtemp(prefix=f"autoplan-mutation-{name}-"))
     _copy_tree(work)
     _configure(work, name)
     began = time.perf_counter()
+    if sample is not None:
+        # mutmut generates every mutant and maps tests before it filters by name: a name
+        # that matches nothing stops it right there, with every mutant listed.
+        _mutmut_run(work, jobs, ["autoplan-no-such-mutant"])
+        names = sorted(_statuses(work))
+        drawn = sorted(random.Random(seed).sample(names, min(sample, len(names))))
+        (work / "sample.json").write_text(json.dumps(drawn, indent=1))
+        print(f"{name}: drew {len(drawn)} of {len(names)} mutants (seed {seed})", flush=True)
+        only = drawn
     return _report(name, work, _mutmut_run(work, jobs, only), began, only)
 
 
@@ -271,6 +288,9 @@ def main() -> int:
     parser.add_argument("--only", action="append", metavar="PATTERN",
                         help="with --group: only the mutants matching this fnmatch pattern (repeatable), e.g. "
                              "'autoplan.planner.x__infeasible*'")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="with --group: score N mutants drawn uniformly (seeded) instead of all of them")
+    parser.add_argument("--seed", type=int, default=0, help="the draw's seed (default 0)")
     parser.add_argument("--limit-s", type=float, default=120.0, help="wall-clock limit per re-checked mutant (s, default 120)")
     args = parser.parse_args()
     if shutil.which("mutmut") is None and subprocess.run([sys.executable, "-m", "mutmut", "--help"],
@@ -282,7 +302,7 @@ def main() -> int:
     elif args.rerun_survivors:
         runs = [lambda: recheck(args.rerun_survivors, ("survived", "no tests"), args.limit_s)]
     else:
-        runs = [lambda name=name: run_group(name, args.jobs, args.only) for name in args.group or FAST_GROUPS]
+        runs = [lambda name=name: run_group(name, args.jobs, args.only, args.sample, args.seed) for name in args.group or FAST_GROUPS]
     for run in runs:
         _, _, survivors, _ = run()
         for mutant in survivors:
