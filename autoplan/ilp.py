@@ -229,8 +229,9 @@ def _solver(time_limit_s: float, gap: float):
 
     Our models are small (tens of candidates after ``_prune_by_bounds``, a few hundred
     columns), and HiGHS 1.16 spends most of such a solve in presolve and the feasibility
-    jump heuristic: on the 405B / 16,384-GPU plan's four solves, 0.25 s with them and
-    0.08 s without, same optima (benchmarks/bench_plan.py).
+    jump heuristic: the 405B / 16,384-GPU plan's four models, written out as MPS and
+    solved by highspy alone (best of 3, 2-core dev machine), took 0.25 s with them and
+    0.08 s without, same optima.
     """
     try:
         solver = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, log_to_console=False,
