@@ -149,11 +149,12 @@ def _configure(work: Path, name: str) -> None:
               f"source_paths = {group['sources']!r}\n"
               f"pytest_add_cli_args_test_selection = {tests!r}\n"
               "pytest_add_cli_args = ['-p', 'no:cacheprovider', '-q', '-x']\n"
-              # CPU-time limit per mutant: (tests' time + 1 s) x 2 x this. mutmut's default 15
-              # spends minutes on each mutant that loops forever (e.g. in prime_factors); at
-              # 1 most "timeouts" of the rules_search group were mutants whose tests passed,
-              # only slower than their timing from the clean run (caches emptied per test).
-              "timeout_multiplier = 5.0\n"
+              # CPU-time limit per mutant: (tests' time + 1 s) x 2 x this, and mutmut 3.8 stops
+              # a mutant at half that in wall-clock time. mutmut's default 15 spends minutes on
+              # each mutant that loops forever (e.g. in prime_factors); at 5 on two busy cores
+              # (two runs side by side) over half of some groups' mutants "timed out" whose
+              # tests pass or fail within seconds. `--recheck-timeouts` settles them.
+              "timeout_multiplier = 10.0\n"
               "also_copy = ['autoplan', 'cost_models', 'runtime', 'tests', 'examples', 'benchmarks']\n")
     with open(work / "pyproject.toml", "a") as out:
         out.write(config.replace("'", '"'))
