@@ -4,7 +4,8 @@
     python benchmarks/mutation.py --rerun-survivors /tmp/autoplan-mutation-GROUP-XXXX
     python benchmarks/mutation.py --recheck-timeouts /tmp/autoplan-mutation-GROUP-XXXX [--limit-s 120]
     python benchmarks/mutation.py --group GROUP --only 'module.x_function*'   # functions changed since a run
-    python benchmarks/mutation.py --group GROUP --sample 200 [--seed 0]      # a uniform sample of its mutants
+    python benchmarks/mutation.py --group GROUP --sample 100 [--seed 0]      # a uniform sample of its mutants
+    python benchmarks/mutation.py --finish /tmp/autoplan-mutation-GROUP-XXXX  # verdicts for the rest of a run
 
 Runs mutmut (a kept library; ``pip install mutmut``) on a throw-away copy of the tree, one
 group of modules at a time against the tests that cover them, and prints per group the
@@ -96,10 +97,10 @@ GROUPS = {
     # brute-force and independent references.
     "planner_core": {
         "sources": ["autoplan/ilp.py", "autoplan/planner.py", "autoplan/longest.py"],
-        "tests": ["tests/test_planner_bruteforce.py", "tests/test_planner_reference.py",
-                  "tests/test_ilp_objective_accum.py", "tests/test_longest.py", "tests/test_alternatives.py",
+        "tests": ["tests/test_infeasible_advice.py", "tests/test_planner_bruteforce.py",
+                  "tests/test_alternatives.py", "tests/test_ilp_objective_accum.py", "tests/test_longest.py",
                   "tests/test_planner_pipeline.py", "tests/test_ilp_memory_binding.py", "tests/test_cli.py",
-                  "tests/test_infeasible_advice.py", "tests/test_capacity_pipelines.py"],
+                  "tests/test_capacity_pipelines.py", "tests/test_planner_reference.py"],
     },
     # The runtime's pure pieces, in process (the torchrun tests import the tree they run
     # in, not mutmut's copy, and take seconds each).
@@ -205,7 +206,7 @@ def _report(name: str, work: Path, log: Path, began: float, only: list[str] | No
 
 
 def run_group(name: str, jobs: int, only: list[str] | None = None, sample: int | None = None,
-              seed: int = 0) -> tuple[int, int, list[str], Path]:
+              seed: int = 0, limit_s: float = 120.0) -> tuple[int, int, list[str], Path]:
     """Mutate a group's sources and run its tests on each mutant (``only``: the mutants whose
     names match these fnmatch patterns, e.g. the functions changed since a full run;
     ``sample``: that many mutants drawn uniformly, seeded, when all would take hours)."""
@@ -215,13 +216,15 @@ def run_group(name: str, jobs: int, only: list[str] | None = None, sample: int |
     began = time.perf_counter()
     if sample is not None:
         # mutmut generates every mutant and maps tests before it filters by name: a name
-        # that matches nothing stops it right there, with every mutant listed.
+        # that matches nothing stops it right there, with every mutant listed. The drawn
+        # mutants then run one pytest each (``recheck``): on two busy cores mutmut's
+        # forked runs "time out" by the dozen, each after minutes, on the planner's tests.
         _mutmut_run(work, jobs, ["autoplan-no-such-mutant"])
         names = sorted(_statuses(work))
         drawn = sorted(random.Random(seed).sample(names, min(sample, len(names))))
         (work / "sample.json").write_text(json.dumps(drawn, indent=1))
         print(f"{name}: drew {len(drawn)} of {len(names)} mutants (seed {seed})", flush=True)
-        only = drawn
+        return recheck(work, ("not checked", "no tests"), limit_s)
     return _report(name, work, _mutmut_run(work, jobs, only), began, only)
 
 
@@ -236,10 +239,10 @@ def _copy_tests(work: Path) -> None:
 
 
 def recheck(work: Path, which: tuple[str, ...], limit_s: float) -> tuple[int, int, list[str], Path]:
-    """Run each mutant of a finished run whose status is in ``which`` ("survived", "no tests",
-    "timeout") again, alone, against this tree's current tests (the group's whole list) under a
-    wall-clock limit of ``limit_s``. A mutant whose tests pass is a survivor; one that
-    fails a test or runs out the limit is caught. Verdicts are kept in the work folder's
+    """Run each mutant of a run whose status is in ``which`` ("not checked", "survived",
+    "no tests", "timeout") alone against this tree's current tests (the group's whole list)
+    under a wall-clock limit of ``limit_s`` (at least 3x the unmutated run). A mutant whose
+    tests pass is a survivor; one that fails a test or runs out the limit is caught. Verdicts are kept in the work folder's
     rechecked.json; the other mutants keep mutmut's results.
 
     Why not ``mutmut run NAMES``: mutmut runs, per mutant, only the tests its clean run
@@ -253,9 +256,12 @@ def recheck(work: Path, which: tuple[str, ...], limit_s: float) -> tuple[int, in
     began = time.perf_counter()
     _copy_tests(work)
     tests = [t for t in GROUPS[name]["tests"] if t.startswith("-") or (work / "mutants" / t.split("::")[0]).exists()]
+    clean_began = time.perf_counter()
     clean = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                            cwd=work / "mutants", env=dict(os.environ, MUTANT_UNDER_TEST=""), capture_output=True,
                            text=True, timeout=10 * limit_s)
+    # A mutant stopped at the limit counts as caught (it loops): give a slow survivor room.
+    limit_s = max(limit_s, 3 * (time.perf_counter() - clean_began))
     if clean.returncode != 0:  # every mutant would look caught
         tail = "\n".join(clean.stdout.splitlines()[-5:])
         raise SystemExit(f"{work}: the current tests fail on its unmutated sources (the code changed since that "
@@ -286,6 +292,9 @@ def main() -> int:
                         help="run each survivor of a finished run (its work folder) again against the current tests")
     parser.add_argument("--recheck-timeouts", metavar="WORK", type=Path,
                         help="run each timed-out mutant of a finished run again, alone, under a wall-clock limit")
+    parser.add_argument("--finish", metavar="WORK", type=Path,
+                        help="give every mutant of a run (of its sample) that mutmut has not killed a verdict "
+                             "of its own (one pytest per mutant)")
     parser.add_argument("--only", action="append", metavar="PATTERN",
                         help="with --group: only the mutants matching this fnmatch pattern (repeatable), e.g. "
                              "'autoplan.planner.x__infeasible*'")
@@ -298,12 +307,14 @@ def main() -> int:
                                                          capture_output=True).returncode != 0:
         print("mutation testing needs mutmut: pip install mutmut", file=sys.stderr)
         return 2
-    if args.recheck_timeouts:
+    if args.finish:
+        runs = [lambda: recheck(args.finish, ("not checked", "timeout", "survived", "no tests"), args.limit_s)]
+    elif args.recheck_timeouts:
         runs = [lambda: recheck(args.recheck_timeouts, ("timeout",), args.limit_s)]
     elif args.rerun_survivors:
         runs = [lambda: recheck(args.rerun_survivors, ("survived", "no tests"), args.limit_s)]
     else:
-        runs = [lambda name=name: run_group(name, args.jobs, args.only, args.sample, args.seed) for name in args.group or FAST_GROUPS]
+        runs = [lambda name=name: run_group(name, args.jobs, args.only, args.sample, args.seed, args.limit_s) for name in args.group or FAST_GROUPS]
     for run in runs:
         _, _, survivors, _ = run()
         for mutant in survivors:
