@@ -71,7 +71,8 @@ CASES = [
     (replace(MODEL_PRESETS["llama3-70b"], n_layers=3), 8, 4 * K, {"tp": 4, "cp": 2}, "torchtitan"),
     # ... and a full run's top with a none run directly above it (no selective between).
     (replace(MODEL_PRESETS["llama3-70b"], n_layers=3), 8, 256 * K, {"cp": 8}),
-    # Two blocks where a single-block run's own side (alone_top / alone_bottom) binds.
+    # Two blocks under torchtitan's profile with TP 8 at a short length (every run is a
+    # single block: alone_top / alone_bottom carry the ends).
     (replace(MODEL_PRESETS["llama3.2-1b"], n_layers=2), 16, 2 * K, {"tp": 8, "dp_shard": 2}, "torchtitan"),
 ]
 CASES = [case + ("autoplan",) * (5 - len(case)) for case in CASES]  # the executor profile
