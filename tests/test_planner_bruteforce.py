@@ -158,3 +158,22 @@ def test_headroom_is_respected_by_every_objective(model, gpus, seq, capacity, he
     if longest.plan:
         assert longest.estimate.peak_memory_bytes <= usable
         assert _best_brute_force(model, gpu, [gpus], [longest.plan.seq_len], usable, ("full",)) is not None
+
+
+@pytest.mark.parametrize("model, gpus, seq, capacity", list(_cases(5, 4)))
+@pytest.mark.parametrize("ac", ["selective", "none", "full"])
+def test_one_ac_mode_choice_matches_brute_force(model, gpus, seq, capacity, ac):
+    """--ac MODE: every layer in that mode. The pre-solve filter and the pruning bounds
+    must use that mode's memory and recompute, not another's."""
+    gpu = resolve_gpu("h100")
+    result = make_plan(PlanRequest(model=model, gpu=gpu, num_gpus=gpus, target_seq_len=seq, top_k=0, ac=ac,
+                                   memory_capacity_bytes=capacity, memory_headroom=NO_HEADROOM))
+    brute = _best_brute_force(model, gpu, [gpus], [seq], capacity, (ac,))
+    assert (result.plan is None) == (brute is None)
+    if brute is None:
+        return
+    assert result.plan.activation_checkpoint.layer_modes(model.n_layers) == (ac,) * model.n_layers
+    tokens = result.plan.seq_len * result.plan.local_batch_size * result.plan.grad_accum_steps / (
+        result.plan.parallelism.cp * result.plan.parallelism.tp)
+    assert result.proven_optimal
+    assert brute[0] * (1 - 1e-9) <= result.estimate.step_time_s / tokens <= brute[0] * (1 + 1e-4)
