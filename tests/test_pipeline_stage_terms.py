@@ -107,3 +107,27 @@ def test_rank_memory_overheads_and_optimizer_step_by_hand():
         assert stage.breakdown_bytes["comm_buffers"] == pytest.approx(comm)
         assert stage.breakdown_bytes["overhead"] == pytest.approx(reserved - tensor + EXECUTOR.cuda_context_bytes)
         assert stage.peak_bytes == pytest.approx(reserved + EXECUTOR.cuda_context_bytes + comm)
+
+
+def test_stage_split_edges_and_the_default_ac_by_hand():
+    from cost_models.pipeline import pipeline_step_estimate, stage_layers
+
+    assert stage_layers(4, 1) == [[0, 1, 2, 3]]  # one stage holds every layer
+    with pytest.raises(ValueError) as error:
+        stage_layers(2, 3)
+    assert str(error.value) == "2 layers cannot fill 3 pipeline stages"
+    # A config without an AC policy runs every layer without checkpointing.
+    cfg = TrainConfig(Parallelism(dp_shard=2, pp=2), 1024, 2, pp_microbatches=2, cp_impl="none")
+    cluster = ClusterSpec(resolve_gpu("h100"), 4, 4)
+    unset = pipeline_step_estimate(EIGHT_B, cluster, cfg, EXECUTOR)
+    explicit = pipeline_step_estimate(EIGHT_B, cluster, replace(cfg, ac=ACPolicy(("none",) * 4)), EXECUTOR)
+    assert unset.step_time_s == explicit.step_time_s and unset.peak_memory_bytes == explicit.peak_memory_bytes
+
+
+def test_config_messages_name_the_field():
+    from cost_models.specs import SpecError
+
+    for field, value in (("local_batch_size", 0), ("grad_accum_steps", -1)):
+        with pytest.raises(SpecError) as error:
+            TrainConfig(Parallelism(), 1024, **{field: value})
+        assert str(error.value) == f"{field}={value} must be a positive integer"
