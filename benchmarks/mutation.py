@@ -89,7 +89,8 @@ GROUPS = {
     # What a step is asked to do (validation) and the pipeline's cost model.
     "config_pipeline": {
         "sources": ["cost_models/config.py", "cost_models/pipeline.py"],
-        "tests": ["tests/test_pipeline_cost.py", "tests/test_planner_pipeline.py", "tests/test_capacity_pipelines.py",
+        "tests": ["tests/test_pipeline_stage_terms.py", "tests/test_pipeline_cost.py", "tests/test_planner_pipeline.py",
+                  "tests/test_capacity_pipelines.py",
                   "tests/test_cost_models.py", "tests/test_step_by_hand.py", "tests/test_rules_search_by_hand.py",
                   "tests/test_memory_by_hand.py"],
     },
