@@ -131,3 +131,41 @@ def test_config_messages_name_the_field():
         with pytest.raises(SpecError) as error:
             TrainConfig(Parallelism(), 1024, **{field: value})
         assert str(error.value) == f"{field}={value} must be a positive integer"
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_one_block_ranks_phases_by_hand(mode):
+    """Two layers over pp = 2 (one block per rank), TP 2, FSDP 2, 1F1B with 2 micro-batches
+    of one 1k sequence: each rank's phases from the model's dimensions."""
+    from cost_models.activations import layer_memory
+    from cost_models.pipeline import in_flight_microbatches, p2p_bytes, stage_memory_phases
+
+    model = replace(MODEL_PRESETS["llama3-8b"], n_layers=2)
+    d, f, vocab, tp = 4096, 14336, 128256, 2
+    cfg = TrainConfig(Parallelism(dp_shard=2, tp=2, pp=2), 1024, 2, pp_microbatches=2, cp_impl="none")
+    micro = micro_config(cfg)
+    mt = memory_terms(model, micro, EXECUTOR)
+    raw = layer_memory(model, micro, EXECUTOR)
+    tokens = 1024  # one sequence per micro-batch, no CP
+    block_bf16 = model.params_per_layer / tp * 2
+    w2_grad = d * f / tp * 2  # bf16
+    output_grad = vocab * d / tp * 2  # bf16
+    norm_in = 2 * tokens * d / tp + 4 * tokens / tp  # the RMSNorm's saved bf16 input and fp32 rstd
+    own = mt.layer.saved[mode]
+    moment = max(own + raw.working[mode] + w2_grad, min(own, norm_in) + block_bf16 + mt.norm_backward_working_bytes)
+    for rank in (0, 1):
+        first, last = rank == 0, rank == 1
+        in_flight = in_flight_microbatches("1f1b", rank, 2, 2)
+        phases = stage_memory_phases(model, cfg, EXECUTOR, mt, [mode], first, last, in_flight, rank)
+        # One receive buffer per micro-batch into rank 1 (activations) and into rank 0 (grads).
+        buffers = 2 * p2p_bytes(model, cfg) + 2 * mt.input_bytes
+        backward = phases["layer_backward"]
+        assert backward["recompute_working"] == pytest.approx(moment)
+        assert backward["activations"] == pytest.approx((in_flight - 1) * own + buffers)
+        assert backward["logits_loss"] == (output_grad if last else 0.0)
+        assert ("embedding_backward" in phases) == first and ("loss" in phases) == last
+        if first:  # the dense [vocab, d] bf16 grad DTensor writes on every TP rank, and its incoming grad
+            embedding = phases["embedding_backward"]
+            assert embedding["recompute_working"] == pytest.approx(vocab * d * 2 + 2 * tokens * d)
+            assert embedding["logits_loss"] == 0.0
+            assert embedding["activations"] == pytest.approx(max(0.0, in_flight - 1) * own + buffers)
