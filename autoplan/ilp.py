@@ -246,30 +246,21 @@ def _solver(time_limit_s: float, gap: float):
     raise SolverError("no MILP solver: install highspy (pip install highspy) or CBC (pip install pulp[cbc])")
 
 
-def choose(priced: list[PricedCandidate], allowed_modes: tuple[str, ...] = AC_MODES,
-           primary: str | None = None, time_limit_s: float = 20.0, gap: float = 1e-4,
-           excluded: list[set[int]] | None = None) -> Choice | None:
-    """Solve; ``primary`` = 'max-seqlen' | 'min-gpus' runs a first lexicographic stage.
+def choose(priced: list[PricedCandidate], allowed_modes: tuple[str, ...] = AC_MODES, time_limit_s: float = 20.0,
+           gap: float = 1e-4, excluded: list[set[int]] | None = None) -> Choice | None:
+    """The fastest candidate (seconds per token) and its AC counts, by the ILP.
 
     Returns None when no candidate fits. ``excluded`` lists index sets of which none
-    may be chosen (used to find the next-best alternatives).
+    may be chosen (used to find the next-best alternatives). The other objectives
+    (max-seqlen, min-gpus) fix the length or GPU count first (autoplan/longest.py) and
+    then ask this for the fastest plan there.
     """
     if not priced:
         return None
-    indices = list(range(len(priced)))
-    if primary is not None:
-        stage = _solve(priced, indices, allowed_modes, primary, time_limit_s, gap, excluded)
-        if stage is None:
-            return None
-        chosen = priced[stage.index].candidate
-        if primary == "max-seqlen":
-            indices = [i for i in indices if priced[i].candidate.seq_len == chosen.seq_len]
-        else:
-            indices = [i for i in indices if priced[i].candidate.num_gpus == chosen.num_gpus]
-    return _solve(priced, indices, allowed_modes, "throughput", time_limit_s, gap, excluded)
+    return _solve(priced, list(range(len(priced))), allowed_modes, time_limit_s, gap, excluded)
 
 
-def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tuple[str, ...], objective: str,
+def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tuple[str, ...],
            time_limit_s: float, gap: float, excluded: list[set[int]] | None) -> Choice | None:
     excluded_all = set().union(*excluded) if excluded else set()
     indices = [i for i in indices if i not in excluded_all]
@@ -279,11 +270,9 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
     indices = [i for i in indices if priced[i].counts_fit(_uniform(lightest, priced[i].n_layers))]
     if not indices:
         return None
-    if objective == "throughput":
-        indices = _prune_by_bounds(priced, indices, allowed_modes)
-        indices = _drop_identical(priced, indices)
-    sense = pulp.LpMaximize if objective == "max-seqlen" else pulp.LpMinimize
-    prob = pulp.LpProblem("autoplan", sense)
+    indices = _prune_by_bounds(priced, indices, allowed_modes)
+    indices = _drop_identical(priced, indices)
+    prob = pulp.LpProblem("autoplan", pulp.LpMinimize)
     x, n, u, e = {}, {}, {}, {}
     for i in indices:
         p = priced[i]
@@ -303,22 +292,17 @@ def _solve(priced: list[PricedCandidate], indices: list[int], allowed_modes: tup
         recompute = pulp.lpSum(t.recompute_s[m] * n[i, m] for m in allowed_modes)
         prob += e[i] >= (t.fsdp_comm_s - t.hiding_compute_s) * x[i] - recompute
     prob += pulp.lpSum(x.values()) == 1
-    if objective == "max-seqlen":
-        prob += pulp.lpSum(priced[i].candidate.seq_len * x[i] for i in indices)
-    elif objective == "min-gpus":
-        prob += pulp.lpSum(priced[i].candidate.num_gpus * x[i] for i in indices)
-    else:
-        terms = []
-        for i in indices:
-            if priced[i].pipeline is not None:
-                terms.append(1e6 * priced[i].seconds_per_token({}) * x[i])
-                continue
-            t = priced[i].terms
-            scale = 1e6 / priced[i].tokens_per_gpu_step  # microseconds per token
-            micro = (t.base_s * x[i] + e[i]
-                     + pulp.lpSum((t.recompute_s[m] + t.recompute_comm_s[m]) * n[i, m] for m in allowed_modes))
-            terms.append(scale * (t.grad_accum_steps * micro + t.optimizer_s * x[i]))
-        prob += pulp.lpSum(terms)
+    terms = []
+    for i in indices:
+        if priced[i].pipeline is not None:
+            terms.append(1e6 * priced[i].seconds_per_token({}) * x[i])
+            continue
+        t = priced[i].terms
+        scale = 1e6 / priced[i].tokens_per_gpu_step  # microseconds per token
+        micro = (t.base_s * x[i] + e[i]
+                 + pulp.lpSum((t.recompute_s[m] + t.recompute_comm_s[m]) * n[i, m] for m in allowed_modes))
+        terms.append(scale * (t.grad_accum_steps * micro + t.optimizer_s * x[i]))
+    prob += pulp.lpSum(terms)
     with _quiet_native_stdout():
         prob.solve(_solver(time_limit_s, gap))
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
