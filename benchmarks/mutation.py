@@ -22,6 +22,7 @@ values); the closing note of the work that ran this lists which is which.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import fnmatch
 import json
 import random
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -225,7 +227,7 @@ def run_group(name: str, jobs: int, only: list[str] | None = None, sample: int |
         drawn = sorted(random.Random(seed).sample(names, min(sample, len(names))))
         (work / "sample.json").write_text(json.dumps(drawn, indent=1))
         print(f"{name}: drew {len(drawn)} of {len(names)} mutants (seed {seed})", flush=True)
-        return recheck(work, ("not checked", "no tests"), limit_s)
+        return recheck(work, ("not checked", "no tests"), limit_s, jobs)
     return _report(name, work, _mutmut_run(work, jobs, only), began, only)
 
 
@@ -239,7 +241,8 @@ def _copy_tests(work: Path) -> None:
                 shutil.copy2(ROOT / test, target)
 
 
-def recheck(work: Path, which: tuple[str, ...], limit_s: float) -> tuple[int, int, list[str], Path]:
+def recheck(work: Path, which: tuple[str, ...], limit_s: float, jobs: int = 1, resume: bool = False
+            ) -> tuple[int, int, list[str], Path]:
     """Run each mutant of a run whose status is in ``which`` ("not checked", "survived",
     "no tests", "timeout") alone against this tree's current tests (the group's whole list)
     under a wall-clock limit of ``limit_s`` (at least 3x the unmutated run). A mutant whose
@@ -270,16 +273,24 @@ def recheck(work: Path, which: tuple[str, ...], limit_s: float) -> tuple[int, in
     verdicts_file = work / "rechecked.json"
     verdicts = json.loads(verdicts_file.read_text()) if verdicts_file.exists() else {}
     targets = sorted(m for m, s in _statuses(work).items() if s in which)
-    for mutant in targets:
+    if resume:  # an interrupted --finish: keep the verdicts it reached
+        targets = [m for m in targets if m not in verdicts]
+    lock = threading.Lock()
+
+    def check(mutant: str) -> None:
         env = dict(os.environ, MUTANT_UNDER_TEST=mutant)
         try:
             passed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                                     cwd=work / "mutants", env=env, capture_output=True, timeout=limit_s).returncode == 0
         except subprocess.TimeoutExpired:
             passed = False
-        verdicts[mutant] = "survived" if passed else "killed"
-        verdicts_file.write_text(json.dumps(verdicts, indent=1, sort_keys=True))
-        print(f"  {mutant}: {verdicts[mutant]}", flush=True)
+        with lock:
+            verdicts[mutant] = "survived" if passed else "killed"
+            verdicts_file.write_text(json.dumps(verdicts, indent=1, sort_keys=True))
+            print(f"  {mutant}: {verdicts[mutant]}", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(check, targets))
     print(f"re-checked {len(targets)} mutants that were {' or '.join(which)}", flush=True)
     return _report(name, work, work / "mutmut-run.log", began)
 
@@ -309,11 +320,12 @@ def main() -> int:
         print("mutation testing needs mutmut: pip install mutmut", file=sys.stderr)
         return 2
     if args.finish:
-        runs = [lambda: recheck(args.finish, ("not checked", "timeout", "survived", "no tests"), args.limit_s)]
+        runs = [lambda: recheck(args.finish, ("not checked", "timeout", "survived", "no tests"), args.limit_s,
+                                args.jobs, resume=True)]
     elif args.recheck_timeouts:
-        runs = [lambda: recheck(args.recheck_timeouts, ("timeout",), args.limit_s)]
+        runs = [lambda: recheck(args.recheck_timeouts, ("timeout",), args.limit_s, args.jobs)]
     elif args.rerun_survivors:
-        runs = [lambda: recheck(args.rerun_survivors, ("survived", "no tests"), args.limit_s)]
+        runs = [lambda: recheck(args.rerun_survivors, ("survived", "no tests"), args.limit_s, args.jobs)]
     else:
         runs = [lambda name=name: run_group(name, args.jobs, args.only, args.sample, args.seed, args.limit_s) for name in args.group or FAST_GROUPS]
     for run in runs:
