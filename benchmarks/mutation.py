@@ -84,9 +84,9 @@ GROUPS = {
     # The layout search (degrees, seq grid, batches, pins, pipeline candidates).
     "search": {
         "sources": ["autoplan/search.py"],
-        "tests": ["tests/test_rules_search_by_hand.py", "tests/test_planner_bruteforce.py",
-                  "tests/test_alternatives.py", "tests/test_seeded_cost.py", "tests/test_ilp_memory.py",
-                  "tests/test_planner_pipeline.py"],
+        "tests": ["tests/test_rules_search_by_hand.py", "tests/test_infeasible_advice.py",
+                  "tests/test_planner_bruteforce.py", "tests/test_alternatives.py", "tests/test_seeded_cost.py",
+                  "tests/test_ilp_memory.py", "tests/test_planner_pipeline.py"],
     },
     # What a step is asked to do (validation) and the pipeline's cost model.
     "config_pipeline": {

@@ -100,3 +100,13 @@ def test_no_layout_passes_the_rules():
     assert "try fewer pins than --fix dp_shard=1" in result.explanation
     assert result.explanation[-1] == ("rejected 2 layout(s) before pricing: seq_len must be divisible by "
                                       "2 x cp = 6 (head-tail load balancing)")
+
+
+def test_longest_with_a_pinned_global_batch_and_accumulation():
+    # A global batch of 1M tokens in 2 accumulation steps: every plan runs 512k tokens per
+    # step, so the longest sequence is 512k (batch 1, no data parallelism), which fits 4 GPUs.
+    result = make_plan(PlanRequest(SMALL, GPU, 4, gpus_per_node=4, objective="max-seqlen", top_k=0,
+                                   global_batch_tokens=2**20, fixed={"grad_accum_steps": 2}))
+    assert result.plan is not None
+    assert (result.plan.seq_len, result.plan.local_batch_size, result.plan.grad_accum_steps) == (512 * K, 1, 2)
+    assert result.plan.parallelism.dp_replicate * result.plan.parallelism.dp_shard == 1

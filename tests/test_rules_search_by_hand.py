@@ -11,6 +11,7 @@ from autoplan.errors import UsageError
 from autoplan.fix import check_conflicts, parse_fix
 from autoplan.search import (
     _grad_accum,
+    build_search_space,
     check_pins,
     divisors,
     factorizations,
@@ -392,3 +393,15 @@ def test_ring_context_parallel_is_refused_inside_a_pipeline():
         "cp_impl=ring-allgather with pp=2: the ring runs inside context_parallel() around one model's step, not a "
         "pipeline schedule (runtime); use allgather-kv"]
     assert layout_violations(four, replace(ring, cp_impl="allgather-kv")) == []
+
+
+def test_search_keeps_the_asked_node_size_batches_and_ffn_message():
+    model = replace(EVEN, n_layers=4)
+    # 4 GPUs per node: no tensor-parallel group wider than a node, pipelines included.
+    space = build_search_space(model, H100, [16], [1024], 4, {"pp": 2})
+    assert space.candidates and max(c.parallelism.tp for c in space.candidates) <= 4
+    # Only the batch sizes asked for.
+    space = build_search_space(model, H100, [8], [1024], 8, {}, batches=(1,))
+    assert space.candidates and {c.local_batch_size for c in space.candidates} == {1}
+    with pytest.raises(SpecError, match=r"^--fix tp=2: tp must divide the model's ffn_dim=3$"):
+        check_pins(ModelSpec("f", vocab_size=8, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=3), 2, {"tp": 2})
