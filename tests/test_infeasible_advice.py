@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
+import pytest
+
 from autoplan.planner import PlanRequest, make_plan
 from autoplan.units import MemoryHeadroom, format_tokens
 from cost_models.config import ACPolicy, Parallelism, TrainConfig
@@ -52,20 +54,21 @@ def _least_need(gpus: int, per_node: int, seq: int) -> tuple[float, Parallelism,
     return best
 
 
-def test_closest_layout_more_gpus_and_longest_length_against_brute_force():
-    result = make_plan(REQUEST)
+@pytest.mark.parametrize("target, factor", [(TARGET, 4), (2048 * K, 16)])
+def test_closest_layout_more_gpus_and_longest_length_against_brute_force(target, factor):
+    result = make_plan(replace(REQUEST, target_seq_len=target))
     assert result.plan is None
-    need, par, impl = _least_need(2, 2, TARGET)
+    need, par, impl = _least_need(2, 2, target)
     assert need > USABLE
     closest, more, longest = result.explanation[:3]
     assert closest.startswith("no layout fits: the closest, ")
     assert f"cp={par.cp} tp={par.tp} {impl}" in closest
-    assert closest.endswith(f"at seq_len 512k, needs {need / GiB:.1f} GiB of 20.0 usable even with full AC")
-    # The fewest GPUs (doubling) where the lightest layout fits.
-    factor = next(f for f in (2, 4, 8, 16) if _least_need(2 * f, 2, TARGET)[0] <= USABLE)
+    assert closest.endswith(f"at seq_len {format_tokens(target)}, needs {need / GiB:.1f} GiB of 20.0 usable even "
+                            "with full AC")
+    # The fewest GPUs (doubling) where the lightest layout fits, and not on half as many.
+    assert _least_need(2 * factor, 2, target)[0] <= USABLE < _least_need(factor, 2, target)[0]
     assert more == (f"the target fits on {2 * factor} GPUs ({factor}x): try --gpus {2 * factor} "
                     f"or --objective min-gpus --gpus {2 * factor}")
-    assert _least_need(2 * factor // 2, 2, TARGET)[0] > USABLE  # and not on half as many
     answer = make_plan(replace(REQUEST, target_seq_len=None, objective="max-seqlen", top_k=0)).plan
     assert answer is not None and answer.seq_len < TARGET
     assert longest == f"on 2 GPUs the longest sequence that fits is {format_tokens(answer.seq_len)} " \
