@@ -75,10 +75,11 @@ def test_closest_layout_more_gpus_and_longest_length_against_brute_force(target,
                       "(--objective max-seqlen)"
 
 
-def test_min_gpus_says_how_many_it_needs_first():
-    result = make_plan(replace(REQUEST, objective="min-gpus"))
+@pytest.mark.parametrize("target, factor", [(TARGET, 4), (2048 * K, 16)])
+def test_min_gpus_says_how_many_it_needs_first(target, factor):
+    result = make_plan(replace(REQUEST, objective="min-gpus", target_seq_len=target))
     assert result.plan is None
-    factor = next(f for f in (2, 4, 8, 16) if _least_need(2 * f, 2, TARGET)[0] <= USABLE)
+    assert _least_need(2 * factor, 2, target)[0] <= USABLE < _least_need(factor, 2, target)[0]
     assert result.explanation[0] == (f"needs more than 2 GPUs: the target fits on {2 * factor} ({factor}x); "
                                      f"try --objective min-gpus --gpus {2 * factor}")
     assert result.explanation[1].startswith("no layout fits: the closest, ")
