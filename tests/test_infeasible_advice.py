@@ -114,3 +114,9 @@ def test_longest_with_a_pinned_global_batch_and_accumulation():
     assert result.plan is not None
     assert (result.plan.seq_len, result.plan.local_batch_size, result.plan.grad_accum_steps) == (512 * K, 1, 2)
     assert result.plan.parallelism.dp_replicate * result.plan.parallelism.dp_shard == 1
+
+
+def test_an_unknown_ac_mode_is_refused_by_name():
+    with pytest.raises(SpecError) as error:
+        make_plan(replace(REQUEST, ac="most"))
+    assert str(error.value) == "--ac 'most': use auto, none, selective or full"
