@@ -405,3 +405,27 @@ def test_search_keeps_the_asked_node_size_batches_and_ffn_message():
     assert space.candidates and {c.local_batch_size for c in space.candidates} == {1}
     with pytest.raises(SpecError, match=r"^--fix tp=2: tp must divide the model's ffn_dim=3$"):
         check_pins(ModelSpec("f", vocab_size=8, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=3), 2, {"tp": 2})
+
+
+def test_pipeline_candidates_follow_pins_caps_and_the_global_batch():
+    from autoplan.search import MAX_BATCHED_TOKENS_PER_GPU, pipeline_candidates
+
+    model = replace(EVEN, n_layers=8)
+    assert pipeline_candidates(model, H100, 8, 4096, 8, {"pp": 1}, None) == ([], [])  # pp = 1 pinned: none
+    found, _ = pipeline_candidates(model, H100, 8, 4096, 8, {"pp": 2, "pp_microbatches": 4}, None)
+    assert found and {c.pp_microbatches for c in found} == {4}
+    found, _ = pipeline_candidates(model, H100, 8, 4096, 8, {"pp": 2, "local_batch_size": 4}, None)
+    assert found and {c.local_batch_size for c in found} == {4}
+    # Sequences per micro-batch: more than one only while a micro-batch stays under the
+    # token cap per GPU (16k tokens without CP: 2 sequences fit the 32k cap, 4 do not).
+    found, _ = pipeline_candidates(model, H100, 8, 16384, 8, {"pp": 2}, None)
+    for c in found:
+        per_micro = c.local_batch_size // c.pp_microbatches
+        assert per_micro == 1 or per_micro * 16384 // c.parallelism.cp <= MAX_BATCHED_TOKENS_PER_GPU
+    assert {c.local_batch_size // c.pp_microbatches for c in found if c.parallelism.cp == 1} == {1, 2}
+    found, _ = pipeline_candidates(model, H100, 8, 32768, 8, {"pp": 2, "cp": 1}, None)
+    assert found and {c.local_batch_size // c.pp_microbatches for c in found} == {1}  # 2 x 32k > the cap
+    # A global batch the layout cannot split is a rejection naming the layout, length and batch.
+    found, rejected = pipeline_candidates(model, H100, 8, 4096, 8, {"pp": 2, "dp_shard": 4}, 3 * 4096)
+    assert not found and rejected
+    assert all(r.what.startswith("8 GPUs ") and " seq=4096 b=" in r.what and r.reason for r in rejected)
