@@ -416,6 +416,10 @@ def test_pipeline_candidates_follow_pins_caps_and_the_global_batch():
     assert found and {c.pp_microbatches for c in found} == {4}
     found, _ = pipeline_candidates(model, H100, 8, 4096, 8, {"pp": 2, "local_batch_size": 4}, None)
     assert found and {c.local_batch_size for c in found} == {4}
+    # A pinned virtual stage count, with or without the schedule: interleaved with that count.
+    for pins in ({"pp_schedule": "interleaved-1f1b", "pp_virtual_stages": 4}, {"pp_virtual_stages": 4}):
+        found, _ = pipeline_candidates(model, H100, 8, 4096, 8, {"pp": 2, **pins}, None)
+        assert found and {(c.pp_schedule, c.pp_virtual_stages) for c in found} == {("interleaved-1f1b", 4)}
     # Sequences per micro-batch: more than one only while a micro-batch stays under the
     # token cap per GPU (16k tokens without CP: 2 sequences fit the 32k cap, 4 do not).
     found, _ = pipeline_candidates(model, H100, 8, 16384, 8, {"pp": 2}, None)
