@@ -122,3 +122,19 @@ def test_make_collective_and_collective_seconds_place_the_group():
     solo = make_collective(cluster, par, order, "tp", "all_gather", ("tp",), GiB, calls=5)
     assert (solo.group_size, solo.time_s, solo.tier) == (1, 0.0, "intra-node")
     assert collective_seconds(cluster, par, order, "all_gather", ("tp",), GiB) == 0.0
+
+
+def test_collective_records_at_their_edges():
+    from cost_models.config import DEFAULT_MESH_ORDER
+
+    cluster = ClusterSpec(GPU, 16, 8)
+    par = Parallelism(dp_replicate=2, dp_shard=8)
+    # A group of two across nodes is inter-node (each replica sits on its own node).
+    pair = make_collective(cluster, par, DEFAULT_MESH_ORDER, "grads", "all_reduce", ("dp_replicate",), 1e9, 1)
+    assert (pair.group_size, pair.tier) == (2, "inter-node")
+    # A group of one: nothing to send, one rank on its node.
+    alone = make_collective(cluster, par, DEFAULT_MESH_ORDER, "none", "all_gather", ("cp",), 1e9, 3)
+    assert (alone.group_size, alone.tier, alone.ranks_per_node, alone.time_s) == (1, "intra-node", 1, 0.0)
+    # One byte still pays the latency.
+    assert collective_time_s(cluster, "all_reduce", 1.0, 8, "intra-node", 8) > 0.0
+    assert collective_time_s(cluster, "all_reduce", 0.0, 8, "intra-node", 8) == 0.0
