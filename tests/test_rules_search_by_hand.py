@@ -433,3 +433,16 @@ def test_pipeline_candidates_follow_pins_caps_and_the_global_batch():
     found, rejected = pipeline_candidates(model, H100, 8, 4096, 8, {"pp": 2, "dp_shard": 4}, 3 * 4096)
     assert not found and rejected
     assert all(r.what.startswith("8 GPUs ") and " seq=4096 b=" in r.what and r.reason for r in rejected)
+
+
+def test_mesh_orders_one_per_placement_by_hand():
+    from autoplan.search import mesh_orders
+
+    two_nodes = ClusterSpec(H100, 16, 8)
+    # dp_shard 2 x cp 8: CP inside a node (the default order) or spread over both nodes.
+    assert mesh_orders(two_nodes, Parallelism(dp_shard=2, cp=8)) == [
+        ("dp_replicate", "dp_shard", "cp", "tp"), ("dp_replicate", "cp", "dp_shard", "tp")]
+    # dp_shard 4 x cp 2 x tp 2: TP and CP inside a node (default), CP across nodes, or TP across.
+    assert mesh_orders(two_nodes, Parallelism(dp_shard=4, cp=2, tp=2)) == [
+        ("dp_replicate", "dp_shard", "cp", "tp"), ("dp_replicate", "cp", "dp_shard", "tp"),
+        ("dp_replicate", "tp", "dp_shard", "cp")]
