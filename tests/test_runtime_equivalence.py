@@ -71,8 +71,9 @@ def results(tmp_path_factory):
         jobs.append({"plan": str(path), "metrics": str(tmp / f"{name}.jsonl"), "steps": STEPS,
                      "shard_over_cp": name != NEGATIVE})
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
-                             f"--master-port={free_port()}", str(ROOT / "tests" / "runtime_layout_worker.py"),
+    # --standalone: torchrun binds its store on a free port itself (no port picked here and raced for).
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                             str(ROOT / "tests" / "runtime_layout_worker.py"),
                              str(tmp / "jobs.json")], capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
     out["launch_stderr"] = launch.stderr[-3000:]
     for job in jobs:
