@@ -72,7 +72,8 @@ GROUPS = {
                     "cost_models/models.py"],
         "tests": ["tests/test_cost_models.py", "tests/test_step_time.py", "tests/test_seeded_cost.py",
                   "tests/test_cost_properties.py", "tests/test_flops_comm_by_hand.py", "tests/test_memory_phases.py",
-                  "tests/test_hf_config.py", "tests/test_step_by_hand.py", "--deselect", _SLOW_HF],
+                  "tests/test_hf_config.py", "tests/test_step_by_hand.py", "tests/test_pipeline_stage_terms.py",
+                  "--deselect", _SLOW_HF],
     },
     # Layout rules, --fix suggestions and unit parsing (split from the search: one group of
     # 1,300 mutants ran each through the search's brute-force tests, over an hour).

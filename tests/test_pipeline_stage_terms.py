@@ -169,3 +169,14 @@ def test_one_block_ranks_phases_by_hand(mode):
             assert embedding["recompute_working"] == pytest.approx(vocab * d * 2 + 2 * tokens * d)
             assert embedding["logits_loss"] == 0.0
             assert embedding["activations"] == pytest.approx(max(0.0, in_flight - 1) * own + buffers)
+
+
+def test_estimate_step_prices_any_pipeline_as_a_pipeline():
+    # pp = 2, the smallest pipeline: the step is the schedule's (bubble included), not a
+    # whole-model step on each rank.
+    cfg = TrainConfig(Parallelism(dp_shard=2, pp=2), 1024, 2, pp_microbatches=2, cp_impl="none")
+    cluster = ClusterSpec(resolve_gpu("h100"), 4, 4)
+    est = estimate_step(EIGHT_B, cluster, cfg, EXECUTOR)
+    pipeline = estimate_pipeline(EIGHT_B, cluster, cfg, EXECUTOR, ("none",) * 4)
+    assert est.pipeline is not None and est.step_time_s == pytest.approx(pipeline.step_time_s, rel=1e-12)
+    assert pipeline.bubble_s > 0
