@@ -180,3 +180,9 @@ def test_estimate_step_prices_any_pipeline_as_a_pipeline():
     pipeline = estimate_pipeline(EIGHT_B, cluster, cfg, EXECUTOR, ("none",) * 4)
     assert est.pipeline is not None and est.step_time_s == pytest.approx(pipeline.step_time_s, rel=1e-12)
     assert pipeline.bubble_s > 0
+    # Its summary (what `autoplan cost` prints as JSON) names the slowest and each rank's peak.
+    slowest = max(pipeline.stages, key=lambda stage: stage.microbatch_s).rank
+    summary = est.summary()
+    assert summary["slowest_stage"] == slowest
+    assert summary["stage_peak_memory_bytes"] == [stage.peak_bytes for stage in pipeline.stages]
+    assert summary["pipeline_bubble_fraction"] == pytest.approx(1 / 3)  # (pp - 1) / (m + pp - 1)
