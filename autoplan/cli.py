@@ -41,17 +41,20 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser, or with ``only`` just that command's options (the others
+    are listed but their modules not imported: planning starts that much sooner)."""
     parser = OneLineParser(
         prog="autoplan",
         description="Plan long-context LLM training: dp/cp/tp degrees, seq_len, batch and activation "
                     "checkpointing that fit in GPU memory and run fast. `plan` is the default command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module_name, summary) in COMMANDS.items():
-        module = importlib.import_module(f"autoplan.commands.{module_name}")
         command = sub.add_parser(name, help=summary, description=summary)
-        module.register(command)
-        command.set_defaults(func=module.run)
+        if only is None or name == only:
+            module = importlib.import_module(f"autoplan.commands.{module_name}")
+            module.register(command)
+            command.set_defaults(func=module.run)
     return parser
 
 
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["plan"] + argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[0] if argv[0] in COMMANDS else None).parse_args(argv)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code

@@ -485,14 +485,16 @@ def _roomier(request: PlanRequest, priced: list[PricedCandidate], estimate: Step
     tighter = []
     for p in priced:
         if p.pipeline is not None:
-            if p.pipeline.peak_bytes <= ceiling:
+            if p.pipeline.counts is not None and p.pipeline.peak_bytes <= ceiling:
                 tighter.append(p)
-            else:
-                tighter.append(replace(p, pipeline=replace(p.pipeline, counts=None)))
+            continue
+        if p.time is None:  # cannot fit even the full budget
             continue
         mt = p.memory
         budget = (ceiling - mt.fixed_overhead_bytes - mt.comm_buffer_bytes) / (1 + mt.fragmentation)
-        tighter.append(replace(p, tensor_budget_bytes=min(p.tensor_budget_bytes, budget)))
+        # Full AC saves the least: a candidate it does not bring under the budget never can.
+        if p.full_ac_peak_tensor_bytes() <= budget:
+            tighter.append(replace(p, tensor_budget_bytes=min(p.tensor_budget_bytes, budget)))
     roomy = best(set(), tighter)
     if roomy is None:
         return None
