@@ -390,10 +390,14 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     exit_code = main()
+    if exit_code != 0:
+        # An error: leave as usual. (A rank that left at once here could have torchrun stop
+        # rank 0 before it printed the error that only rank 0 prints.)
+        sys.exit(exit_code)
     # torch 2.13's gloo can abort a rank in a C++ destructor at interpreter exit, after
     # destroy_process_group returned ("terminate called without an active exception": 3 in
-    # ~130 two-rank CPU launches here, the flaky resume test). Everything is written,
-    # flushed and closed by now and the peers passed the final barrier: skip the destructors.
+    # ~130 two-rank CPU launches here, the flaky resume test). After a run, everything is
+    # written, flushed and closed and the peers passed the final barrier: skip the destructors.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(exit_code)
+    os._exit(0)
