@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable
 
-from cost_models.config import AC_MODES, ACPolicy, Parallelism, Precision, TrainConfig
+from cost_models.config import AC_MODES, ACPolicy, Parallelism, TrainConfig
 from cost_models.executors import DEFAULT_EXECUTOR, EXECUTOR_PROFILES, ExecutorProfile
 from cost_models.pipeline import rank_counts_policy
 from cost_models.specs import ClusterSpec, GiB, GPUSpec, ModelSpec, SpecError
@@ -253,7 +253,7 @@ def _pipeline_static_bytes(request: PlanRequest, candidate: Candidate) -> float:
     # One micro-batch's per-layer saved bytes depend on its shape only: looked up by that
     # shape, so the 2,000-odd candidates of a large search build a few hundred configs.
     shape = (p.dp_shard, p.cp, p.tp, candidate.seq_len, candidate.local_batch_size // candidate.pp_microbatches,
-             candidate.cp_impl, candidate.cfg.precision if candidate.cfg is not None else DEFAULT_PRECISION)
+             candidate.cp_impl, candidate.precision)
     saved = _SAVED_BY_SHAPE.get((model, request.executor, shape))
     if saved is None:
         saved = min(_saved_per_layer(model, micro_config(candidate.train_config()), request.executor).values())
@@ -264,7 +264,6 @@ def _pipeline_static_bytes(request: PlanRequest, candidate: Candidate) -> float:
 
 
 _SAVED_BY_SHAPE: dict = {}
-DEFAULT_PRECISION = Precision()  # what Candidate.train_config() uses
 
 
 def _rank0_weight_bytes(request: PlanRequest, candidate: Candidate) -> float:
@@ -274,7 +273,7 @@ def _rank0_weight_bytes(request: PlanRequest, candidate: Candidate) -> float:
     from cost_models.pipeline import rank_layers
 
     model, p = request.model, candidate.parallelism
-    prec = candidate.cfg.precision if candidate.cfg is not None else DEFAULT_PRECISION
+    prec = candidate.precision
     k = len(rank_layers(model.n_layers, p.pp, candidate.pp_virtual_stages)[0])
     params = (k * model.params_per_layer + model.embedding_params) / p.tp
     return (params * (prec.param_bytes + prec.grad_reduce_bytes)

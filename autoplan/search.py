@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any, Iterable
 
 from cost_models.comm import group_tier
-from cost_models.config import DEFAULT_MESH_ORDER, DEGREES, MESH_DIMS, Parallelism, TrainConfig
+from cost_models.config import DEFAULT_MESH_ORDER, DEGREES, MESH_DIMS, Parallelism, Precision, TrainConfig
 from cost_models.pipeline import bubble_fraction
 from cost_models.rules import degree_violations, layout_violations
 from cost_models.specs import ClusterSpec, GPUSpec, ModelSpec, SpecError
@@ -26,6 +26,7 @@ DEFAULT_BATCHES = (1, 2, 4, 8)
 # tokens per GPU: matmuls are saturated and per-step overheads amortized well before.
 MAX_BATCHED_TOKENS_PER_GPU = 32768
 DEFAULT_CP_IMPLS: tuple[str, ...] = ("allgather-kv", "ring-allgather")
+DEFAULT_PRECISION = Precision()  # what TrainConfig defaults to
 # Pipeline parallelism: the knobs, and what the planner tries when they are not pinned.
 PP_KNOBS = ("pp_schedule", "pp_microbatches", "pp_virtual_stages")
 MAX_PP = 16  # pp degrees tried unpinned: 2, 4, ... up to this (Llama 3 405B ran pp 16)
@@ -53,6 +54,11 @@ class Candidate:
         return TrainConfig(self.parallelism, self.seq_len, self.local_batch_size, self.grad_accum_steps,
                            None, self.cp_impl, self.mesh_order, pp_schedule=self.pp_schedule,
                            pp_microbatches=self.pp_microbatches, pp_virtual_stages=self.pp_virtual_stages)
+
+    @property
+    def precision(self) -> Precision:
+        """The config's precision, without building a config (``train_config`` uses the default)."""
+        return self.cfg.precision if self.cfg is not None else DEFAULT_PRECISION
 
     def describe(self) -> str:
         text = describe_layout(self.parallelism, self.cp_impl, self.local_batch_size)

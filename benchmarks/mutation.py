@@ -25,6 +25,7 @@ import argparse
 import concurrent.futures
 import fnmatch
 import json
+import os
 import random
 import re
 import shutil
@@ -145,11 +146,21 @@ def _copy_tree(work: Path) -> None:
         shutil.copy2(ROOT / name, target)
 
 
+def _group_tests(name: str, tree: Path) -> list[str]:
+    """A group's test files (or node ids, file::test) that exist in ``tree``, and its pytest options."""
+    return [t for t in GROUPS[name]["tests"] if t.startswith("-") or (tree / t.split("::")[0]).exists()]
+
+
+def _pytest(work: Path, tests: list[str], mutant: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """One pytest run of ``tests`` in the mutated tree with ``mutant`` active ("" for none)."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                          cwd=work / "mutants", env=dict(os.environ, MUTANT_UNDER_TEST=mutant), capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
 def _configure(work: Path, name: str) -> None:
     group = GROUPS[name]
-    # Test files (or node ids, file::test) that exist in this tree, and pytest options.
-    tests = [t for t in group["tests"] if t.startswith("-") or not t.startswith("tests/")
-             or (work / t.split("::")[0]).exists()]
+    tests = _group_tests(name, work)
     config = ("\n[tool.mutmut]\n"
               f"source_paths = {group['sources']!r}\n"
               f"pytest_add_cli_args_test_selection = {tests!r}\n"
@@ -247,24 +258,21 @@ def recheck(work: Path, which: tuple[str, ...], limit_s: float, jobs: int = 1, r
     """Run each mutant of a run whose status is in ``which`` ("not checked", "survived",
     "no tests", "timeout") alone against this tree's current tests (the group's whole list)
     under a wall-clock limit of ``limit_s`` (at least 3x the unmutated run). A mutant whose
-    tests pass is a survivor; one that fails a test or runs out the limit is caught. Verdicts are kept in the work folder's
-    rechecked.json; the other mutants keep mutmut's results.
+    tests pass is a survivor; one that fails a test or runs out the limit is caught.
+    Verdicts are kept in the work folder's rechecked.json; the other mutants keep mutmut's
+    results.
 
     Why not ``mutmut run NAMES``: mutmut runs, per mutant, only the tests its clean run
     saw calling the function, so new parametrized cases and test modules that plan at
     import (collection) are never selected; and its CPU-time limit marks as "timeout"
     mutants whose tests pass, only slower than the clean run (caches are emptied per test).
     The sources must be the ones that run mutated."""
-    import os
-
     name = next((g for g in GROUPS if work.name.startswith(f"autoplan-mutation-{g}-")), work.name)
     began = time.perf_counter()
     _copy_tests(work)
-    tests = [t for t in GROUPS[name]["tests"] if t.startswith("-") or (work / "mutants" / t.split("::")[0]).exists()]
+    tests = _group_tests(name, work / "mutants")
     clean_began = time.perf_counter()
-    clean = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                           cwd=work / "mutants", env=dict(os.environ, MUTANT_UNDER_TEST=""), capture_output=True,
-                           text=True, timeout=10 * limit_s)
+    clean = _pytest(work, tests, "", 10 * limit_s)
     # A mutant stopped at the limit counts as caught (it loops): give a slow survivor room.
     limit_s = max(limit_s, 3 * (time.perf_counter() - clean_began))
     if clean.returncode != 0:  # every mutant would look caught
@@ -279,10 +287,8 @@ def recheck(work: Path, which: tuple[str, ...], limit_s: float, jobs: int = 1, r
     lock = threading.Lock()
 
     def check(mutant: str) -> None:
-        env = dict(os.environ, MUTANT_UNDER_TEST=mutant)
         try:
-            passed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                                    cwd=work / "mutants", env=env, capture_output=True, timeout=limit_s).returncode == 0
+            passed = _pytest(work, tests, mutant, limit_s).returncode == 0
         except subprocess.TimeoutExpired:
             passed = False
         with lock:
